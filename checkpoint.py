@@ -1,0 +1,138 @@
+"""
+Checkpoints: one self-contained safetensors file per checkpoint.
+
+Tensors (model weights, optimizer moments, RNG states) are stored by name; everything
+else (config, tokenizer, step, optimizer hyperparameters) is JSON in the file's metadata.
+Nothing is pickled, so loading a checkpoint can never run code from it.
+
+Files are written to a temporary name in the same directory, flushed and fsynced, then
+renamed over the old one: a crash at any instant leaves either the old or the new file,
+never half of one. A sha256 over all tensor bytes is stored and verified on load.
+"""
+
+import hashlib
+import json
+import os
+
+import torch
+from safetensors import SafetensorError
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+FORMAT = "nanoforge-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, damaged or from an incompatible version."""
+
+
+def tensor_checksum(tensors):
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(name.encode())
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def flatten_optimizer(state_dict):
+    """AdamW's state_dict -> (tensors named 'optim.<param index>.<name>', JSON-able param groups)."""
+    tensors = {}
+    for index, state in state_dict["state"].items():
+        for name, value in state.items():
+            tensors[f"optim.{index}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, state_dict["param_groups"]
+
+
+def unflatten_optimizer(tensors, param_groups):
+    state = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": param_groups}
+
+
+def fsync_directory(path):
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save(path, model_state, info, optimizer_state=None, extra_tensors=None):
+    """Write a checkpoint atomically.
+
+    model_state: the model's state dict (tied weights are stored once).
+    info: JSON-able dict (config, tokenizer, step, ...).
+    optimizer_state: an optimizer's state_dict, or None.
+    extra_tensors: more named tensors (RNG states), stored under 'extra.<name>'.
+    """
+    tensors = {}
+    seen = set()
+    for name, t in model_state.items():
+        if t.data_ptr() in seen:  # lm_head.weight is wte.weight: safetensors refuses shared storage
+            continue
+        seen.add(t.data_ptr())
+        tensors[f"model.{name}"] = t.detach().to("cpu").contiguous()
+    meta = {"format": FORMAT, "version": str(VERSION), "info": json.dumps(info)}
+    if optimizer_state is not None:
+        optim_tensors, groups = flatten_optimizer(optimizer_state)
+        tensors.update({k: v.detach().to("cpu").contiguous() for k, v in optim_tensors.items()})
+        meta["optimizer_param_groups"] = json.dumps(groups)
+    for name, t in (extra_tensors or {}).items():
+        tensors[f"extra.{name}"] = t.detach().to("cpu").contiguous()
+    meta["sha256"] = tensor_checksum(tensors)
+
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_directory(directory)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class Checkpoint:
+    """A loaded checkpoint: model_state, info, optimizer_state (or None), extra tensors."""
+
+    def __init__(self, path, model_state, info, optimizer_state, extra):
+        self.path = path
+        self.model_state = model_state
+        self.info = info
+        self.optimizer_state = optimizer_state
+        self.extra = extra
+
+
+def load(path, device="cpu"):
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at '{path}'")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"'{path}' is not a readable checkpoint (truncated or corrupted?): {e}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"'{path}' is not a {FORMAT} file (format {meta.get('format')!r})")
+    if meta.get("version") != str(VERSION):
+        raise CheckpointError(
+            f"'{path}' is checkpoint format version {meta.get('version')}, this code reads version {VERSION}: "
+            "use the version of this project that wrote it"
+        )
+    if tensor_checksum(tensors) != meta.get("sha256"):
+        raise CheckpointError(f"'{path}' failed its checksum: the file is corrupted")
+    model_state = {k[len("model."):]: v.to(device) for k, v in tensors.items() if k.startswith("model.")}
+    extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+    optimizer_state = None
+    if "optimizer_param_groups" in meta:
+        optim = {k: v for k, v in tensors.items() if k.startswith("optim.")}
+        optimizer_state = unflatten_optimizer(optim, json.loads(meta["optimizer_param_groups"]))
+    return Checkpoint(path, model_state, json.loads(meta["info"]), optimizer_state, extra)

@@ -1,0 +1,162 @@
+"""
+Training configuration: one typed dataclass, filled from a TOML file and `--key=value`
+command-line overrides. Configs are data (TOML via the standard library), never code.
+
+Every key has a type, a default and a one-line description; `python train.py --help`
+prints them all. Unknown keys and ill-typed values are errors that name the fix.
+"""
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A problem with a config file or override, phrased for the user."""
+
+
+def _key(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # data and run directory
+    data_dir: str = _key("data/quickstart", "prepared data directory holding train.bin, val.bin and meta.json")
+    out_dir: str = _key("out", "run directory: resolved config, log.jsonl and checkpoints go here")
+    init_from: str = _key("scratch", "'scratch' builds a new model from the model keys below")
+    # model
+    n_layer: int = _key(4, "number of transformer blocks")
+    n_head: int = _key(4, "attention heads per block (must divide n_embd)")
+    n_embd: int = _key(128, "width of the residual stream")
+    block_size: int = _key(64, "context length in tokens")
+    dropout: float = _key(0.0, "dropout probability (0 for pretraining, 0.1+ for small data)")
+    bias: bool = _key(True, "biases in Linear layers and LayerNorms, as in GPT-2")
+    vocab_multiple: int = _key(1, "pad the vocabulary up to a multiple of this (64 speeds up GPU matmuls)")
+    # optimisation
+    batch_size: int = _key(12, "sequences per micro-batch")
+    gradient_accumulation_steps: int = _key(1, "micro-batches summed into one optimizer step")
+    max_iters: int = _key(2000, "number of optimizer steps to train for")
+    learning_rate: float = _key(1e-3, "peak learning rate (AdamW)")
+    min_lr: float = _key(1e-4, "learning rate at the end of the cosine decay")
+    warmup_iters: int = _key(100, "steps of linear learning-rate warmup from 0")
+    lr_decay_iters: int = _key(2000, "step at which the cosine decay reaches min_lr")
+    decay_lr: bool = _key(True, "false keeps the learning rate at learning_rate after warmup")
+    weight_decay: float = _key(0.1, "AdamW weight decay, applied to matrices only")
+    beta1: float = _key(0.9, "AdamW beta1")
+    beta2: float = _key(0.99, "AdamW beta2")
+    grad_clip: float = _key(1.0, "clip the gradient norm to this (0 disables)")
+    # evaluation, logging, checkpoints
+    eval_interval: int = _key(250, "evaluate train/val loss and checkpoint every this many steps")
+    eval_iters: int = _key(20, "batches averaged per evaluation")
+    log_interval: int = _key(10, "write a log.jsonl record every this many steps")
+    # system
+    device: str = _key("auto", "'auto' (cuda, then mps, then cpu), or a torch device such as cpu, cuda, cuda:1, mps")
+    dtype: str = _key("auto", "'auto' (bfloat16 on CUDA that has it, else float16; float32 elsewhere), float32, bfloat16, float16")
+    compile: bool = _key(False, "torch.compile the model (faster on GPU after a warm-up)")
+    seed: int = _key(1337, "random seed for initialisation, batches and dropout")
+
+    def validate(self):
+        positive = ["n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
+                    "max_iters", "eval_interval", "eval_iters", "log_interval", "vocab_multiple"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config key '{name}' must be at least 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
+                              f"try n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be one of auto, float32, bfloat16, float16; got '{self.dtype}'")
+        if self.init_from != "scratch":
+            raise ConfigError(f"init_from must be 'scratch', got '{self.init_from}' (use --resume to continue a run)")
+        if self.warmup_iters < 0 or self.learning_rate <= 0 or self.min_lr < 0:
+            raise ConfigError("learning_rate must be > 0, and min_lr and warmup_iters >= 0")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+TYPES = {int: "int", float: "float", bool: "bool", str: "str"}
+
+
+def unknown_key_error(name, where):
+    close = difflib.get_close_matches(name, FIELDS, n=1, cutoff=0.5)
+    hint = f"did you mean '{close[0]}'?" if close else "run `python train.py --help` for the list of keys"
+    return ConfigError(f"unknown config key '{name}' {where}: {hint}")
+
+
+def coerce(name, value):
+    """Check a TOML value against the field's type (ints are accepted where floats are expected)."""
+    want = FIELDS[name].type
+    ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ConfigError(f"config key '{name}' expects {TYPES[want]}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def parse_override(name, text):
+    """Turn the text of `--name=text` into the field's type."""
+    want = FIELDS[name].type
+    if want is bool:
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+    else:
+        try:
+            return want(text)
+        except ValueError:
+            pass
+    raise ConfigError(f"config key '{name}' expects {TYPES[want]}, got '{text}'")
+
+
+def load_toml(path):
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file '{path}' not found: pass the path of a .toml file, e.g. configs/quickstart.toml")
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file '{path}' is not valid TOML: {e}")
+
+
+def build_config(path=None, overrides=()):
+    """TrainConfig from an optional TOML file plus `--key=value` strings, validated."""
+    values = {}
+    if path is not None:
+        for name, value in load_toml(path).items():
+            if name not in FIELDS:
+                raise unknown_key_error(name, f"in {path}")
+            values[name] = coerce(name, value)
+    for item in overrides:
+        name, sep, text = item[2:].partition("=")
+        name = name.replace("-", "_")
+        if name not in FIELDS:
+            raise unknown_key_error(name, "on the command line")
+        if not sep:
+            raise ConfigError(f"override '{item}' has no value: write --{name}=VALUE")
+        values[name] = parse_override(name, text)
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+def help_text():
+    lines = ["Config keys (set in a .toml file or as --key=value):", ""]
+    for f in dataclasses.fields(TrainConfig):
+        default = json.dumps(f.default)
+        lines.append(f"  --{f.name:<28} {TYPES[f.type]:<5} default {default:<18} {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def to_json(cfg):
+    return json.dumps(dataclasses.asdict(cfg), indent=2)

@@ -1,0 +1,229 @@
+"""
+A GPT language model in one file, drawn the way the transformer is taught.
+
+Design decisions:
+- GPT-2's architecture: learned position embeddings, pre-norm blocks
+  (x + attn(ln_1(x)), x + mlp(ln_2(x))), a final LayerNorm, and an lm_head that
+  shares its weight with the token embedding (weight tying, Press & Wolf 2017).
+- Module and parameter names match GPT-2's checkpoints (transformer.wte, h.N.attn.c_attn,
+  ...) so loading OpenAI's weights is a name-for-name copy.
+- Attention has two paths that compute the same function: PyTorch's fused
+  scaled_dot_product_attention (fast, used in training) and an explicit math path that
+  also returns the attention weights (for study and for the tests that compare the two).
+- GPT-2 initialisation: N(0, 0.02) everywhere, residual output projections scaled by
+  1/sqrt(2 * n_layer) so the residual stream's variance does not grow with depth.
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence the model can attend over
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2 has them
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's own cannot drop just the bias)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.dropout = config.dropout
+        # Q, K and V projections for all heads, fused into one matrix multiply.
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, return_weights=False):
+        """Returns the attended output, and with return_weights=True also the attention
+        pattern (B, n_head, T, T), computed on the explicit math path."""
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+
+        if return_weights:
+            y, weights = self.attention_math(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            )
+            weights = None
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads merged: (B, T, C)
+        y = self.resid_dropout(self.c_proj(y))
+        return (y, weights) if return_weights else y
+
+    def attention_math(self, q, k, v):
+        """softmax(QK^T / sqrt(d_head) + causal mask) V, written out step by step."""
+        T = q.size(-2)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, n_head, T, T)
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(diagonal=1)
+        scores = scores.masked_fill(future, float("-inf"))  # mask before softmax: exp(-inf) = 0
+        weights = F.softmax(scores, dim=-1)  # each row sums to 1 over positions <= t
+        y = self.attn_dropout(weights) @ v  # (B, n_head, T, head_dim)
+        return y, weights
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        # GPT-2 used the tanh approximation of GELU; keep it so pretrained weights match exactly.
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        x = self.c_fc(x)  # (B, T, 4 * n_embd)
+        x = self.gelu(x)
+        x = self.c_proj(x)  # (B, T, n_embd)
+        return self.dropout(x)
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying
+
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                # Each block adds two residual branches; scale them so depth does not grow the variance.
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=True):
+        """Parameter count. The position embedding is left out by default (it does no
+        matrix work per token); the token embedding stays in because it is the lm_head."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None):
+        """idx: (B, T) token ids. Returns logits (B, T, vocab_size) and, given targets
+        (B, T), the mean cross-entropy loss; positions whose target is -1 are ignored."""
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, n_embd)
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def attention_weights(self, idx):
+        """The attention pattern of every layer: a list of n_layer tensors (B, n_head, T, T)."""
+        B, T = idx.size()
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        patterns = []
+        for block in self.transformer.h:
+            attended, weights = block.attn(block.ln_1(x), return_weights=True)
+            patterns.append(weights)
+            x = x + attended
+            x = x + block.mlp(block.ln_2(x))
+        return patterns
+
+    def flops_per_token(self):
+        """Training FLOPs per token (forward + backward = 3x forward), as in the PaLM paper
+        (appendix B): 6N for the weight matrix multiplies plus 12 * L * T * C for attention."""
+        cfg = self.config
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        # Decay the matrices (Linear weights, embeddings); leave biases and LayerNorm gains alone.
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        extra = {"fused": True} if fused else {}
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """The reference sampler: re-run the whole (cropped) context for every new token.
+        idx: (B, T) prompt ids -> (B, T + max_new_tokens). temperature 0 means greedy."""
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size :]  # the model sees at most block_size tokens
+            logits, _ = self(context)
+            logits = logits[:, -1, :]  # (B, vocab_size): only the last position predicts the next token
+            if temperature == 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+            idx = torch.cat((idx, next_id), dim=1)
+        return idx

@@ -1,0 +1,124 @@
+"""
+Tokenizers: text <-> token ids, described as plain JSON so that they travel inside
+meta.json and every checkpoint (a checkpoint never needs the data directory to sample).
+
+- char: one token per distinct character of the corpus, in sorted order.
+- byte: the 256 byte values of UTF-8, plus an end-of-text token. Needs no training.
+- gpt2: OpenAI's GPT-2 BPE through tiktoken (50257 tokens, <|endoftext|> = 50256).
+"""
+
+import numpy as np
+
+
+class TokenizerError(ValueError):
+    """Text the tokenizer cannot encode, or a tokenizer that cannot be built."""
+
+
+class CharTokenizer:
+    kind = "char"
+
+    def __init__(self, chars):
+        self.chars = list(chars)
+        self.index = {c: i for i, c in enumerate(self.chars)}
+        self.vocab_size = len(self.chars)
+        self.eot_id = None  # a character vocabulary has no end-of-text token
+
+    @classmethod
+    def train(cls, text):
+        return cls(sorted(set(text)))
+
+    def encode(self, text):
+        try:
+            return [self.index[c] for c in text]
+        except KeyError:
+            unknown = sorted({c for c in text if c not in self.index})
+            shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in unknown[:5])
+            raise TokenizerError(
+                f"text contains {len(unknown)} character(s) not in this model's vocabulary: {shown}; "
+                "remove them (a char-level model only knows the characters of its training text)"
+            ) from None
+
+    def encode_array(self, text):
+        """Fast vectorised encode of a large corpus: UTF-32 code points looked up in a table."""
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        table = np.full(max(map(ord, self.chars)) + 1, -1, dtype=np.int64)
+        table[[ord(c) for c in self.chars]] = np.arange(self.vocab_size)
+        ids = table[np.minimum(codes, len(table) - 1)]
+        if (ids < 0).any() or (codes >= len(table)).any():
+            self.encode(text)  # raises with the offending characters
+        return ids
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+    def to_dict(self):
+        return {"type": "char", "chars": "".join(self.chars)}
+
+
+class ByteTokenizer:
+    kind = "byte"
+    vocab_size = 257
+    eot_id = 256
+
+    def encode(self, text):
+        return list(text.encode("utf-8", errors="surrogatepass"))
+
+    def encode_array(self, text):
+        return np.frombuffer(text.encode("utf-8", errors="surrogatepass"), dtype=np.uint8).astype(np.int64)
+
+    def decode(self, ids):
+        # The end-of-text token has no bytes; bytes that are not valid UTF-8 become U+FFFD.
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def to_dict(self):
+        return {"type": "byte"}
+
+
+class GPT2Tokenizer:
+    kind = "gpt2"
+
+    def __init__(self):
+        import tiktoken
+
+        try:
+            self.enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # tiktoken raises requests' or its own errors when it cannot download
+            raise TokenizerError(
+                f"GPT-2 tokenizer files are not available ({type(e).__name__}): run once with network access, "
+                "or set TIKTOKEN_CACHE_DIR to a directory holding tiktoken's cached GPT-2 files"
+            ) from None
+        self.vocab_size = self.enc.n_vocab
+        self.eot_id = self.enc.eot_token
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)
+
+    def encode_array(self, text):
+        return np.array(self.enc.encode_ordinary(text), dtype=np.int64)
+
+    def decode(self, ids):
+        return self.enc.decode(list(ids), errors="replace")
+
+    def to_dict(self):
+        return {"type": "gpt2"}
+
+
+def build_tokenizer(kind, text=None):
+    """A new tokenizer of the given kind; char needs the training text."""
+    if kind == "char":
+        return CharTokenizer.train(text)
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    raise TokenizerError(f"unknown tokenizer '{kind}': choose char, byte or gpt2")
+
+
+def tokenizer_from_dict(d):
+    """Rebuild a tokenizer from its JSON description (meta.json or a checkpoint)."""
+    kind = d.get("type")
+    if kind == "char":
+        return CharTokenizer(d["chars"])
+    if kind in ("byte", "gpt2"):
+        return build_tokenizer(kind)
+    raise TokenizerError(f"unknown tokenizer type {kind!r} in saved description: expected char, byte or gpt2")
