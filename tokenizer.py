@@ -4,8 +4,11 @@ meta.json and every checkpoint (a checkpoint never needs the data directory to s
 
 - char: one token per distinct character of the corpus, in sorted order.
 - byte: the 256 byte values of UTF-8, plus an end-of-text token. Needs no training.
-- gpt2: OpenAI's GPT-2 BPE through tiktoken (50257 tokens, <|endoftext|> = 50256).
+- bpe: byte-level BPE encoded by tiktoken from merge ranks stored in the description.
+  gpt2 is one: OpenAI's GPT-2 BPE (50257 tokens, <|endoftext|> = 50256), taken from tiktoken.
 """
+
+import base64
 
 import numpy as np
 
@@ -74,24 +77,33 @@ class ByteTokenizer:
         return {"type": "byte"}
 
 
-class GPT2Tokenizer:
-    kind = "gpt2"
+class BPETokenizer:
+    """Byte-level BPE encoded by tiktoken from merge ranks that are stored as data.
 
-    def __init__(self):
+    The description holds the pre-split regex, the ranks in tiktoken's text format (one
+    "base64(token bytes) rank" per line) and the special tokens, so a checkpoint carries the
+    whole tokenizer: no network or cache is needed to sample from it."""
+
+    kind = "bpe"
+
+    def __init__(self, name, pattern, ranks, special_tokens):
         import tiktoken
 
-        try:
-            self.enc = tiktoken.get_encoding("gpt2")
-        except Exception as e:  # tiktoken raises requests' or its own errors when it cannot download
-            raise TokenizerError(
-                f"GPT-2 tokenizer files are not available ({type(e).__name__}): run once with network access, "
-                "or set TIKTOKEN_CACHE_DIR to a directory holding tiktoken's cached GPT-2 files"
-            ) from None
+        self.name, self.pattern, self.ranks, self.special_tokens = name, pattern, ranks, dict(special_tokens)
+        self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=self.special_tokens)
         self.vocab_size = self.enc.n_vocab
-        self.eot_id = self.enc.eot_token
+        self.eot_id = self.special_tokens.get("<|endoftext|>")
+
+    @classmethod
+    def from_dict(cls, d):
+        ranks = {}
+        for line in d["ranks"].splitlines():
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+        return cls(d["name"], d["pattern"], ranks, d["special_tokens"])
 
     def encode(self, text):
-        return self.enc.encode_ordinary(text)
+        return self.enc.encode_ordinary(text)  # "<|endoftext|>" in user text is plain text, not the special token
 
     def encode_array(self, text):
         return np.array(self.enc.encode_ordinary(text), dtype=np.int64)
@@ -100,7 +112,24 @@ class GPT2Tokenizer:
         return self.enc.decode(list(ids), errors="replace")
 
     def to_dict(self):
-        return {"type": "gpt2"}
+        lines = (f"{base64.b64encode(token).decode()} {rank}" for token, rank in sorted(self.ranks.items(), key=lambda kv: kv[1]))
+        return {"type": "bpe", "name": self.name, "pattern": self.pattern, "ranks": "\n".join(lines),
+                "special_tokens": self.special_tokens}
+
+
+def gpt2_tokenizer():
+    """OpenAI's GPT-2 BPE (50257 tokens, <|endoftext|> = 50256) from tiktoken's files."""
+    import tiktoken
+
+    try:
+        enc = tiktoken.get_encoding("gpt2")
+    except Exception as e:  # tiktoken raises requests' or its own errors when it cannot download
+        raise TokenizerError(
+            f"GPT-2 tokenizer files are not available ({type(e).__name__}): run once with network access, "
+            "or set TIKTOKEN_CACHE_DIR to a directory holding tiktoken's cached GPT-2 files"
+        ) from None
+    # tiktoken keeps the ranks and pattern on the Encoding; copy them so the tokenizer travels as data.
+    return BPETokenizer("gpt2", enc._pat_str, enc._mergeable_ranks, enc._special_tokens)
 
 
 def build_tokenizer(kind, text=None):
@@ -110,7 +139,7 @@ def build_tokenizer(kind, text=None):
     if kind == "byte":
         return ByteTokenizer()
     if kind == "gpt2":
-        return GPT2Tokenizer()
+        return gpt2_tokenizer()
     raise TokenizerError(f"unknown tokenizer '{kind}': choose char, byte or gpt2")
 
 
@@ -119,6 +148,8 @@ def tokenizer_from_dict(d):
     kind = d.get("type")
     if kind == "char":
         return CharTokenizer(d["chars"])
-    if kind in ("byte", "gpt2"):
-        return build_tokenizer(kind)
-    raise TokenizerError(f"unknown tokenizer type {kind!r} in saved description: expected char, byte or gpt2")
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "bpe":
+        return BPETokenizer.from_dict(d)
+    raise TokenizerError(f"unknown tokenizer type {kind!r} in saved description: expected char, byte or bpe")

@@ -127,3 +127,18 @@ def test_batches_are_shifted_windows_of_the_stream(data_dir):
     for row in x:
         matches = (stream.unfold(0, 16, 1) == row).all(-1)
         assert matches.any()
+
+
+def test_bpe_tokenizer_travels_as_data():
+    from tokenizer import BPETokenizer
+
+    # a toy byte-level BPE: all 256 bytes plus two merges
+    ranks = {bytes([i]): i for i in range(256)}
+    ranks[b"ab"] = 256
+    ranks[b"abab"] = 257
+    tok = BPETokenizer("toy", r"\S+|\s+", ranks, {"<|endoftext|>": 258})
+    assert tok.encode("abab ab") == [257, 32, 256]
+    assert tok.vocab_size == 259 and tok.eot_id == 258
+    again = tokenizer_from_dict(json.loads(json.dumps(tok.to_dict())))
+    text = "abab <|endoftext|> héllo"
+    assert again.encode(text) == tok.encode(text) and again.decode(again.encode(text)) == text
