@@ -1,75 +1,122 @@
 """
-Prepare a corpus for training: read text, tokenize it, write train.bin, val.bin, meta.json.
+Prepare a corpus for training: read documents, tokenize them in parallel, write train.bin, val.bin, meta.json.
 
-    python prepare.py SOURCE [--tokenizer char|byte|gpt2] [--out DIR] [--val-fraction F] [--source PATH]
+    python prepare.py SOURCE [--tokenizer char|byte|bpe|gpt2] [--vocab-size N] [--out DIR]
+                      [--val-fraction F] [--seed S] [--workers N] [--text-field NAME] [--source PATH] [--shards N] [--chunk-size N]
 
-SOURCE is a built-in dataset name or a local text file or directory of text files:
+SOURCE is a built-in dataset name, or a local file, directory or glob pattern:
     pystdlib          the local Python installation's standard-library sources (offline, the quickstart corpus)
     shakespeare_char  tinyshakespeare, character-level (downloaded and checksummed, or --source a local copy)
-    shakespeare       tinyshakespeare, GPT-2 BPE
+    shakespeare       tinyshakespeare, GPT-2 BPE (or --tokenizer bpe --vocab-size N: a BPE trained on it)
+    fineweb_edu       FineWeb-Edu's 10BT sample: parquet shards from Hugging Face, resumable and
+                      checksummed (--shards N takes the first N), GPT-2 BPE
+    FILE.jsonl        one document per line: the string under --text-field
+    FILE.parquet      one document per row of the --text-field column (needs pyarrow: pip install 'nanoforge[parquet]')
+    FILE              any other file is one UTF-8 text document
+    DIR or 'GLOB'     every file below DIR (or matching GLOB, ** included), each read as above, in sorted order
 
-The last val_fraction of the text becomes val.bin, as in nanoGPT. Output files are written
-under temporary names and renamed when complete; meta.json is written last, so a directory
-with a meta.json is always a complete preparation.
+Documents are separated by the end-of-text token (char has none: by a blank line, "\\n\\n"). Each
+document goes to val with probability val_fraction, drawn in order from random.Random(seed). A
+source of one document (a single text file) keeps nanoGPT's split: its last val_fraction is val.
+
+The corpus is streamed: documents are read in pieces, tokenized by a pool of --workers processes in
+chunks of about --chunk-size characters, and appended to the .bin files in order, so memory stays
+bounded by chunk size x workers however large the corpus. Output files are written under temporary
+names and renamed when complete; meta.json is written last, so a directory with a meta.json is
+always a complete preparation.
 """
 
 import argparse
+import codecs
+import collections
 import glob
 import hashlib
+import itertools
 import json
+import multiprocessing
 import os
+import random
+import re
+import signal
 import sys
 import sysconfig
+import time
 import urllib.error
 import urllib.request
 
 import numpy as np
 from tqdm import tqdm
 
-from tokenizer import TokenizerError, build_tokenizer
+from tokenizer import KINDS, TokenizerError, build_tokenizer, check_tokenizer_args, tokenizer_from_dict, utf8
 
 META_VERSION = 1  # bump when meta.json or the .bin layout changes
 
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+# The Hugging Face API lists a folder's files with their sizes and sha256 (Git LFS object ids).
+FINEWEB_EDU_API = "https://huggingface.co/api/datasets/HuggingFaceFW/fineweb-edu/tree/main/sample/10BT"
+FINEWEB_EDU_URL = "https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu/resolve/main/"
 
 # name -> (default tokenizer, what it is)
 BUILTINS = {
     "pystdlib": ("char", "this Python's standard-library sources (offline)"),
     "shakespeare_char": ("char", "tinyshakespeare, character-level"),
     "shakespeare": ("gpt2", "tinyshakespeare, GPT-2 BPE"),
+    "fineweb_edu": ("gpt2", "FineWeb-Edu 10BT sample, GPT-2 BPE"),
 }
+CHUNK_SIZE = 1 << 20  # characters of text per task sent to a worker
+TRAIN, VAL = 0, 1
 
 
 class PrepareError(RuntimeError):
     pass
 
 
+# ---------------------------------------------------------------------------------------------
+# Downloads: resumable (HTTP Range into a .part file) and checksummed
+
+
 def sha256_of(data):
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_of_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def offline_error(url, e):
+    return PrepareError(
+        f"could not download {url} ({getattr(e, 'reason', e)}): no network? "
+        "pass --source PATH to a local copy of the file"
+    )
+
+
 def download(url, sha256, dest):
-    """Fetch url into dest (via a temporary file), verifying its sha256. Reuses a good cached copy."""
-    if os.path.isfile(dest):
-        with open(dest, "rb") as f:
-            if sha256_of(f.read()) == sha256:
-                return dest
+    """Fetch url into dest, verifying its sha256. An interrupted download resumes from dest.part
+    with an HTTP Range request; a good copy already at dest is reused."""
+    if os.path.isfile(dest) and sha256_of_file(dest) == sha256:
+        return dest
     tmp = dest + ".part"
+    have = os.path.getsize(tmp) if os.path.isfile(tmp) else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
-        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc="download", leave=False) as bar:
-                while chunk := response.read(1 << 16):
-                    out.write(chunk)
-                    bar.update(len(chunk))
+        with urllib.request.urlopen(request, timeout=30) as response:
+            if have and getattr(response, "status", 200) != 206:
+                have = 0  # the server ignored the Range header: start again
+            total = int(response.headers.get("Content-Length") or 0) + have or None
+            with open(tmp, "ab" if have else "wb") as out, tqdm(
+                total=total, initial=have, unit="B", unit_scale=True, desc=os.path.basename(dest), leave=False
+            ) as bar:
+                while block := response.read(1 << 20):
+                    out.write(block)
+                    bar.update(len(block))
     except (urllib.error.URLError, OSError) as e:
-        raise PrepareError(
-            f"could not download {url} ({getattr(e, 'reason', e)}): no network? "
-            "pass --source PATH to a local copy of the file"
-        ) from None
-    with open(tmp, "rb") as f:
-        got = sha256_of(f.read())
+        raise offline_error(url, e) from None
+    got = sha256_of_file(tmp)
     if got != sha256:
         os.remove(tmp)
         raise PrepareError(f"download of {url} has sha256 {got}, expected {sha256}: the file changed or was corrupted")
@@ -77,136 +124,431 @@ def download(url, sha256, dest):
     return dest
 
 
-def read_text_file(path):
+def fineweb_edu_shards(download_dir, shards):
+    """Download the first `shards` parquet files of FineWeb-Edu's 10BT sample (all when None)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except UnicodeDecodeError as e:
-        raise PrepareError(f"'{path}' is not UTF-8 text ({e.reason} at byte {e.start}): convert it to UTF-8")
+        with urllib.request.urlopen(FINEWEB_EDU_API, timeout=30) as response:
+            listing = json.load(response)
+    except (urllib.error.URLError, OSError) as e:
+        raise offline_error(FINEWEB_EDU_API, e) from None
+    files = sorted((f for f in listing if f.get("path", "").endswith(".parquet")), key=lambda f: f["path"])
+    if not files:
+        raise PrepareError(f"{FINEWEB_EDU_API} lists no parquet files: the dataset layout changed")
+    os.makedirs(download_dir, exist_ok=True)
+    paths = []
+    for f in tqdm(files[:shards], desc="shards", unit="shard", disable=len(files[:shards]) < 2):
+        dest = os.path.join(download_dir, os.path.basename(f["path"]))
+        paths.append(download(FINEWEB_EDU_URL + f["path"], f["lfs"]["oid"], dest))
+    return paths
 
 
-def read_directory(root):
-    """All regular files below root in sorted order, joined by blank lines; binary files are skipped."""
-    paths = sorted(p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True) if os.path.isfile(p))
-    texts = []
-    for p in tqdm(paths, desc="read", unit="file", disable=len(paths) < 200):
-        try:
-            with open(p, encoding="utf-8") as f:
-                texts.append(f.read())
-        except UnicodeDecodeError:
-            continue
-    if not texts:
-        raise PrepareError(f"no UTF-8 text files found under '{root}'")
-    return "\n\n".join(texts)
+# ---------------------------------------------------------------------------------------------
+# Sources: a source yields documents; a document is an iterator of text pieces
 
 
-def stdlib_corpus():
+class Source:
+    def __init__(self, description, documents, total_bytes=None, single_document=False):
+        self.description = description  # JSON-able, recorded in meta.json
+        self.documents = documents  # () -> iterator of documents; each call starts from the beginning
+        self.total_bytes = total_bytes  # for progress; None when unknown
+        self.single_document = single_document  # yields the train head and val tail of one document
+
+
+def is_text(path):
+    """Whether the file starts like UTF-8 text (no NUL bytes, decodes)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 13)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head)
+    except UnicodeDecodeError:
+        return False
+    return b"\x00" not in head
+
+
+def read_text(path, start=0, end=None, block=CHUNK_SIZE):
+    """UTF-8 text of path's bytes [start, end) in blocks."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    end = os.path.getsize(path) if end is None else end
+    with open(path, "rb") as f:
+        f.seek(start)
+        pos = start
+        while pos < end:
+            data = f.read(min(block, end - pos))
+            try:
+                text = decoder.decode(data, final=pos + len(data) >= end)
+            except UnicodeDecodeError as e:
+                raise PrepareError(
+                    f"'{path}' is not UTF-8 text ({e.reason} at byte {pos + e.start}): convert it to UTF-8"
+                ) from None
+            pos += len(data)
+            yield text
+
+
+def seam(text, size):
+    """Where to cut text near size so that encoding the two parts gives the same tokens as
+    encoding the whole: after a newline between two non-space characters, which every GPT-2 and
+    GPT-4 style pre-split regex cuts at. Else after the last newline, else at size (a document
+    without such places may then tokenize differently at that one seam)."""
+    last_newline = i = text.rfind("\n", size // 2, size)
+    while i > 0:
+        if not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i + 1
+        i = text.rfind("\n", size // 2, i)
+    return last_newline + 1 if last_newline > 0 else size
+
+
+def pieces(blocks, size):
+    """Re-cut a stream of text blocks into pieces of about size characters at seams."""
+    buf = ""
+    for block in blocks:
+        buf += block
+        while len(buf) > size:
+            cut = seam(buf, size)
+            yield buf[:cut]
+            buf = buf[cut:]
+    if buf:
+        yield buf
+
+
+def jsonl_documents(path, field, chunk_size):
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PrepareError(f"'{path}' line {n} is not JSON ({e.msg}): one JSON object per line expected")
+            text = record.get(field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                fields = ", ".join(record) if isinstance(record, dict) else "none: not an object"
+                raise PrepareError(
+                    f"'{path}' line {n} has no string field '{field}' (fields: {fields}): pass --text-field NAME"
+                )
+            yield pieces([text], chunk_size)
+
+
+def parquet_documents(path, field, chunk_size):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise PrepareError(f"reading '{path}' needs pyarrow: pip install 'nanoforge[parquet]'") from None
+    f = pq.ParquetFile(path)
+    if field not in f.schema_arrow.names:
+        raise PrepareError(
+            f"'{path}' has no column '{field}' (columns: {', '.join(f.schema_arrow.names)}): pass --text-field NAME"
+        )
+    for batch in f.iter_batches(batch_size=1024, columns=[field]):
+        for text in batch.column(0).to_pylist():
+            if text is not None:
+                yield pieces([text], chunk_size)
+
+
+def file_documents(path, field, chunk_size):
+    """The documents of one file of several, by its extension; binary files are skipped."""
+    if path.endswith(".jsonl"):
+        return jsonl_documents(path, field, chunk_size)
+    if path.endswith(".parquet"):
+        return parquet_documents(path, field, chunk_size)
+    return iter([pieces(read_text(path), chunk_size)] if is_text(path) else [])
+
+
+def files_source(paths, description, field, chunk_size):
+    """Several files, each holding one or more documents."""
+
+    def documents():
+        for p in paths:
+            yield from file_documents(p, field, chunk_size)
+
+    return Source(description, documents, sum(map(os.path.getsize, paths)))
+
+
+def text_file_source(path, description, val_fraction, chunk_size):
+    """One text file as one document: its first 1 - val_fraction of bytes train, the rest val
+    (moved forward to the start of a UTF-8 character)."""
+    size = os.path.getsize(path)
+    cut = int(size * (1 - val_fraction))
+    with open(path, "rb") as f:
+        f.seek(cut)
+        cut += len(re.match(rb"[\x80-\xbf]*", f.read(4)).group())
+
+    def documents():
+        yield pieces(read_text(path, 0, cut), chunk_size)
+        yield pieces(read_text(path, cut, size), chunk_size)
+
+    return Source(description, documents, size, single_document=True)
+
+
+def stdlib_paths():
     """The top-level .py modules of this Python's standard library, sorted by name: real text on
     every machine, and identical for a given Python version."""
     root = sysconfig.get_paths()["stdlib"]
     paths = sorted(glob.glob(os.path.join(root, "*.py")))
     if not paths:
         raise PrepareError(f"no standard-library sources found in '{root}' (a Python without its .py files?)")
-    return "\n\n".join(read_text_file(p) for p in paths)
+    return paths
 
 
-def load_source(name, source_path, out_dir):
-    """Returns (text, description) for a built-in name or a local path."""
+def tinyshakespeare(source_path, out_dir):
+    if not source_path:
+        os.makedirs(out_dir, exist_ok=True)
+        return download(TINYSHAKESPEARE_URL, TINYSHAKESPEARE_SHA256, os.path.join(out_dir, "input.txt"))
+    if sha256_of_file(source_path) != TINYSHAKESPEARE_SHA256:
+        raise PrepareError(
+            f"'{source_path}' is not tinyshakespeare (sha256 {sha256_of_file(source_path)}, "
+            f"expected {TINYSHAKESPEARE_SHA256}): pass the unmodified input.txt"
+        )
+    return source_path
+
+
+def open_source(name, source_path, out_dir, val_fraction, text_field="text", shards=None, chunk_size=CHUNK_SIZE):
+    """The Source for a built-in name, a file, a directory or a glob pattern."""
     if name == "pystdlib":
-        return stdlib_corpus(), {"name": "pystdlib", "python": sys.version.split()[0]}
+        return files_source(stdlib_paths(), {"name": "pystdlib", "python": sys.version.split()[0]}, text_field, chunk_size)
     if name in ("shakespeare_char", "shakespeare"):
+        path = tinyshakespeare(source_path, out_dir)
+        return text_file_source(path, {"name": "tinyshakespeare", "url": TINYSHAKESPEARE_URL}, val_fraction, chunk_size)
+    if name == "fineweb_edu":
         if source_path:
-            with open(source_path, "rb") as f:
-                raw = f.read()
-            if sha256_of(raw) != TINYSHAKESPEARE_SHA256:
-                raise PrepareError(
-                    f"'{source_path}' is not tinyshakespeare (sha256 {sha256_of(raw)}, "
-                    f"expected {TINYSHAKESPEARE_SHA256}): pass the unmodified input.txt"
-                )
+            paths = sorted(glob.glob(os.path.join(source_path, "*.parquet")))[:shards]
+            if not paths:
+                raise PrepareError(f"no .parquet files in '{source_path}': pass the directory of downloaded shards")
         else:
-            os.makedirs(out_dir, exist_ok=True)
-            path = download(TINYSHAKESPEARE_URL, TINYSHAKESPEARE_SHA256, os.path.join(out_dir, "input.txt"))
-            with open(path, "rb") as f:
-                raw = f.read()
-        return raw.decode("utf-8"), {"name": "tinyshakespeare", "url": TINYSHAKESPEARE_URL}
-    if os.path.isdir(name):
-        return read_directory(name), {"name": os.path.abspath(name)}
+            paths = fineweb_edu_shards(os.path.join(out_dir, "download"), shards)
+        return files_source(paths, {"name": "fineweb_edu", "url": FINEWEB_EDU_API, "shards": len(paths)}, "text", chunk_size)
     if os.path.isfile(name):
-        return read_text_file(name), {"name": os.path.abspath(name)}
-    raise PrepareError(
-        f"'{name}' is neither a built-in dataset ({', '.join(BUILTINS)}) nor an existing file or directory"
-    )
+        description = {"name": os.path.abspath(name)}
+        if name.endswith((".jsonl", ".parquet")):
+            return files_source([name], description, text_field, chunk_size)
+        return text_file_source(name, description, val_fraction, chunk_size)
+    if os.path.isdir(name):
+        paths = glob.glob(os.path.join(name, "**", "*"), recursive=True)
+    else:
+        paths = glob.glob(name, recursive=True) if glob.has_magic(name) else []
+    paths = sorted(p for p in paths if os.path.isfile(p))
+    if not paths:
+        raise PrepareError(
+            f"'{name}' is neither a built-in dataset ({', '.join(BUILTINS)}) nor an existing file, "
+            "directory or glob pattern matching files"
+        )
+    return files_source(paths, {"name": os.path.abspath(name) if os.path.isdir(name) else name}, text_field, chunk_size)
 
 
-def write_atomic(path, write):
-    """Call write(file) on a temporary file and rename it to path once complete."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+# ---------------------------------------------------------------------------------------------
+# The pipeline: split documents, cut them into chunks, encode the chunks in a pool, write in order
+
+
+def split_pieces(source, val_fraction, seed):
+    """(split, text, starts_document) for every piece of every document, in source order."""
+    rng = random.Random(seed)
+    for i, doc in enumerate(source.documents()):
+        to_val = i == 1 if source.single_document else rng.random() < val_fraction
+        first = True
+        for text in doc:
+            yield (VAL if to_val else TRAIN), text, first
+            first = False
+
+
+def chunks(items, size, documents):
+    """Group pieces into lists of about size characters; a piece that starts a document other than
+    the first of its split is marked to be preceded by the separator. Counts documents per split."""
+    chunk, n = [], 0
+    for split, text, first in items:
+        chunk.append((split, text, first and documents[split] > 0))
+        documents[split] += first
+        n += len(text)
+        if n >= size:
+            yield chunk
+            chunk, n = [], 0
+    if chunk:
+        yield chunk
+
+
+def encode_chunk(chunk, tokenizer, dtype):
+    """Token ids of one chunk: an array for each split."""
+    separator = [tokenizer.eot_id] if tokenizer.eot_id is not None else tokenizer.encode("\n\n")
+    parts = ([], [])
+    for split, text, separate in chunk:
+        if separate:
+            parts[split].append(np.array(separator, dtype=dtype))
+        parts[split].append(tokenizer.encode_array(text).astype(dtype, copy=False))
+    return [np.concatenate(p) if p else np.empty(0, dtype) for p in parts]
+
+
+_worker = {}  # the tokenizer and dtype of a pool worker process
+
+
+def _init_worker(tokenizer_dict, dtype):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _worker["tokenizer"], _worker["dtype"] = tokenizer_from_dict(tokenizer_dict), dtype
+
+
+def _encode_in_worker(chunk):
+    return encode_chunk(chunk, _worker["tokenizer"], _worker["dtype"])
+
+
+def encoded_chunks(chunk_iter, tokenizer, dtype, workers):
+    """encode_chunk over chunk_iter in order. With workers > 1, a spawned process pool works on at
+    most 2 x workers chunks at a time, so reading never runs ahead of encoding unboundedly."""
+    if workers == 1:
+        for chunk in chunk_iter:
+            yield chunk, encode_chunk(chunk, tokenizer, dtype)
+        return
+    context = multiprocessing.get_context("spawn")  # fork is unsafe beside rustbpe's and tqdm's threads
+    with context.Pool(workers, _init_worker, (tokenizer.to_dict(), dtype)) as pool:
+        pending = collections.deque()
+        for chunk in chunk_iter:
+            pending.append((chunk, pool.apply_async(_encode_in_worker, (chunk,))))
+            if len(pending) >= 2 * workers:
+                chunk, result = pending.popleft()
+                yield chunk, result.get()
+        while pending:
+            chunk, result = pending.popleft()
+            yield chunk, result.get()
+
+
+def training_texts(source, val_fraction, seed):
+    """Train-split text in pieces of at most 64K characters, for tokenizer training."""
+    for split, text, _ in split_pieces(source, val_fraction, seed):
+        if split == TRAIN:
+            yield from pieces([text], 1 << 16)
 
 
 def default_out_dir(name):
-    return os.path.join("data", name if name in BUILTINS else os.path.basename(os.path.normpath(name)))
+    if name in BUILTINS:
+        return os.path.join("data", name)
+    base = os.path.basename(os.path.normpath(re.split(r"[*?[]", name)[0] or "."))  # a glob: its fixed part
+    return os.path.join("data", base if base not in ("", ".", "..") else "corpus")
 
 
-def prepare(name, tokenizer_kind=None, out_dir=None, val_fraction=0.1, source_path=None):
+def prepare(name, tokenizer_kind=None, out_dir=None, val_fraction=0.1, source_path=None, vocab_size=None,
+            workers=None, seed=1337, text_field="text", shards=None, chunk_size=CHUNK_SIZE):
     """Tokenize a corpus into out_dir. Returns the meta dict written to meta.json."""
     if not 0.0 < val_fraction < 1.0:
         raise PrepareError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    if workers < 1:
+        raise PrepareError(f"--workers must be at least 1, got {workers}")
     tokenizer_kind = tokenizer_kind or BUILTINS.get(name, ("char",))[0]
+    check_tokenizer_args(tokenizer_kind, vocab_size)
     out_dir = out_dir or default_out_dir(name)
-    text, source = load_source(name, source_path, out_dir)
-    if not text:
-        raise PrepareError(f"'{name}' holds no text")
-    source["sha256"] = sha256_of(text.encode("utf-8"))
-    source["characters"] = len(text)
+    source = open_source(name, source_path, out_dir, val_fraction, text_field, shards, chunk_size)
 
-    tokenizer = build_tokenizer(tokenizer_kind, text)
-    split_at = int(len(text) * (1 - val_fraction))
-    with tqdm(total=2, desc=f"tokenize ({tokenizer_kind})", unit="split", disable=len(text) < 1_000_000) as bar:
-        ids = {}
-        for split, part in (("train", text[:split_at]), ("val", text[split_at:])):
-            ids[split] = tokenizer.encode_array(part)
-            bar.update(1)
+    if tokenizer_kind == "char":  # the vocabulary covers the whole corpus (and the "\n\n" separator)
+        texts = (text for _, text, _ in split_pieces(source, val_fraction, seed))
+        tokenizer = build_tokenizer("char", itertools.chain(texts_with_progress(texts, source, "chars"), ["\n"]))
+    elif tokenizer_kind == "bpe":
+        os.environ.setdefault("RAYON_NUM_THREADS", str(workers))  # rustbpe's threads
+        texts = training_texts(source, val_fraction, seed)
+        tokenizer = build_tokenizer("bpe", texts_with_progress(texts, source, "train bpe"), vocab_size)
+    else:
+        tokenizer = build_tokenizer(tokenizer_kind, vocab_size=vocab_size)
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    if source.total_bytes is not None and source.total_bytes < 2 * chunk_size:
+        workers = 1  # starting processes costs more than a pool saves on a corpus this small
 
     os.makedirs(out_dir, exist_ok=True)
+    paths = {split: os.path.join(out_dir, f"{split}.bin") for split in ("train", "val")}
     meta_path = os.path.join(out_dir, "meta.json")
-    if os.path.exists(meta_path):
-        os.remove(meta_path)  # the directory is incomplete until the new meta.json lands
-    for split, arr in ids.items():
-        write_atomic(os.path.join(out_dir, f"{split}.bin"), lambda f, a=arr: f.write(a.astype(dtype).tobytes()))
+    for path in (meta_path, *paths.values()):  # nothing complete-looking stays while we work
+        if os.path.exists(path):
+            os.remove(path)
+    tmp = [paths["train"] + ".tmp", paths["val"] + ".tmp"]
+    tokens, documents, nbytes, digest = [0, 0], [0, 0], 0, hashlib.sha256()
+    try:
+        with open(tmp[TRAIN], "wb") as train_file, open(tmp[VAL], "wb") as val_file, tqdm(
+            total=source.total_bytes, unit="B", unit_scale=True, desc=f"tokenize ({tokenizer_kind})",
+            disable=(source.total_bytes or 1 << 30) < 1 << 23,
+        ) as bar:
+            files = (train_file, val_file)
+            for chunk, arrays in encoded_chunks(
+                chunks(split_pieces(source, val_fraction, seed), chunk_size, documents), tokenizer, dtype, workers
+            ):
+                for split, arr in enumerate(arrays):
+                    files[split].write(arr.tobytes())
+                    tokens[split] += len(arr)
+                chunk_bytes = 0
+                for split, text, _ in chunk:
+                    data = utf8(text)
+                    digest.update(data)
+                    chunk_bytes += len(data)
+                nbytes += chunk_bytes
+                bar.update(chunk_bytes)
+                bar.set_postfix_str(f"{sum(tokens) / 1e6:.1f}M tokens, "
+                                    f"{sum(tokens) / max(bar.format_dict['elapsed'], 1e-9) / 1e6:.2f}M tok/s")
+            for f in files:
+                f.flush()
+                os.fsync(f.fileno())
+        if not nbytes:
+            raise PrepareError(f"'{name}' holds no text")
+        for split, label in ((TRAIN, "train"), (VAL, "val")):
+            if not tokens[split]:
+                raise PrepareError(
+                    f"{label} split is empty: '{name}' has {sum(documents)} documents and none went to {label}; "
+                    "choose another --val-fraction or --seed, or use more documents"
+                )
+        os.replace(tmp[TRAIN], paths["train"])
+        os.replace(tmp[VAL], paths["val"])
+    finally:
+        for path in tmp:
+            if os.path.exists(path):
+                os.remove(path)
     meta = {
         "version": META_VERSION,
         "tokenizer": tokenizer.to_dict(),
         "vocab_size": tokenizer.vocab_size,
         "dtype": np.dtype(dtype).name,
-        "train_tokens": len(ids["train"]),
-        "val_tokens": len(ids["val"]),
-        "source": source,
+        "train_tokens": tokens[TRAIN],
+        "val_tokens": tokens[VAL],
+        "train_documents": documents[TRAIN],
+        "val_documents": documents[VAL],
+        "split": "tail" if source.single_document else "document",
+        "seed": seed,
+        "source": {**source.description, "bytes": nbytes, "sha256": digest.hexdigest()},
     }
-    write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=2, ensure_ascii=False).encode("utf-8")))
+    with open(meta_path + ".tmp", "wb") as f:
+        f.write(json.dumps(meta, indent=2, ensure_ascii=False).encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(meta_path + ".tmp", meta_path)
     return meta
+
+
+def texts_with_progress(texts, source, desc):
+    """Pass texts through, showing a byte progress bar for large sources."""
+    with tqdm(total=source.total_bytes, unit="B", unit_scale=True, desc=desc,
+              disable=(source.total_bytes or 1 << 30) < 1 << 23) as bar:
+        for text in texts:
+            yield text
+            bar.update(len(text))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", metavar="SOURCE", help="built-in dataset name, or a text file or directory")
-    parser.add_argument("--tokenizer", choices=["char", "byte", "gpt2"], help="default: char (gpt2 for 'shakespeare')")
+    parser.add_argument("name", metavar="SOURCE", help="built-in dataset name, or a file, directory or glob pattern")
+    parser.add_argument("--tokenizer", choices=KINDS, help="default: char (gpt2 for shakespeare and fineweb_edu)")
+    parser.add_argument("--vocab-size", type=int, help="with --tokenizer bpe: tokens to learn, end-of-text included")
     parser.add_argument("--out", help="output directory (default: data/<name>)")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out for val.bin")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out for val.bin")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the document split")
+    parser.add_argument("--workers", type=int, help="tokenizer processes (default: all cores)")
+    parser.add_argument("--text-field", default="text", help="JSONL field or Parquet column holding the text")
     parser.add_argument("--source", help="local copy of a built-in dataset's download (skips the network)")
+    parser.add_argument("--shards", type=int, help="fineweb_edu: download and use only the first N shards")
+    parser.add_argument("--chunk-size", type=int, default=CHUNK_SIZE,
+                        help="characters per task sent to a worker; memory grows with chunk size x workers")
     args = parser.parse_args(argv)
     try:
-        meta = prepare(args.name, args.tokenizer, args.out, args.val_fraction, args.source)
+        meta = prepare(args.name, args.tokenizer, args.out, args.val_fraction, args.source, args.vocab_size,
+                       args.workers, args.seed, args.text_field, args.shards, args.chunk_size)
     except (PrepareError, TokenizerError, OSError) as e:
         sys.exit(f"prepare.py: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("prepare.py: interrupted: nothing was written (no meta.json); run the command again")
     out = args.out or default_out_dir(args.name)
     print(
-        f"wrote {out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
+        f"wrote {out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens "
+        f"({meta['train_documents']:,} + {meta['val_documents']:,} documents), "
         f"vocab {meta['vocab_size']} ({meta['tokenizer']['type']}), {meta['dtype']}"
     )
 

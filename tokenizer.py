@@ -5,12 +5,49 @@ meta.json and every checkpoint (a checkpoint never needs the data directory to s
 - char: one token per distinct character of the corpus, in sorted order.
 - byte: the 256 byte values of UTF-8, plus an end-of-text token. Needs no training.
 - bpe: byte-level BPE encoded by tiktoken from merge ranks stored in the description.
-  gpt2 is one: OpenAI's GPT-2 BPE (50257 tokens, <|endoftext|> = 50256), taken from tiktoken.
+  Trained on the user's corpus with rustbpe (BPETokenizer.train), or OpenAI's GPT-2 BPE
+  (50257 tokens, <|endoftext|> = 50256) taken from tiktoken.
+
+Surrogates: a Python str may hold lone surrogate code points (from JSON "\\ud800" escapes or
+"surrogateescape" decoding); they are not Unicode text and have no UTF-8 form. The byte and BPE
+tokenizers treat them as tiktoken does: a high+low pair becomes the character it stands for, a
+lone surrogate becomes U+FFFD. So decode(encode(s)) == s for every s without surrogates, and
+== replace_surrogates(s) for every s. The char tokenizer keeps any character of its vocabulary.
 """
 
 import base64
+import os
+import tempfile
 
 import numpy as np
+
+# GPT-4's pre-split regex (cl100k_base, as rustbpe uses it): contractions, letter runs with one
+# leading non-letter, digit groups of up to three, punctuation runs, newlines, other whitespace.
+# Training and encoding split text with the same pattern, so every trained merge can apply.
+GPT4_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+EOT = "<|endoftext|>"
+
+
+def replace_surrogates(text):
+    """text with surrogate code points made valid: pairs joined, lone ones -> U+FFFD (as tiktoken)."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def utf8(text):
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return replace_surrogates(text).encode("utf-8")
+
+
+def without_surrogates(text):
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return replace_surrogates(text)
 
 
 class TokenizerError(ValueError):
@@ -64,10 +101,10 @@ class ByteTokenizer:
     eot_id = 256
 
     def encode(self, text):
-        return list(text.encode("utf-8", errors="surrogatepass"))
+        return list(utf8(text))
 
     def encode_array(self, text):
-        return np.frombuffer(text.encode("utf-8", errors="surrogatepass"), dtype=np.uint8).astype(np.int64)
+        return np.frombuffer(utf8(text), dtype=np.uint8).astype(np.int64)
 
     def decode(self, ids):
         # The end-of-text token has no bytes; bytes that are not valid UTF-8 become U+FFFD.
@@ -93,6 +130,25 @@ class BPETokenizer:
         self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=self.special_tokens)
         self.vocab_size = self.enc.n_vocab
         self.eot_id = self.special_tokens.get("<|endoftext|>")
+
+    @classmethod
+    def train(cls, texts, vocab_size):
+        """Learn vocab_size - 1 byte-level tokens (256 bytes + merges) from an iterable of strings,
+        plus <|endoftext|> as the last id. rustbpe counts the regex pieces in parallel and keeps only
+        their counts, so memory follows the number of distinct pieces, not the corpus size."""
+        import rustbpe
+
+        if not 257 <= vocab_size <= 2**32:
+            raise TokenizerError(f"--vocab-size must be at least 257 (256 bytes + end-of-text), got {vocab_size}")
+        trainer = rustbpe.Tokenizer()
+        trainer.train_from_iterator(map(without_surrogates, texts), vocab_size - 1, pattern=GPT4_PATTERN)
+        ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
+        if len(ranks) < vocab_size - 1:
+            raise TokenizerError(
+                f"the corpus only supports {len(ranks) + 1} tokens (every pair of pieces is merged already): "
+                f"use --vocab-size {len(ranks) + 1} or less, or more text"
+            )
+        return cls(f"bpe-{vocab_size}", GPT4_PATTERN, ranks, {EOT: len(ranks)})
 
     @classmethod
     def from_dict(cls, d):
@@ -124,23 +180,41 @@ def gpt2_tokenizer():
     try:
         enc = tiktoken.get_encoding("gpt2")
     except Exception as e:  # tiktoken raises requests' or its own errors when it cannot download
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "data-gym-cache")
         raise TokenizerError(
-            f"GPT-2 tokenizer files are not available ({type(e).__name__}): run once with network access, "
-            "or set TIKTOKEN_CACHE_DIR to a directory holding tiktoken's cached GPT-2 files"
+            f"GPT-2 tokenizer files are not in tiktoken's cache '{cache}' and could not be downloaded "
+            f"({type(e).__name__}): run `python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\"` once "
+            "with network access, or copy that cache directory from a machine where it ran and point "
+            "TIKTOKEN_CACHE_DIR at it"
         ) from None
     # tiktoken keeps the ranks and pattern on the Encoding; copy them so the tokenizer travels as data.
     return BPETokenizer("gpt2", enc._pat_str, enc._mergeable_ranks, enc._special_tokens)
 
 
-def build_tokenizer(kind, text=None):
-    """A new tokenizer of the given kind; char needs the training text."""
+KINDS = ("char", "byte", "bpe", "gpt2")
+
+
+def check_tokenizer_args(kind, vocab_size):
+    if kind not in KINDS:
+        raise TokenizerError(f"unknown tokenizer '{kind}': choose one of {', '.join(KINDS)}")
+    if (vocab_size is not None) != (kind == "bpe"):
+        raise TokenizerError("--vocab-size is required with --tokenizer bpe (e.g. 4096) and only allowed there")
+
+
+def build_tokenizer(kind, texts=None, vocab_size=None):
+    """A new tokenizer of the given kind. char and bpe learn from texts (an iterable of strings);
+    bpe needs vocab_size."""
+    check_tokenizer_args(kind, vocab_size)
     if kind == "char":
-        return CharTokenizer.train(text)
+        chars = set()
+        for t in texts:
+            chars.update(t)
+        return CharTokenizer(sorted(chars))
     if kind == "byte":
         return ByteTokenizer()
-    if kind == "gpt2":
-        return gpt2_tokenizer()
-    raise TokenizerError(f"unknown tokenizer '{kind}': choose char, byte or gpt2")
+    if kind == "bpe":
+        return BPETokenizer.train(texts, vocab_size)
+    return gpt2_tokenizer()
 
 
 def tokenizer_from_dict(d):

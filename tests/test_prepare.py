@@ -35,6 +35,10 @@ def test_byte_tokenizer_round_trips_any_text(tmp_path):
     assert ByteTokenizer().decode(ByteTokenizer().encode(text)) == text
 
 
+def documents_of(source):
+    return ["".join(doc) for doc in source.documents()]
+
+
 def test_directory_source_reads_text_files_in_sorted_order(tmp_path):
     root = tmp_path / "texts"
     (root / "sub").mkdir(parents=True)
@@ -42,14 +46,17 @@ def test_directory_source_reads_text_files_in_sorted_order(tmp_path):
     (root / "sub" / "c.txt").write_text("cccc " * 20)
     (root / "a.txt").write_text("aaaa " * 20)
     (root / "blob.bin").write_bytes(b"\xff\xfe\x00binary")
-    text, _ = prepare.load_source(str(root), None, str(tmp_path / "d"))
-    assert text == "\n\n".join(["aaaa " * 20, "bbbb " * 20, "cccc " * 20])
+    source = prepare.open_source(str(root), None, str(tmp_path / "d"), 0.1)
+    assert documents_of(source) == ["aaaa " * 20, "bbbb " * 20, "cccc " * 20]
+    glob_source = prepare.open_source(str(root / "**" / "*.txt"), None, str(tmp_path / "d"), 0.1)
+    assert documents_of(glob_source) == documents_of(source)
+    assert prepare.default_out_dir(str(root / "**" / "*.txt")) == os.path.join("data", "texts")
 
 
-def test_stdlib_corpus_is_deterministic_python_source():
-    text = prepare.stdlib_corpus()
-    assert text == prepare.stdlib_corpus()
-    assert len(text) > 1_000_000 and "def " in text and "import " in text
+def test_stdlib_corpus_is_deterministic_python_source(tmp_path):
+    docs = documents_of(prepare.open_source("pystdlib", None, str(tmp_path), 0.1))
+    assert len(docs) > 100 and sum(map(len, docs)) > 1_000_000
+    assert all("import " in d or "def " in d for d in docs[:10])
 
 
 def test_shakespeare_local_copy_must_match_checksum(tmp_path):
@@ -142,3 +149,290 @@ def test_bpe_tokenizer_travels_as_data():
     again = tokenizer_from_dict(json.loads(json.dumps(tok.to_dict())))
     text = "abab <|endoftext|> héllo"
     assert again.encode(text) == tok.encode(text) and again.decode(again.encode(text)) == text
+
+
+def make_documents(n, seed=0):
+    """n varied documents: words, numbers, punctuation, some non-ASCII, some long."""
+    rng = np.random.default_rng(seed)
+    words = ["the", "cat", "sat", "on", "a", "mat", "naïve", "café", "日本", "🙂", "42", "3.14", "(x)", "don't"]
+    docs = []
+    for i in range(n):
+        lines = [" ".join(rng.choice(words, rng.integers(1, 12))) for _ in range(rng.integers(1, 40))]
+        docs.append(f"Document {i}.\n" + "\n".join(lines))
+    return docs
+
+
+def write_jsonl(path, docs, field="text"):
+    with open(path, "w", encoding="utf-8") as f:
+        for i, d in enumerate(docs):
+            f.write(json.dumps({"id": i, field: d}) + "\n")
+
+
+def split_documents(out, eot=256):
+    """The documents of train.bin and val.bin of a byte-level preparation."""
+    result = []
+    for split in ("train", "val"):
+        ids = np.fromfile(out / f"{split}.bin", dtype=np.uint16).tolist()
+        result.append([bytes(part).decode() for part in split_on(ids, eot)])
+    return result
+
+
+def split_on(ids, sep):
+    part = []
+    for i in ids:
+        if i == sep:
+            yield part
+            part = []
+        else:
+            part.append(i)
+    yield part
+
+
+def test_jsonl_and_parquet_split_by_document_deterministically(tmp_path):
+    docs = make_documents(300)
+    write_jsonl(tmp_path / "c.jsonl", docs)
+    meta = prepare.prepare(str(tmp_path / "c.jsonl"), "byte", str(tmp_path / "a"), 0.2, seed=1)
+    train, val = split_documents(tmp_path / "a")
+    assert sorted(train + val) == sorted(docs) and len(val) == meta["val_documents"]
+    assert train == [d for d in docs if d in set(train)]  # source order kept within a split
+    assert 30 < len(val) < 90 and meta["train_documents"] + meta["val_documents"] == 300
+    assert meta["split"] == "document" and meta["seed"] == 1
+
+    prepare.prepare(str(tmp_path / "c.jsonl"), "byte", str(tmp_path / "b"), 0.2, seed=1)
+    assert (tmp_path / "a" / "val.bin").read_bytes() == (tmp_path / "b" / "val.bin").read_bytes()
+    prepare.prepare(str(tmp_path / "c.jsonl"), "byte", str(tmp_path / "c"), 0.2, seed=2)
+    assert split_documents(tmp_path / "c")[1] != val
+
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"body": docs}), tmp_path / "c.parquet", row_group_size=64)
+    meta = prepare.prepare(str(tmp_path / "c.parquet"), "byte", str(tmp_path / "p"), 0.2, seed=1, text_field="body")
+    for split in ("train", "val"):
+        assert (tmp_path / "p" / f"{split}.bin").read_bytes() == (tmp_path / "a" / f"{split}.bin").read_bytes()
+    with pytest.raises(PrepareError, match="no column 'text' \\(columns: body\\): pass --text-field NAME"):
+        prepare.prepare(str(tmp_path / "c.parquet"), "byte", str(tmp_path / "q"))
+
+
+def test_source_format_errors_name_the_fix(tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "c.jsonl", ["a", "b"], field="content")
+    with pytest.raises(PrepareError, match="line 1 has no string field 'text' \\(fields: id, content\\)"):
+        prepare.prepare(str(tmp_path / "c.jsonl"), "byte", str(tmp_path / "d"))
+    (tmp_path / "c.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)
+    with pytest.raises(PrepareError, match="needs pyarrow: pip install 'nanoforge\\[parquet\\]'"):
+        prepare.prepare(str(tmp_path / "c.parquet"), "byte", str(tmp_path / "d"))
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1") * 10)
+    with pytest.raises(PrepareError, match="is not UTF-8 text .* convert it to UTF-8"):
+        prepare.prepare(str(tmp_path / "latin1.txt"), "byte", str(tmp_path / "d"))
+
+
+def test_multiprocess_output_equals_single_process_token_for_token(tmp_path):
+    root = tmp_path / "corpus"
+    root.mkdir()
+    docs = make_documents(200)
+    write_jsonl(root / "a.jsonl", docs[:150])
+    (root / "b.txt").write_text("\n".join(docs[150:]) * 5, encoding="utf-8")  # one long document, cut in pieces
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        meta = prepare.prepare(str(root), "bpe", str(out), 0.1, vocab_size=400, workers=workers, chunk_size=2000)
+        outs.append((meta, *((out / f"{s}.bin").read_bytes() for s in ("train", "val"))))
+    assert outs[0] == outs[1]
+    meta, train, val = outs[0]
+    assert meta["vocab_size"] == 400 and meta["tokenizer"]["name"] == "bpe-400"
+    # the same tokens as encoding each document whole and joining them with <|endoftext|>
+    tok = tokenizer_from_dict(meta["tokenizer"])
+    decoded = [tok.decode(np.frombuffer(b, dtype=np.uint16).tolist()).split("<|endoftext|>") for b in (train, val)]
+    assert sorted(decoded[0] + decoded[1]) == sorted(docs[:150] + ["\n".join(docs[150:]) * 5])
+    expected = []
+    for d in decoded[0]:
+        expected += tok.encode(d) + [tok.eot_id]
+    assert np.frombuffer(train, dtype=np.uint16).tolist() == expected[:-1]
+
+
+# Peak resident memory of a preparation: its own (VmHWM: ru_maxrss would include the pytest process
+# it was forked from) and its pool workers'.
+PEAK_RSS = """
+import re, resource, sys
+import prepare
+prepare.main(sys.argv[1:])
+own = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print("PEAK_KB", own, workers)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads peak memory from Linux's /proc")
+def test_memory_stays_bounded_on_a_corpus_much_larger_than_the_chunk(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    line = "The quick brown fox jumps over the lazy dog, naïvely. 0123456789\n"
+    peaks = {}
+    for mb in (1, 24):
+        path = tmp_path / f"c{mb}.txt"
+        with open(path, "w", encoding="utf-8") as f:
+            for _ in range(mb):
+                f.write(line * (2**20 // len(line)))
+        result = subprocess.run(
+            [sys.executable, "-c", PEAK_RSS, str(path), "--tokenizer", "byte", "--out", str(tmp_path / f"d{mb}"),
+             "--workers", "2", "--chunk-size", "16384"],
+            cwd=REPO, capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 0, result.stderr
+        peaks[mb] = [int(kb) / 1024 for kb in result.stdout.split("PEAK_KB")[1].split()]
+        assert json.loads((tmp_path / f"d{mb}" / "meta.json").read_text())["train_tokens"] > mb * 900_000
+    # 23 MB more text (1400 more chunks) may not cost more than a few MB of peak memory anywhere
+    assert peaks[24][0] - peaks[1][0] < 8 and peaks[24][1] - peaks[1][1] < 8, peaks
+    assert max(peaks[24]) < 200, peaks
+
+
+def test_failed_preparation_leaves_no_complete_looking_output(tmp_path, monkeypatch, corpus):
+    out = tmp_path / "d"
+    prepare.prepare(str(corpus), "char", str(out), 0.1)  # an earlier, complete preparation
+    calls = []
+
+    def failing(chunk, tokenizer, dtype):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return encode_chunk(chunk, tokenizer, dtype)
+
+    encode_chunk = prepare.encode_chunk
+    monkeypatch.setattr(prepare, "encode_chunk", failing)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(str(corpus), "char", str(out), 0.1, workers=1, chunk_size=100)
+    assert len(calls) == 3 and os.listdir(out) == []
+
+
+def test_interrupted_cli_leaves_no_complete_looking_output(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    docs = make_documents(4000)
+    write_jsonl(tmp_path / "big.jsonl", docs * 5)
+    out = tmp_path / "d"
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "prepare.py"), str(tmp_path / "big.jsonl"), "--tokenizer", "byte",
+         "--out", str(out), "--workers", "2", "--chunk-size", "2000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    deadline = time.time() + 60
+    while not (out / "train.bin.tmp").exists() or (out / "train.bin.tmp").stat().st_size == 0:
+        assert proc.poll() is None and time.time() < deadline, "preparation ended before it could be interrupted"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "interrupted" in stderr.splitlines()[-1]
+    assert os.listdir(out) == []
+
+
+def test_cli_argument_errors_are_one_line(tmp_path, corpus):
+    from conftest import run_cli
+
+    for args, message in [
+        (["--tokenizer", "char", "--vocab-size", "300"], "--vocab-size is required with --tokenizer bpe"),
+        (["--tokenizer", "bpe"], "--vocab-size is required with --tokenizer bpe"),
+        (["--tokenizer", "bpe", "--vocab-size", "100"], "--vocab-size must be at least 257"),
+        (["--workers", "0"], "--workers must be at least 1"),
+    ]:
+        result = run_cli("prepare.py", corpus, "--out", tmp_path / "d", *args)
+        assert result.returncode != 0 and result.stderr.startswith("prepare.py: error:"), result.stderr
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = run_cli("prepare.py", corpus, "--out", tmp_path / "d", "--tokenizer", "bpe", "--vocab-size", "300")
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    assert meta["vocab_size"] == 300 and meta["split"] == "tail"
+
+
+@pytest.fixture
+def shard_server(monkeypatch):
+    """A local stand-in for Hugging Face: /api lists the shards, /files/... serves them with HTTP Range."""
+    import http.server
+    import threading
+
+    files, corrupt, requests = {}, {}, []  # corrupt: bytes served instead of those the listing describes
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append((self.path, self.headers.get("Range")))
+            if self.path == "/api":
+                listing = [{"type": "file", "path": "sample/10BT/README.md", "size": 1}] + [
+                    {"type": "file", "path": p, "size": len(d), "lfs": {"oid": prepare.sha256_of(d), "size": len(d)}}
+                    for p, d in files.items()
+                ]
+                return self.reply(200, json.dumps(listing).encode())
+            path = self.path.removeprefix("/files/")
+            data = corrupt.get(path, files.get(path))
+            if data is None:
+                return self.reply(404, b"")
+            if self.headers.get("Range"):
+                start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
+                return self.reply(206, data[start:])
+            self.reply(200, data)
+
+        def reply(self, status, body):
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setattr(prepare, "FINEWEB_EDU_API", url + "/api")
+    monkeypatch.setattr(prepare, "FINEWEB_EDU_URL", url + "/files/")
+    yield files, corrupt, requests
+    server.shutdown()
+
+
+def test_fineweb_edu_downloads_resume_and_verify_checksums(tmp_path, shard_server):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import io
+
+    import pyarrow as pa
+
+    files, corrupt, requests = shard_server
+    docs = make_documents(120)
+    for i in range(2):
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"id": list(range(60)), "text": docs[60 * i: 60 * (i + 1)]}), buf)
+        files[f"sample/10BT/00{i}_00000.parquet"] = buf.getvalue()
+    out = tmp_path / "fw"
+    (out / "download").mkdir(parents=True)
+    first = files["sample/10BT/000_00000.parquet"]
+    (out / "download" / "000_00000.parquet.part").write_bytes(first[:100])  # an interrupted download
+
+    meta = prepare.prepare("fineweb_edu", "byte", str(out), 0.2)
+    assert ("/files/sample/10BT/000_00000.parquet", "bytes=100-") in requests  # resumed, not restarted
+    assert (out / "download" / "000_00000.parquet").read_bytes() == first
+    train, val = split_documents(out)
+    assert sorted(train + val) == sorted(docs) and meta["source"]["shards"] == 2
+
+    requests.clear()  # a second run reuses the verified shards
+    assert prepare.prepare("fineweb_edu", "byte", str(out), 0.2, shards=1)["source"]["shards"] == 1
+    assert requests == [("/api", None)]
+    meta = prepare.prepare("fineweb_edu", "byte", str(tmp_path / "local"), 0.2, source_path=str(out / "download"))
+    assert meta["train_documents"] + meta["val_documents"] == 120
+
+    (out / "download" / "001_00000.parquet").unlink()
+    corrupt["sample/10BT/001_00000.parquet"] = b"x" + files["sample/10BT/001_00000.parquet"][1:]
+    with pytest.raises(PrepareError, match="001_00000.parquet has sha256 .*, expected .*: the file changed"):
+        prepare.prepare("fineweb_edu", "byte", str(out), 0.2)
+    assert sorted(os.listdir(out / "download")) == ["000_00000.parquet"]  # nothing bad kept
+
+
+def test_fineweb_edu_offline_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "FINEWEB_EDU_API", "http://127.0.0.1:9/api")  # nothing listens on port 9
+    with pytest.raises(PrepareError, match="could not download http://127.0.0.1:9/api .*no network\\?"):
+        prepare.prepare("fineweb_edu", "byte", str(tmp_path / "fw"))
