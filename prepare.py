@@ -210,22 +210,43 @@ def pieces(blocks, size):
         yield buf
 
 
-def jsonl_documents(path, field, chunk_size):
-    with open(path, encoding="utf-8") as f:
+class JsonLine:
+    """One JSONL document, parsed where it is encoded: in a worker, not in the process that reads."""
+
+    __slots__ = ("raw", "field", "path", "line")
+
+    def __init__(self, raw, field, path, line):
+        self.raw, self.field, self.path, self.line = raw, field, path, line
+
+    def __len__(self):
+        return len(self.raw)
+
+    def text(self):
+        try:
+            record = json.loads(self.raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PrepareError(
+                f"'{self.path}' line {self.line} is not JSON in UTF-8 ({e}): one JSON object per line expected"
+            ) from None
+        text = record.get(self.field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            fields = ", ".join(record) if isinstance(record, dict) else "none: not an object"
+            raise PrepareError(
+                f"'{self.path}' line {self.line} has no string field '{self.field}' (fields: {fields}): "
+                "pass --text-field NAME"
+            )
+        return text
+
+
+def as_text(piece):
+    return piece.text() if isinstance(piece, JsonLine) else piece
+
+
+def jsonl_documents(path, field):
+    with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PrepareError(f"'{path}' line {n} is not JSON ({e.msg}): one JSON object per line expected")
-            text = record.get(field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                fields = ", ".join(record) if isinstance(record, dict) else "none: not an object"
-                raise PrepareError(
-                    f"'{path}' line {n} has no string field '{field}' (fields: {fields}): pass --text-field NAME"
-                )
-            yield pieces([text], chunk_size)
+            if line.strip():
+                yield [JsonLine(line, field, path, n)]
 
 
 def parquet_documents(path, field, chunk_size):
@@ -247,7 +268,7 @@ def parquet_documents(path, field, chunk_size):
 def file_documents(path, field, chunk_size):
     """The documents of one file of several, by its extension; binary files are skipped."""
     if path.endswith(".jsonl"):
-        return jsonl_documents(path, field, chunk_size)
+        return jsonl_documents(path, field)
     if path.endswith(".parquet"):
         return parquet_documents(path, field, chunk_size)
     return iter([pieces(read_text(path), chunk_size)] if is_text(path) else [])
@@ -371,7 +392,7 @@ def encode_chunk(chunk, tokenizer, dtype):
     for split, text, separate in chunk:
         if separate:
             parts[split].append(np.array(separator, dtype=dtype))
-        parts[split].append(tokenizer.encode_array(text).astype(dtype, copy=False))
+        parts[split].append(tokenizer.encode_array(as_text(text), dtype))
     return [np.concatenate(p) if p else np.empty(0, dtype) for p in parts]
 
 
@@ -411,7 +432,7 @@ def training_texts(source, val_fraction, seed):
     """Train-split text in pieces of at most 64K characters, for tokenizer training."""
     for split, text, _ in split_pieces(source, val_fraction, seed):
         if split == TRAIN:
-            yield from pieces([text], 1 << 16)
+            yield from pieces([as_text(text)], 1 << 16)
 
 
 def default_out_dir(name):
@@ -435,7 +456,7 @@ def prepare(name, tokenizer_kind=None, out_dir=None, val_fraction=0.1, source_pa
     source = open_source(name, source_path, out_dir, val_fraction, text_field, shards, chunk_size)
 
     if tokenizer_kind == "char":  # the vocabulary covers the whole corpus (and the "\n\n" separator)
-        texts = (text for _, text, _ in split_pieces(source, val_fraction, seed))
+        texts = (as_text(text) for _, text, _ in split_pieces(source, val_fraction, seed))
         tokenizer = build_tokenizer("char", itertools.chain(texts_with_progress(texts, source, "chars"), ["\n"]))
     elif tokenizer_kind == "bpe":
         os.environ.setdefault("RAYON_NUM_THREADS", str(workers))  # rustbpe's threads
@@ -443,6 +464,11 @@ def prepare(name, tokenizer_kind=None, out_dir=None, val_fraction=0.1, source_pa
         tokenizer = build_tokenizer("bpe", texts_with_progress(texts, source, "train bpe"), vocab_size)
     else:
         tokenizer = build_tokenizer(tokenizer_kind, vocab_size=vocab_size)
+    return write_splits(source, tokenizer, out_dir, val_fraction, seed, workers, chunk_size)
+
+
+def write_splits(source, tokenizer, out_dir, val_fraction, seed, workers, chunk_size=CHUNK_SIZE):
+    """Encode every document of source into out_dir's train.bin and val.bin, then write meta.json."""
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     if source.total_bytes is not None and source.total_bytes < 2 * chunk_size:
         workers = 1  # starting processes costs more than a pool saves on a corpus this small
@@ -457,7 +483,7 @@ def prepare(name, tokenizer_kind=None, out_dir=None, val_fraction=0.1, source_pa
     tokens, documents, nbytes, digest = [0, 0], [0, 0], 0, hashlib.sha256()
     try:
         with open(tmp[TRAIN], "wb") as train_file, open(tmp[VAL], "wb") as val_file, tqdm(
-            total=source.total_bytes, unit="B", unit_scale=True, desc=f"tokenize ({tokenizer_kind})",
+            total=source.total_bytes, unit="B", unit_scale=True, desc=f"tokenize ({tokenizer.kind})",
             disable=(source.total_bytes or 1 << 30) < 1 << 23,
         ) as bar:
             files = (train_file, val_file)
@@ -469,7 +495,7 @@ def prepare(name, tokenizer_kind=None, out_dir=None, val_fraction=0.1, source_pa
                     tokens[split] += len(arr)
                 chunk_bytes = 0
                 for split, text, _ in chunk:
-                    data = utf8(text)
+                    data = text.raw if isinstance(text, JsonLine) else utf8(text)
                     digest.update(data)
                     chunk_bytes += len(data)
                 nbytes += chunk_bytes
@@ -480,11 +506,12 @@ def prepare(name, tokenizer_kind=None, out_dir=None, val_fraction=0.1, source_pa
                 f.flush()
                 os.fsync(f.fileno())
         if not nbytes:
-            raise PrepareError(f"'{name}' holds no text")
+            raise PrepareError(f"'{source.description['name']}' holds no text")
         for split, label in ((TRAIN, "train"), (VAL, "val")):
             if not tokens[split]:
                 raise PrepareError(
-                    f"{label} split is empty: '{name}' has {sum(documents)} documents and none went to {label}; "
+                    f"{label} split is empty: '{source.description['name']}' has {sum(documents)} documents "
+                    f"and none went to {label}; "
                     "choose another --val-fraction or --seed, or use more documents"
                 )
         os.replace(tmp[TRAIN], paths["train"])

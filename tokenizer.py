@@ -78,7 +78,7 @@ class CharTokenizer:
                 "remove them (a char-level model only knows the characters of its training text)"
             ) from None
 
-    def encode_array(self, text):
+    def encode_array(self, text, dtype=np.int64):
         """Fast vectorised encode of a large corpus: UTF-32 code points looked up in a table."""
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
         table = np.full(max(map(ord, self.chars)) + 1, -1, dtype=np.int64)
@@ -86,7 +86,7 @@ class CharTokenizer:
         ids = table[np.minimum(codes, len(table) - 1)]
         if (ids < 0).any() or (codes >= len(table)).any():
             self.encode(text)  # raises with the offending characters
-        return ids
+        return ids.astype(dtype, copy=False)
 
     def decode(self, ids):
         return "".join(self.chars[i] for i in ids)
@@ -103,8 +103,8 @@ class ByteTokenizer:
     def encode(self, text):
         return list(utf8(text))
 
-    def encode_array(self, text):
-        return np.frombuffer(utf8(text), dtype=np.uint8).astype(np.int64)
+    def encode_array(self, text, dtype=np.int64):
+        return np.frombuffer(utf8(text), dtype=np.uint8).astype(dtype)
 
     def decode(self, ids):
         # The end-of-text token has no bytes; bytes that are not valid UTF-8 become U+FFFD.
@@ -161,8 +161,8 @@ class BPETokenizer:
     def encode(self, text):
         return self.enc.encode_ordinary(text)  # "<|endoftext|>" in user text is plain text, not the special token
 
-    def encode_array(self, text):
-        return np.array(self.enc.encode_ordinary(text), dtype=np.int64)
+    def encode_array(self, text, dtype=np.int64):
+        return np.array(self.enc.encode_ordinary(text), dtype=dtype)
 
     def decode(self, ids):
         return self.enc.decode(list(ids), errors="replace")
