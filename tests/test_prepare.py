@@ -222,6 +222,12 @@ def test_source_format_errors_name_the_fix(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)
     with pytest.raises(PrepareError, match="needs pyarrow: pip install 'nanoforge\\[parquet\\]'"):
         prepare.prepare(str(tmp_path / "c.parquet"), "byte", str(tmp_path / "d"))
+    write_jsonl(tmp_path / "big.jsonl", make_documents(300))
+    with open(tmp_path / "big.jsonl", "a") as f:
+        f.write('{"text": 42}\n')  # found by a worker process, reported by the parent
+    with pytest.raises(PrepareError, match="big.jsonl' line 301 has no string field 'text' \\(fields: text\\)"):
+        prepare.prepare(str(tmp_path / "big.jsonl"), "byte", str(tmp_path / "d"), workers=2, chunk_size=2000)
+    assert not (tmp_path / "d").exists() or os.listdir(tmp_path / "d") == []
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1") * 10)
     with pytest.raises(PrepareError, match="is not UTF-8 text .* convert it to UTF-8"):
         prepare.prepare(str(tmp_path / "latin1.txt"), "byte", str(tmp_path / "d"))
@@ -436,3 +442,14 @@ def test_fineweb_edu_offline_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "FINEWEB_EDU_API", "http://127.0.0.1:9/api")  # nothing listens on port 9
     with pytest.raises(PrepareError, match="could not download http://127.0.0.1:9/api .*no network\\?"):
         prepare.prepare("fineweb_edu", "byte", str(tmp_path / "fw"))
+
+
+def test_a_split_left_empty_is_an_error_naming_the_fix(tmp_path):
+    root = tmp_path / "three"
+    root.mkdir()
+    for name in "abc":
+        (root / f"{name}.txt").write_text(name * 100)
+    # random.Random(0) draws 0.84, 0.76, 0.42: no document falls under 0.1
+    with pytest.raises(PrepareError, match="val split is empty: .* has 3 documents .* --val-fraction or --seed"):
+        prepare.prepare(str(root), "char", str(tmp_path / "d"), 0.1, seed=0)
+    assert os.listdir(tmp_path / "d") == []

@@ -30,6 +30,7 @@ def test_byte_and_bpe_round_trip_any_unicode(bpe, text):
     assert roundtrip(ByteTokenizer(), text) == text
     assert roundtrip(bpe, text) == text
     assert roundtrip(tokenizer_from_dict(json.loads(json.dumps(bpe.to_dict()))), text) == text
+    assert bpe.encode_array(text).tolist() == bpe.encode(text)
 
 
 @settings(max_examples=100, deadline=None)
@@ -38,6 +39,7 @@ def test_surrogates_become_what_they_stand_for_or_replacement_characters(bpe, te
     expected = replace_surrogates(text)
     assert roundtrip(ByteTokenizer(), text) == expected
     assert roundtrip(bpe, text) == expected
+    assert bpe.encode_array(text).tolist() == bpe.encode(text)
 
 
 def test_surrogate_handling_is_documented_behaviour(bpe):
@@ -70,7 +72,7 @@ def test_bpe_training_gives_the_requested_vocab_and_compresses_better_than_bytes
     assert len(bpe.encode(CORPUS)) < 0.5 * byte_tokens
     again = BPETokenizer.train([CORPUS], 400)
     assert again.ranks == bpe.ranks  # deterministic
-    assert bpe.encode(EOT) != [bpe.eot_id]  # user text never produces the special token
+    assert bpe.eot_id not in bpe.encode(EOT) + bpe.encode_array(EOT).tolist()  # user text is never special
 
 
 def test_bpe_vocab_size_errors():
