@@ -5,7 +5,8 @@ Prepare a corpus for training: read documents, tokenize them in parallel, write 
                       [--val-fraction F] [--seed S] [--workers N] [--text-field NAME] [--source PATH] [--shards N] [--chunk-size N]
 
 SOURCE is a built-in dataset name, or a local file, directory or glob pattern:
-    pystdlib          the local Python installation's standard-library sources (offline, the quickstart corpus)
+    pystdlib          the local Python installation's standard-library sources (offline, the quickstart
+                      corpus; one document: the modules joined by blank lines)
     shakespeare_char  tinyshakespeare, character-level (downloaded and checksummed, or --source a local copy)
     shakespeare       tinyshakespeare, GPT-2 BPE (or --tokenizer bpe --vocab-size N: a BPE trained on it)
     fineweb_edu       FineWeb-Edu's 10BT sample: parquet shards from Hugging Face, resumable and
@@ -300,14 +301,20 @@ def text_file_source(path, description, val_fraction, chunk_size):
     return Source(description, documents, size, single_document=True)
 
 
-def stdlib_paths():
+def stdlib_source(val_fraction, chunk_size):
     """The top-level .py modules of this Python's standard library, sorted by name: real text on
-    every machine, and identical for a given Python version."""
+    every machine, identical for a given Python version. Joined by blank lines into one document
+    (9 MB) and split at its last val_fraction of characters, as before documents existed, so that
+    the quickstart's data, and the numbers measured on it, stay the same."""
     root = sysconfig.get_paths()["stdlib"]
     paths = sorted(glob.glob(os.path.join(root, "*.py")))
     if not paths:
         raise PrepareError(f"no standard-library sources found in '{root}' (a Python without its .py files?)")
-    return paths
+    text = "\n\n".join("".join(read_text(p)) for p in paths)
+    cut = int(len(text) * (1 - val_fraction))
+    description = {"name": "pystdlib", "python": sys.version.split()[0], "files": len(paths)}
+    return Source(description, lambda: iter([pieces([text[:cut]], chunk_size), pieces([text[cut:]], chunk_size)]),
+                  len(text), single_document=True)
 
 
 def tinyshakespeare(source_path, out_dir):
@@ -325,7 +332,7 @@ def tinyshakespeare(source_path, out_dir):
 def open_source(name, source_path, out_dir, val_fraction, text_field="text", shards=None, chunk_size=CHUNK_SIZE):
     """The Source for a built-in name, a file, a directory or a glob pattern."""
     if name == "pystdlib":
-        return files_source(stdlib_paths(), {"name": "pystdlib", "python": sys.version.split()[0]}, text_field, chunk_size)
+        return stdlib_source(val_fraction, chunk_size)
     if name in ("shakespeare_char", "shakespeare"):
         path = tinyshakespeare(source_path, out_dir)
         return text_file_source(path, {"name": "tinyshakespeare", "url": TINYSHAKESPEARE_URL}, val_fraction, chunk_size)
