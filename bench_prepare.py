@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import time
 
@@ -64,6 +65,12 @@ def timed(fn):
     start = time.perf_counter()
     result = fn()
     return result, time.perf_counter() - start
+
+
+def cpu_seconds():
+    """CPU time of this process and of its finished children (the pool's workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def tiktoken_loop(path, tokenizer, out=None):
@@ -124,7 +131,7 @@ def main():
     tok = tokenizers[16384]
     source = sources[f"generated ({corpus_mb:.0f} MB)"]
     out = os.path.join(args.work, "out")
-    runs = {}
+    runs, cpu = {}, {}
     # interleaved twice so that a burst of load from elsewhere hits both sides alike; the best of each is kept
     for _ in range(2):
         for label, run in [
@@ -133,16 +140,22 @@ def main():
             ("prepare.py --workers 1", lambda: prepare.write_splits(source, tok, out, 0.1, 1337, 1)),
             (f"prepare.py --workers {args.workers}", lambda: prepare.write_splits(source, tok, out, 0.1, 1337, args.workers)),
         ]:
+            cpu_before = cpu_seconds()
             _, seconds = timed(run)
             runs[label] = max(runs.get(label, 0), corpus_mb / seconds)
+            cpu[label] = max(cpu.get(label, 0), corpus_mb / (cpu_seconds() - cpu_before))
     raw, nanogpt, one, many = runs.values()
+    print(f"{'':<34} {'wall':>9} {'per CPU-second':>16}")
     for label, speed in runs.items():
-        print(f"{label:<34} {speed:>7.1f} MB/s")
+        print(f"{label:<34} {speed:>6.1f} MB/s {cpu[label]:>11.1f} MB/s")
     n = args.workers
     print(f"pipeline, 1 worker / encode-only loop:           {one / raw:.2f}")
     print(f"pipeline, 1 worker / nanoGPT-style loop:         {one / nanogpt:.2f}")
     print(f"pipeline, {n} workers / 1 worker:                  {many / one:.2f}")
     print(f"pipeline, {n} workers / ({n} x encode-only loop):    {many / (n * raw):.2f}  (per-core efficiency)")
+    raw_cpu, _, one_cpu, many_cpu = cpu.values()
+    print(f"MB per CPU-second, pipeline / encode-only loop:  {one_cpu / raw_cpu:.2f} (1 worker), "
+          f"{many_cpu / raw_cpu:.2f} ({n} workers, the reading process included)")
     byte_source = prepare.files_source([corpus], {"name": "g"}, "text", prepare.CHUNK_SIZE)
     _, seconds = timed(lambda: prepare.write_splits(byte_source, ByteTokenizer(), out, 0.1, 1337, args.workers))
     print(f"prepare.py --tokenizer byte --workers {args.workers}: {corpus_mb / seconds:.1f} MB/s (reading, splitting, writing: the pipeline's own cost)")
