@@ -211,43 +211,28 @@ def pieces(blocks, size):
         yield buf
 
 
-class JsonLine:
-    """One JSONL document, parsed where it is encoded: in a worker, not in the process that reads."""
-
-    __slots__ = ("raw", "field", "path", "line")
-
-    def __init__(self, raw, field, path, line):
-        self.raw, self.field, self.path, self.line = raw, field, path, line
-
-    def __len__(self):
-        return len(self.raw)
-
-    def text(self):
-        try:
-            record = json.loads(self.raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PrepareError(
-                f"'{self.path}' line {self.line} is not JSON in UTF-8 ({e}): one JSON object per line expected"
-            ) from None
-        text = record.get(self.field) if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            fields = ", ".join(record) if isinstance(record, dict) else "none: not an object"
-            raise PrepareError(
-                f"'{self.path}' line {self.line} has no string field '{self.field}' (fields: {fields}): "
-                "pass --text-field NAME"
-            )
-        return text
-
-
 def as_text(piece):
-    return piece.text() if isinstance(piece, JsonLine) else piece
+    """A piece's text. A JSONL document travels as (raw line, field, path, line number) and is parsed
+    where it is encoded, in a worker, not in the process that reads (a plain tuple pickles fast)."""
+    if isinstance(piece, str):
+        return piece
+    raw, field, path, n = piece
+    try:
+        record = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PrepareError(f"'{path}' line {n} is not JSON in UTF-8 ({e}): one JSON object per line expected") from None
+    text = record.get(field) if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        fields = ", ".join(record) if isinstance(record, dict) else "none: not an object"
+        raise PrepareError(f"'{path}' line {n} has no string field '{field}' (fields: {fields}): pass --text-field NAME")
+    return text
 
 
 def jsonl_documents(path, field):
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
-                yield [JsonLine(line, field, path, n)]
+                yield [(line, field, path, n)]
 
 
 def parquet_documents(path, field, chunk_size):
@@ -384,7 +369,7 @@ def chunks(items, size, documents):
     for split, text, first in items:
         chunk.append((split, text, first and documents[split] > 0))
         documents[split] += first
-        n += len(text)
+        n += len(text) if isinstance(text, str) else len(text[0])
         if n >= size:
             yield chunk
             chunk, n = [], 0
@@ -502,7 +487,7 @@ def write_splits(source, tokenizer, out_dir, val_fraction, seed, workers, chunk_
                     tokens[split] += len(arr)
                 chunk_bytes = 0
                 for split, text, _ in chunk:
-                    data = text.raw if isinstance(text, JsonLine) else utf8(text)
+                    data = utf8(text) if isinstance(text, str) else text[0]
                     digest.update(data)
                     chunk_bytes += len(data)
                 nbytes += chunk_bytes
