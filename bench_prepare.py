@@ -15,6 +15,7 @@ are only as good as the machine was idle.
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -24,7 +25,7 @@ import time
 import numpy as np
 
 import prepare
-from tokenizer import BPETokenizer, ByteTokenizer
+from tokenizer import BPETokenizer, ByteTokenizer, tokenizer_from_dict
 
 SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou", "ee")]
 
@@ -84,6 +85,21 @@ def tiktoken_loop(path, tokenizer, out=None):
                 np.array(ids, dtype=np.uint16).tofile(bin_file)
 
 
+def _loop_in_process(args):
+    corpus, tokenizer_dict = args
+    tiktoken_loop(corpus, tokenizer_from_dict(tokenizer_dict))
+
+
+def independent_loops(corpus, tokenizer, n):
+    """Seconds for n processes each running the encode-only loop over the whole corpus, with no
+    communication at all: the most that n processes get out of this machine right now."""
+    with multiprocessing.get_context("spawn").Pool(n) as pool:
+        pool.map(abs, range(n))  # the processes are up
+        start = time.perf_counter()
+        pool.map(_loop_in_process, [(corpus, tokenizer.to_dict())] * n, chunksize=1)
+        return time.perf_counter() - start
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a 20 MB generated corpus instead of --mb")
@@ -131,7 +147,7 @@ def main():
     tok = tokenizers[16384]
     source = sources[f"generated ({corpus_mb:.0f} MB)"]
     out = os.path.join(args.work, "out")
-    runs, cpu = {}, {}
+    runs, cpu, ceilings = {}, {}, []
     # interleaved twice so that a burst of load from elsewhere hits both sides alike; the best of each is kept
     for _ in range(2):
         for label, run in [
@@ -144,6 +160,7 @@ def main():
             _, seconds = timed(run)
             runs[label] = max(runs.get(label, 0), corpus_mb / seconds)
             cpu[label] = max(cpu.get(label, 0), corpus_mb / (cpu_seconds() - cpu_before))
+        ceilings.append(args.workers * corpus_mb / independent_loops(corpus, tok, args.workers))
     raw, nanogpt, one, many = runs.values()
     print(f"{'':<34} {'wall':>9} {'per CPU-second':>16}")
     for label, speed in runs.items():
@@ -154,6 +171,9 @@ def main():
     print(f"pipeline, {n} workers / 1 worker:                  {many / one:.2f}")
     print(f"pipeline, {n} workers / ({n} x encode-only loop):    {many / (n * raw):.2f}  (per-core efficiency)")
     raw_cpu, _, one_cpu, many_cpu = cpu.values()
+    ceiling = max(ceilings) / raw
+    print(f"machine ceiling: {n} independent encode-only loops (no IPC) / 1 loop:  {ceiling:.2f}  "
+          f"(pipeline, {n} workers / this ceiling: {many / max(ceilings):.2f})")
     print(f"MB per CPU-second, pipeline / encode-only loop:  {one_cpu / raw_cpu:.2f} (1 worker), "
           f"{many_cpu / raw_cpu:.2f} ({n} workers, the reading process included)")
     byte_source = prepare.files_source([corpus], {"name": "g"}, "text", prepare.CHUNK_SIZE)
