@@ -142,7 +142,7 @@ class StopSignals:
             raise KeyboardInterrupt
         self.received = signum
         tqdm.write(f"{signal.Signals(signum).name}: finishing this step and writing a checkpoint "
-                   "(send it again to stop at once)")
+                   "(send it again to stop at once)", file=sys.stderr)
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -324,7 +324,7 @@ def train(cfg, resume=False):
                 bad_streak += 1
                 skipped_steps += 1
                 tqdm.write(f"step {step + 1}: non-finite loss or gradient norm, update skipped "
-                           f"({bad_streak} in a row)")
+                           f"({bad_streak} in a row)", file=sys.stderr)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             window_timed_steps += 1
