@@ -373,3 +373,15 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, data_dir):
     assert proc.returncode == 1, stderr
     assert "SIGINT: finishing this step" in stderr and "interrupted; the last checkpoint written is intact" in stderr
     assert not (out / "latest.safetensors").exists()  # it stopped at once, before writing one
+
+
+def test_compiled_training_saves_plain_state_dict_names(tmp_path, data_dir, monkeypatch):
+    # torch.compile wraps the model (its state dict gains "_orig_mod." prefixes); the eager backend
+    # keeps this test fast while going through the same wrapper.
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend="eager"))
+    train(tiny_config(data_dir, tmp_path / "run", max_iters=2, eval_interval=2, compile=True))
+    ckpt = checkpoint.load(tmp_path / "run" / "latest.safetensors")
+    assert "transformer.wte.weight" in ckpt.model_state
+    assert not [k for k in ckpt.model_state if "_orig_mod" in k]
+    train(tiny_config(data_dir, tmp_path / "run", max_iters=4, eval_interval=2, compile=False), resume=True)
