@@ -22,11 +22,13 @@ import time
 from contextlib import nullcontext
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import checkpoint
 from config import ConfigError, build_config, help_text, load_saved
 from data import DataError, Dataset
+from distributed import Distributed
 from model import GPT, GPTConfig
 
 # Keys that fix the model's shape: a checkpoint can only be resumed with the same values.
@@ -96,22 +98,22 @@ def get_lr(step, cfg):
 
 
 @torch.no_grad()
-def estimate_loss(model, data, cfg, autocast, device):
-    """Mean loss over eval_iters batches of each split. The batches come from their own fixed-seed
-    generator: every evaluation sees the same batches, and training's random stream is untouched."""
+def estimate_loss(model, data, cfg, autocast, device, ddp):
+    """Mean loss over eval_iters batches of each split (in each process, averaged over processes).
+    The batches come from their own fixed-seed generator: every evaluation sees the same batches,
+    and training's random stream is untouched."""
     model.eval()
-    losses = {}
-    for split in ("train", "val"):
-        generator = torch.Generator().manual_seed(cfg.seed + 1)
-        total = 0.0
+    losses = torch.zeros(2, device=device)
+    for i, split in enumerate(("train", "val")):
+        generator = torch.Generator().manual_seed(cfg.seed + 1 + ddp.rank)
         for _ in range(cfg.eval_iters):
             x, y = data.get_batch(split, cfg.batch_size, generator)
             with autocast:
                 _, loss = model(x.to(device), y.to(device))
-            total += loss.item()
-        losses[split] = total / cfg.eval_iters
+            losses[i] += loss.float()
     model.train()
-    return losses
+    train_loss, val_loss = (ddp.mean(losses) / cfg.eval_iters).tolist()
+    return {"train": train_loss, "val": val_loss}
 
 
 class TrainingStopped(Exception):
@@ -201,9 +203,16 @@ def save_failed(error, out_dir):
                            "intact: fix the problem, then continue with --resume", 1)
 
 
-def train(cfg, resume=False):
-    device = resolve_device(cfg.device)
+def train(cfg, resume=False, ddp=None):
+    ddp = ddp or Distributed()
+    device = ddp.start(resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device.type)
+    if cfg.gradient_accumulation_steps % ddp.world_size:
+        raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of "
+                          f"the number of processes ({ddp.world_size}): each process takes an equal share")
+    # Each process runs its share of the micro-batches, so a step sees the same number of tokens
+    # whatever the number of processes.
+    micro_steps = cfg.gradient_accumulation_steps // ddp.world_size
     data = Dataset(cfg.data_dir, cfg.block_size)
     check_writable(cfg.out_dir)
     files = checkpoint.run_files(cfg.out_dir)
@@ -213,17 +222,20 @@ def train(cfg, resume=False):
             f"out_dir '{cfg.out_dir}' already holds a run: continue it with --resume, "
             "or choose a new --out_dir=PATH (or delete the old one)"
         )
-    checkpoint.remove_stale_temporaries(cfg.out_dir)
+    if ddp.is_master:
+        checkpoint.remove_stale_temporaries(cfg.out_dir)
+    say = tqdm.write if ddp.is_master else (lambda *args, **kwargs: None)
 
     # model and optimizer
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
     vocab_size = math.ceil(data.vocab_size / cfg.vocab_multiple) * cfg.vocab_multiple
     model_cfg = GPTConfig(cfg.block_size, vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout, cfg.bias)
     model = GPT(model_cfg).to(device)
+    torch.manual_seed(cfg.seed + ddp.rank)  # but each process its own dropout masks ...
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
     # Loss scaling only for float16 on CUDA: bfloat16 and float32 have float32's exponent range.
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16 and device.type == "cuda"))
-    batch_generator = torch.Generator().manual_seed(cfg.seed)
+    batch_generator = torch.Generator().manual_seed(cfg.seed + ddp.rank)  # ... and its own batches
     step, best_val_loss, skipped_steps = 0, float("inf"), 0
     # The running loss of the current log window is part of the state: a resumed run logs the same averages.
     loss_sum, window_steps = torch.zeros((), device=device), 0
@@ -242,19 +254,35 @@ def train(cfg, resume=False):
         step, best_val_loss = ckpt.info["step"], ckpt.info["best_val_loss"]
         skipped_steps, window_steps = ckpt.info["skipped_steps"], ckpt.info["window_steps"]
         loss_sum = ckpt.extra["loss_sum"].to(device)
-        checkpoint.set_rng_state(ckpt.extra, ckpt.info["rng"], device)
-        batch_generator.set_state(ckpt.extra["rng_batches"])
-        truncate_log(log_path, step)
-        print(f"resumed from {ckpt.path} at step {step}", file=sys.stderr)
-    elif os.path.exists(log_path):
+        if len(ckpt.info["rng"]) == ddp.world_size:
+            prefix = f"rank{ddp.rank}."
+            rng = {k[len(prefix):]: v for k, v in ckpt.extra.items() if k.startswith(prefix)}
+            checkpoint.set_rng_state(rng, ckpt.info["rng"][ddp.rank], device)
+            batch_generator.set_state(rng["rng_batches"])
+        else:
+            print(f"resume: the run had {len(ckpt.info['rng'])} processes, now {ddp.world_size}: batches and "
+                  "dropout will differ from an uninterrupted run", file=sys.stderr)
+            fresh_seed = cfg.seed + ddp.rank + 1_000_003 * step  # not the batches the run began with
+            torch.manual_seed(fresh_seed)
+            batch_generator.manual_seed(fresh_seed)
+        if ddp.is_master:
+            truncate_log(log_path, step)
+            print(f"resumed from {ckpt.path} at step {step}", file=sys.stderr)
+    elif ddp.is_master and os.path.exists(log_path):
         os.remove(log_path)  # left by a run that stopped before its first checkpoint
 
-    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    if ddp.is_master:
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
 
     def save(path=None):
-        """Write the whole training state: latest (default) or the given file."""
+        """Write the whole training state: latest (default) or the given file. Every process takes
+        part (each contributes its RNG states); the master writes."""
         rng_tensors, rng_info = checkpoint.rng_state(device)
+        rng_tensors["rng_batches"] = batch_generator.get_state()
+        everyone = ddp.gather((rng_tensors, rng_info))
+        if not ddp.is_master:
+            return
         info = {
             "config": dataclasses.asdict(cfg),
             "model": dataclasses.asdict(model_cfg),
@@ -264,9 +292,10 @@ def train(cfg, resume=False):
             "skipped_steps": skipped_steps,
             "window_steps": window_steps,
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "rng": rng_info,
+            "rng": [rank_info for _, rank_info in everyone],
         }
-        extra = {**rng_tensors, "rng_batches": batch_generator.get_state(), "loss_sum": loss_sum}
+        extra = {f"rank{rank}.{name}": t for rank, (tensors, _) in enumerate(everyone) for name, t in tensors.items()}
+        extra["loss_sum"] = loss_sum
         args = (model.state_dict(), info, optimizer.state_dict(), extra)
         try:
             if path is None:
@@ -277,6 +306,8 @@ def train(cfg, resume=False):
             raise save_failed(e, cfg.out_dir) from None
 
     runner = torch.compile(model) if cfg.compile else model  # `model` stays uncompiled: plain state-dict names
+    if ddp.enabled:
+        runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     pin = device.type == "cuda"  # pinned host memory lets the copy to the GPU overlap compute
 
@@ -285,13 +316,14 @@ def train(cfg, resume=False):
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         return x.to(device), y.to(device)
 
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps  # all processes
     peak = peak_flops(device, dtype)
+    peak = peak * ddp.world_size if peak else None
     flops_per_token = model.flops_per_token()
-    log = open(log_path, "a")
+    log = open(log_path if ddp.is_master else os.devnull, "a")
     # Off a terminal (a log file, CI) a redraw every 30 s keeps the log readable.
     bar = tqdm(total=cfg.max_iters, initial=step, desc="train", unit="step", dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 30)
+               mininterval=0.5 if sys.stderr.isatty() else 30, disable=not ddp.is_master)
     window_start, window_timed_steps = time.perf_counter(), 0
     bad_streak = 0
 
@@ -302,14 +334,18 @@ def train(cfg, resume=False):
                 group["lr"] = lr
             step_loss = torch.zeros((), device=device)
             x, y = to_device(*data.get_batch("train", cfg.batch_size, batch_generator))
-            for micro_step in range(cfg.gradient_accumulation_steps):
-                with autocast:
-                    _, loss = runner(x, y)
-                    loss = loss / cfg.gradient_accumulation_steps  # the sum of micro-losses is the batch mean
-                if micro_step + 1 < cfg.gradient_accumulation_steps:  # fetch the next micro-batch while this one runs
-                    x, y = to_device(*data.get_batch("train", cfg.batch_size, batch_generator))
-                scaler.scale(loss).backward()
+            for micro_step in range(micro_steps):
+                last = micro_step + 1 == micro_steps
+                # Across processes, gradients are averaged once per step: on the last micro-batch's backward.
+                with runner.no_sync() if ddp.enabled and not last else nullcontext():
+                    with autocast:
+                        _, loss = runner(x, y)
+                        loss = loss / micro_steps  # the sum of micro-losses is the batch mean
+                    if not last:  # fetch the next micro-batch while this one runs
+                        x, y = to_device(*data.get_batch("train", cfg.batch_size, batch_generator))
+                    scaler.scale(loss).backward()
                 step_loss += loss.detach()
+            ddp.mean(step_loss)  # every process then takes the same decisions below
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             # NaN guard: a non-finite loss or gradient never reaches the weights. This costs one sync per step.
@@ -325,8 +361,8 @@ def train(cfg, resume=False):
             else:
                 bad_streak += 1
                 skipped_steps += 1
-                tqdm.write(f"step {step + 1}: non-finite loss or gradient norm, update skipped "
-                           f"({bad_streak} in a row)", file=sys.stderr)
+                say(f"step {step + 1}: non-finite loss or gradient norm, update skipped ({bad_streak} in a row)",
+                    file=sys.stderr)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             window_timed_steps += 1
@@ -347,9 +383,9 @@ def train(cfg, resume=False):
                           "tokens_per_sec": round(tokens_per_sec, 1), "mfu": round(mfu, 4) if mfu else None,
                           "skipped_steps": skipped_steps}
                 if is_eval:
-                    losses = estimate_loss(runner, data, cfg, autocast, device)
+                    losses = estimate_loss(runner, data, cfg, autocast, device, ddp)
                     record.update(train_loss=round(losses["train"], 6), val_loss=round(losses["val"], 6))
-                    tqdm.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                    say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                     if losses["val"] < best_val_loss:
                         best_val_loss = losses["val"]
                         save(files["best"])
@@ -360,13 +396,14 @@ def train(cfg, resume=False):
                 loss_sum.zero_()
                 window_steps = 0
                 window_start, window_timed_steps = time.perf_counter(), 0
-            if step % cfg.checkpoint_interval == 0 or step == cfg.max_iters or stop.received:
+            stopping = ddp.any(stop.received is not None)  # all processes stop at the same step
+            if step % cfg.checkpoint_interval == 0 or step == cfg.max_iters or stopping:
                 save()
-            if stop.received and step < cfg.max_iters:
-                name = signal.Signals(stop.received).name
+            if stopping and step < cfg.max_iters:
+                signum = stop.received or signal.SIGTERM
                 raise TrainingStopped(
-                    f"stopped by {name} at step {step}; checkpoint written to {files['latest']}: "
-                    "continue with the same command plus --resume", 128 + stop.received)
+                    f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint written to "
+                    f"{files['latest']}: continue with the same command plus --resume", 128 + signum)
     return best_val_loss
 
 
@@ -389,13 +426,14 @@ def main(argv=None):
     if args and not args[0].startswith("--"):
         path, args = args[0], args[1:]
     stray = [a for a in args if not a.startswith("--")]
+    ddp = Distributed()
     try:
         if stray:
             raise ConfigError(f"unexpected argument '{stray[0]}': overrides are written --key=value")
         # `--resume` without a config file continues with the run directory's saved config.
         base = load_saved(args) if resume and path is None else None
         cfg = build_config(path, args, base)
-        best = train(cfg, resume=resume)
+        best = train(cfg, resume=resume, ddp=ddp)
     except (ConfigError, DataError, checkpoint.CheckpointError) as e:
         sys.exit(f"train.py: error: {e}")
     except TrainingStopped as e:
@@ -403,7 +441,10 @@ def main(argv=None):
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit("train.py: interrupted; the last checkpoint written is intact: continue with --resume")
-    print(f"done: best val loss {best:.4f}; sample with `python sample.py --ckpt {cfg.out_dir}`")
+    finally:
+        ddp.close()
+    if ddp.is_master:
+        print(f"done: best val loss {best:.4f}; sample with `python sample.py --ckpt {cfg.out_dir}`")
 
 
 if __name__ == "__main__":
