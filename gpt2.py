@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model import GPT, GPTConfig
-from tokenizer import BPETokenizer
+from tokenizer import BPETokenizer, gpt2_tokenizer
 
 NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # Conv1D layers: Hugging Face stores their weights as (in, out), nn.Linear as (out, in).
@@ -173,7 +173,8 @@ def hf_to_ours(tensors, config, source):
 
 def from_pretrained(name_or_path, block_size=None, dropout=0.0, vocab_size=None):
     """A GPT holding GPT-2's weights. block_size may crop the position embedding; vocab_size may pad
-    the vocabulary (e.g. 50257 -> 50304 for speed); the rest of the shape comes from the weights."""
+    the vocabulary (e.g. 50257 -> 50304 for speed) or cut it to a smaller tokenizer's; the rest of the
+    shape comes from the weights."""
     model_dir = locate(name_or_path)
     config = read_config(model_dir)
     tensors, source = read_weights(model_dir)
@@ -183,18 +184,30 @@ def from_pretrained(name_or_path, block_size=None, dropout=0.0, vocab_size=None)
     if block_size > n_positions:
         raise GPT2Error(f"block_size {block_size} is larger than this model's {n_positions} positions: "
                         f"use block_size <= {n_positions}")
-    if vocab_size < n_vocab:
-        raise GPT2Error(f"vocab_size {vocab_size} is smaller than this model's vocabulary of {n_vocab}")
     state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size]
-    wte = state["transformer.wte.weight"]
-    # Padding rows start at the mean embedding: their logit is then the mean logit, far below the
-    # likely tokens', so they take almost no probability (a zero row would score 0, above most of GPT-2's logits).
-    padding = wte.mean(dim=0, keepdim=True).expand(vocab_size - n_vocab, -1)
+    wte = state["transformer.wte.weight"][:vocab_size]
+    # Padding rows start at the mean embedding, so their logit is the mean of the real tokens' logits
+    # (logits are linear in the embedding): far below the likely tokens'. A zero row would score a flat 0,
+    # whatever the scale of the model's logits.
+    padding = wte.mean(dim=0, keepdim=True).expand(vocab_size - len(wte), -1)
     state["transformer.wte.weight"] = torch.cat([wte, padding])
     config = dataclasses.replace(config, block_size=block_size, vocab_size=vocab_size, dropout=dropout)
     model = GPT(config)
     model.load_state_dict({**state, "lm_head.weight": state["transformer.wte.weight"]})
     return model
+
+
+def model_and_tokenizer(name_or_path):
+    """GPT-2 ready to sample from (eval mode, full context) with its tokenizer: the directory's own
+    tokenizer files, else OpenAI's GPT-2 BPE from tiktoken."""
+    model_dir = locate(name_or_path)
+    tokenizer = tokenizer_from_hf(model_dir) or gpt2_tokenizer()
+    n_vocab = read_config(model_dir).vocab_size
+    if tokenizer.vocab_size > n_vocab:
+        raise GPT2Error(f"the tokenizer of '{model_dir}' has {tokenizer.vocab_size} tokens, more than the model's "
+                        f"{n_vocab}: add the model's own vocab.json and merges.txt to the directory")
+    # As sample.py does for checkpoints: ids that no text maps to are cut, so they are never sampled.
+    return from_pretrained(model_dir, vocab_size=tokenizer.vocab_size).eval(), tokenizer
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 import checkpoint
+import gpt2
 from config import ConfigError, build_config, help_text
 from data import DataError, Dataset
 from model import GPT, GPTConfig
@@ -144,9 +145,14 @@ def train(cfg, resume=False):
 
     # model and optimizer
     torch.manual_seed(cfg.seed)
-    vocab_size = math.ceil(data.vocab_size / cfg.vocab_multiple) * cfg.vocab_multiple
-    model_cfg = GPTConfig(cfg.block_size, vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout, cfg.bias)
-    model = GPT(model_cfg).to(device)
+    if cfg.init_from == "scratch":
+        vocab_size = math.ceil(data.vocab_size / cfg.vocab_multiple) * cfg.vocab_multiple
+        model_cfg = GPTConfig(cfg.block_size, vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout, cfg.bias)
+        model = GPT(model_cfg).to(device)
+    else:  # pretrained GPT-2: its weights fix the model's shape, and cfg records the values they set
+        model, cfg = gpt2.init_for_training(cfg, data.tokenizer)
+        model_cfg = model.config
+        model = model.to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
     # Loss scaling only for float16 on CUDA: bfloat16 and float32 have float32's exponent range.
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16 and device.type == "cuda"))
@@ -278,7 +284,7 @@ def main(argv=None):
             raise ConfigError(f"unexpected argument '{stray[0]}': overrides are written --key=value")
         cfg = build_config(path, args)
         best = train(cfg, resume=resume)
-    except (ConfigError, DataError, checkpoint.CheckpointError) as e:
+    except (ConfigError, DataError, checkpoint.CheckpointError, gpt2.GPT2Error) as e:
         sys.exit(f"train.py: error: {e}")
     except KeyboardInterrupt:
         sys.exit("train.py: interrupted")
