@@ -14,7 +14,7 @@ Our module and parameter names are GPT-2's, so the mapping is short:
     locate(name_or_path)        -> the model directory (a path, or a snapshot in the Hugging Face cache)
     from_pretrained(name, ...)  -> GPT with the weights loaded
     tokenizer_from_hf(dir)      -> BPETokenizer from vocab.json + merges.txt (or tokenizer.json), or None
-    export(model, tokenizer, out_dir)  -> a directory transformers.GPT2LMHeadModel.from_pretrained loads
+    export(model, out_dir, tokenizer)  -> a directory transformers.GPT2LMHeadModel.from_pretrained loads
 """
 
 import dataclasses
@@ -65,7 +65,8 @@ def snapshot(repo_dir):
             path = os.path.join(repo_dir, "snapshots", f.read().strip())
         if os.path.isfile(os.path.join(path, "config.json")):
             return path
-    found = [p for p in glob.glob(os.path.join(repo_dir, "snapshots", "*")) if os.path.isfile(os.path.join(p, "config.json"))]
+    found = [p for p in glob.glob(os.path.join(repo_dir, "snapshots", "*"))
+             if os.path.isfile(os.path.join(p, "config.json"))]
     return max(found, key=os.path.getmtime) if found else None
 
 
@@ -80,7 +81,8 @@ def locate(name_or_path):
             f"'{name_or_path}' is neither a GPT-2 model name ({', '.join(NAMES)}) nor an existing directory"
         )
     # The hub now files GPT-2 under openai-community/; `huggingface-cli download gpt2` caches it as models--gpt2.
-    repos = [os.path.join(d, f"models--{owner}{name_or_path}") for d in cache_dirs() for owner in ("", "openai-community--")]
+    repos = [os.path.join(d, f"models--{owner}{name_or_path}")
+             for d in cache_dirs() for owner in ("", "openai-community--")]
     for repo in repos:
         path = snapshot(repo)
         if path:
@@ -117,7 +119,8 @@ def read_config(model_dir):
     ]
     for key, default, allowed in supported:
         if hf.get(key, default) not in allowed:
-            raise GPT2Error(f"'{path}' sets {key}={hf[key]!r}; this model supports only {' or '.join(map(repr, allowed))}")
+            raise GPT2Error(f"'{path}' sets {key}={hf[key]!r}; this model supports only "
+                            f"{' or '.join(map(repr, allowed))}")
     return GPTConfig(block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
                      n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=n_embd, dropout=0.0, bias=True)
 
@@ -167,7 +170,8 @@ def hf_to_ours(tensors, config, source):
         state[name] = (t.t() if transposed else t).float().contiguous()
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise GPT2Error(f"'{source}' lacks {len(missing)} tensor(s) of GPT-2, first '{missing[0]}': download the model again")
+        raise GPT2Error(f"'{source}' lacks {len(missing)} tensor(s) of GPT-2, first '{missing[0]}': "
+                        "download the model again")
     return state
 
 
@@ -266,7 +270,8 @@ def tokenizer_from_hf(model_dir, name="gpt2"):
         ranks[bytes(decode[c] for c in token)] = i
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
-        raise GPT2Error(f"the tokenizer in '{model_dir}' has no token for byte {missing[0]}: GPT-2's BPE covers all 256")
+        raise GPT2Error(f"the tokenizer in '{model_dir}' has no token for byte {missing[0]}: "
+                        "GPT-2's BPE has one for each of the 256")
     merged = [vocab.get(a + b, -1) for a, b in merges]
     if any(i < 0 for i in merged) or merged != sorted(merged):
         raise GPT2Error(f"the merges of the tokenizer in '{model_dir}' are not in token-id order, "
@@ -325,6 +330,8 @@ def export(model, out_dir, tokenizer=None):
     """Write a Hugging Face GPT-2 directory: config.json, model.safetensors and, for a GPT-2-style BPE
     tokenizer, its files. The vocabulary is cut to the tokenizer's (dropping vocab_multiple padding)."""
     config = model.config
+    if os.path.isdir(out_dir) and os.listdir(out_dir):  # stale files (a tokenizer) would be read with the new model
+        raise GPT2Error(f"'{out_dir}' is not empty: export into a new directory (or empty this one)")
     if not config.bias:
         raise GPT2Error("this model has no biases (bias=false), which Hugging Face's GPT-2 cannot express")
     state = dict(model.state_dict())
@@ -362,7 +369,7 @@ def init_for_training(cfg, data_tokenizer):
     if model_tokenizer is not None and model_tokenizer.to_dict()["ranks"] != data_tokenizer.to_dict().get("ranks"):
         print(f"init_from: warning: the data was not tokenized with {cfg.init_from}'s tokenizer, "
               "so its token ids mean other things to the pretrained weights", file=sys.stderr)
-    from_weights = {"n_layer": pretrained.n_layer, "n_head": pretrained.n_head, "n_embd": pretrained.n_embd, "bias": True}
+    from_weights = dict(n_layer=pretrained.n_layer, n_head=pretrained.n_head, n_embd=pretrained.n_embd, bias=True)
     replaced = [f"{k}={v!r} (config had {getattr(cfg, k)!r})" for k, v in from_weights.items() if getattr(cfg, k) != v]
     if replaced:
         print(f"init_from {cfg.init_from}: the weights set {', '.join(replaced)}", file=sys.stderr)

@@ -272,6 +272,8 @@ def test_finetune_sample_export_end_to_end(hf, tmp_path, corpus):
     result = run_cli("export.py", "--ckpt", run, "--out", tmp_path / "hf_out")
     assert result.returncode == 0, result.stderr
     assert "no tokenizer files" in result.stderr  # byte-level data: not GPT-2's BPE
+    result = run_cli("export.py", "--ckpt", run, "--out", tmp_path / "hf_out")
+    assert result.returncode == 1 and "export.py: error: " in result.stderr and "is not empty" in result.stderr
     exported = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf_out").eval()
     ours, tokenizer = load_model(str(run), "cpu")
     assert exported.config.vocab_size == tokenizer.vocab_size == 257  # padding dropped
