@@ -164,7 +164,7 @@ def test_shape_mismatch_names_the_tensor(hf, tmp_path):
         gpt2.from_pretrained(str(directory), block_size=256)
 
 
-def test_model_names_are_found_in_the_hf_cache_or_explained(hf, tmp_path, monkeypatch):
+def test_model_names_are_found_in_the_hf_cache_or_explained(hf, tmp_path, monkeypatch, data_dir):
     _, directory = hf
     for var, value in (("HF_HUB_CACHE", tmp_path / "hub"), ("HF_HOME", tmp_path / "home"),
                        ("XDG_CACHE_HOME", tmp_path / "xdg")):
@@ -187,13 +187,18 @@ def test_model_names_are_found_in_the_hf_cache_or_explained(hf, tmp_path, monkey
     (repo / "snapshots" / "abc123").symlink_to(directory)
     assert gpt2.locate("gpt2") == str(repo / "snapshots" / "abc123")
 
-    # sample.py says the same in one line and exits non-zero
+    # train.py and sample.py say the same in one line and exit non-zero
     import sample
+    import train
 
-    with pytest.raises(SystemExit) as exit:
-        sample.main(["--init-from", "gpt2-xl"])
-    assert "sample.py: error: GPT-2 model 'gpt2-xl' is not available locally" in str(exit.value.code)
-    assert "\n" not in str(exit.value.code)
+    for script, main, args in (
+        ("train.py", train.main, ["--init_from=gpt2-xl", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'run'}"]),
+        ("sample.py", sample.main, ["--init-from", "gpt2-xl"]),
+    ):
+        with pytest.raises(SystemExit) as exit:
+            main(args)
+        assert f"{script}: error: GPT-2 model 'gpt2-xl' is not available locally" in str(exit.value.code)
+        assert "\n" not in str(exit.value.code)
 
 
 def test_tokenizer_from_hf_files_encodes_like_transformers_and_exports_back(hf, tmp_path):
