@@ -10,11 +10,14 @@ gradient-accumulation micro-batches, clip, step -> log, evaluate, checkpoint.
 """
 
 import dataclasses
+import errno
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 
@@ -23,12 +26,15 @@ from tqdm import tqdm
 
 import checkpoint
 import gpt2
-from config import ConfigError, build_config, help_text
+from config import ConfigError, build_config, help_text, load_saved
 from data import DataError, Dataset
 from model import GPT, GPTConfig
 
 # Keys that fix the model's shape: a checkpoint can only be resumed with the same values.
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_multiple")
+# Keys a resumed run may change without changing what it computes up to the old end.
+SAFE_TO_CHANGE = ("max_iters", "eval_interval", "eval_iters", "log_interval", "checkpoint_interval",
+                  "keep_last_n", "max_bad_steps", "lr_decay_iters", "min_lr", "out_dir", "device", "compile")
 
 # Dense bf16/fp16 tensor-core peak FLOP/s, matched against torch.cuda.get_device_name().
 # Order matters: the first substring that matches wins ("H100 PCIe" before "H100").
@@ -39,7 +45,6 @@ GPU_PEAK_FLOPS = [
     ("A100", 312e12),
     ("L40S", 362e12),
     ("L4", 121e12),
-    ("A10G", 125e12),
     ("V100", 125e12),
     ("T4", 65e12),
 ]
@@ -110,6 +115,40 @@ def estimate_loss(model, data, cfg, autocast, device):
     return losses
 
 
+class TrainingStopped(Exception):
+    """Training ended early (a signal, or a run of non-finite steps); the message says what to do next."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopSignals:
+    """The first SIGINT or SIGTERM asks the loop to stop after the current step (and checkpoint);
+    a second one stops at once."""
+
+    def __init__(self):
+        self.received = None
+
+    def __enter__(self):
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # signals reach only the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        tqdm.write(f"{signal.Signals(signum).name}: finishing this step and writing a checkpoint "
+                   "(send it again to stop at once)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 def check_writable(out_dir):
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -120,14 +159,47 @@ def check_writable(out_dir):
 
 
 def resume_changes(saved, cfg):
-    """Compare a checkpoint's config with the new one: refuse shape changes, report the rest."""
+    """Compare a checkpoint's config with the new one: refuse shape changes, describe the rest."""
     new = dataclasses.asdict(cfg)
     differing = {k: (saved.get(k), new[k]) for k in new if saved.get(k) != new[k]}
     shape = {k: v for k, v in differing.items() if k in MODEL_KEYS}
     if shape:
         details = ", ".join(f"{k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in shape.items())
         raise ConfigError(f"cannot resume: the model's shape differs ({details}); use the checkpoint's values")
-    return differing
+    notes = []
+    for key, (old, new_value) in differing.items():
+        caveat = "" if key in SAFE_TO_CHANGE else " (changes training: the run will differ from an uninterrupted one)"
+        notes.append(f"resume: {key} changed from {old!r} to {new_value!r}{caveat}")
+    return notes
+
+
+def truncate_log(path, step):
+    """Keep the log records up to `step` (those after it will be written again by the resumed run),
+    dropping a last line cut short by a crash."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if record["step"] > step:
+                break
+            kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def save_failed(error, out_dir):
+    if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return TrainingStopped(
+            f"no space left to write a checkpoint in '{out_dir}' ({error.strerror}); the previous checkpoint is "
+            "intact: free some space, then continue with --resume", 1)
+    return TrainingStopped(f"could not write a checkpoint in '{out_dir}' ({error}); the previous checkpoint is "
+                           "intact: fix the problem, then continue with --resume", 1)
 
 
 def train(cfg, resume=False):
@@ -135,13 +207,14 @@ def train(cfg, resume=False):
     dtype = resolve_dtype(cfg.dtype, device.type)
     data = Dataset(cfg.data_dir, cfg.block_size)
     check_writable(cfg.out_dir)
-    latest_path = os.path.join(cfg.out_dir, "latest.safetensors")
-    best_path = os.path.join(cfg.out_dir, "best.safetensors")
-    if not resume and os.path.exists(latest_path):
+    files = checkpoint.run_files(cfg.out_dir)
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    if not resume and os.path.exists(files["latest"]):
         raise ConfigError(
             f"out_dir '{cfg.out_dir}' already holds a run: continue it with --resume, "
             "or choose a new --out_dir=PATH (or delete the old one)"
         )
+    checkpoint.remove_stale_temporaries(cfg.out_dir)
 
     # model and optimizer
     torch.manual_seed(cfg.seed)
@@ -157,39 +230,54 @@ def train(cfg, resume=False):
     # Loss scaling only for float16 on CUDA: bfloat16 and float32 have float32's exponent range.
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16 and device.type == "cuda"))
     batch_generator = torch.Generator().manual_seed(cfg.seed)
-    step, best_val_loss = 0, float("inf")
+    step, best_val_loss, skipped_steps = 0, float("inf"), 0
+    # The running loss of the current log window is part of the state: a resumed run logs the same averages.
+    loss_sum, window_steps = torch.zeros((), device=device), 0
 
     if resume:
-        ckpt = checkpoint.load(latest_path, device=device)
-        for key, (old, new) in resume_changes(ckpt.info["config"], cfg).items():
-            print(f"resume: {key} changed from {old!r} to {new!r}", file=sys.stderr)
+        ckpt = checkpoint.load_for_resume(cfg.out_dir, device=device)
+        for note in resume_changes(ckpt.info["config"], cfg):
+            print(note, file=sys.stderr)
         load_model_state(model, ckpt.model_state)
         optimizer.load_state_dict(ckpt.optimizer_state)
-        if ckpt.info.get("scaler"):
+        if ckpt.info["scaler"]:
             scaler.load_state_dict(ckpt.info["scaler"])
         step, best_val_loss = ckpt.info["step"], ckpt.info["best_val_loss"]
-        torch.set_rng_state(ckpt.extra["rng_torch"])
+        skipped_steps, window_steps = ckpt.info["skipped_steps"], ckpt.info["window_steps"]
+        loss_sum = ckpt.extra["loss_sum"].to(device)
+        checkpoint.set_rng_state(ckpt.extra, ckpt.info["rng"], device)
         batch_generator.set_state(ckpt.extra["rng_batches"])
-        if device.type == "cuda" and "rng_cuda" in ckpt.extra:
-            torch.cuda.set_rng_state(ckpt.extra["rng_cuda"], device)
-        print(f"resumed from {latest_path} at step {step}", file=sys.stderr)
+        truncate_log(log_path, step)
+        print(f"resumed from {ckpt.path} at step {step}", file=sys.stderr)
+    elif os.path.exists(log_path):
+        os.remove(log_path)  # left by a run that stopped before its first checkpoint
 
     with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
 
-    def save(path):
+    def save(path=None):
+        """Write the whole training state: latest (default) or the given file."""
+        rng_tensors, rng_info = checkpoint.rng_state(device)
         info = {
             "config": dataclasses.asdict(cfg),
             "model": dataclasses.asdict(model_cfg),
             "tokenizer": data.tokenizer.to_dict(),
             "step": step,
             "best_val_loss": best_val_loss,
+            "skipped_steps": skipped_steps,
+            "window_steps": window_steps,
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "rng": rng_info,
         }
-        extra = {"rng_torch": torch.get_rng_state(), "rng_batches": batch_generator.get_state()}
-        if device.type == "cuda":
-            extra["rng_cuda"] = torch.cuda.get_rng_state(device)
-        checkpoint.save(path, model.state_dict(), info, optimizer.state_dict(), extra)
+        extra = {**rng_tensors, "rng_batches": batch_generator.get_state(), "loss_sum": loss_sum}
+        args = (model.state_dict(), info, optimizer.state_dict(), extra)
+        try:
+            if path is None:
+                checkpoint.save_latest(cfg.out_dir, cfg.keep_last_n, step, *args)
+            else:
+                checkpoint.save(path, *args)
+        except OSError as e:
+            raise save_failed(e, cfg.out_dir) from None
 
     runner = torch.compile(model) if cfg.compile else model  # `model` stays uncompiled: plain state-dict names
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
@@ -203,60 +291,85 @@ def train(cfg, resume=False):
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     peak = peak_flops(device, dtype)
     flops_per_token = model.flops_per_token()
-    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
+    log = open(log_path, "a")
     # Off a terminal (a log file, CI) a redraw every 30 s keeps the log readable.
     bar = tqdm(total=cfg.max_iters, initial=step, desc="train", unit="step", dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30)
-    window_start, window_steps = time.perf_counter(), 0
-    loss_sum = torch.zeros((), device=device)
+    window_start, window_timed_steps = time.perf_counter(), 0
+    bad_streak = 0
 
-    while step < cfg.max_iters:
-        lr = get_lr(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = to_device(*data.get_batch("train", cfg.batch_size, batch_generator))
-        for micro_step in range(cfg.gradient_accumulation_steps):
-            with autocast:
-                _, loss = runner(x, y)
-                loss = loss / cfg.gradient_accumulation_steps  # the sum of micro-losses is the batch mean
-            if micro_step + 1 < cfg.gradient_accumulation_steps:  # fetch the next micro-batch while this one runs
-                x, y = to_device(*data.get_batch("train", cfg.batch_size, batch_generator))
-            scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        if cfg.grad_clip > 0:
+    with StopSignals() as stop, log, bar:
+        while step < cfg.max_iters:
+            lr = get_lr(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = torch.zeros((), device=device)
+            x, y = to_device(*data.get_batch("train", cfg.batch_size, batch_generator))
+            for micro_step in range(cfg.gradient_accumulation_steps):
+                with autocast:
+                    _, loss = runner(x, y)
+                    loss = loss / cfg.gradient_accumulation_steps  # the sum of micro-losses is the batch mean
+                if micro_step + 1 < cfg.gradient_accumulation_steps:  # fetch the next micro-batch while this one runs
+                    x, y = to_device(*data.get_batch("train", cfg.batch_size, batch_generator))
+                scaler.scale(loss).backward()
+                step_loss += loss.detach()
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window_steps += 1
-        bar.update(1)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            # NaN guard: a non-finite loss or gradient never reaches the weights. This costs one sync per step.
+            # With float16, overflowing gradients are routine while the loss scale calibrates: GradScaler
+            # skips those steps itself, so only the loss is checked.
+            finite = torch.isfinite(step_loss) if scaler.is_enabled() else torch.isfinite(step_loss + grad_norm)
+            if finite.item():
+                scaler.step(optimizer)
+                scaler.update()
+                bad_streak = 0
+                loss_sum += step_loss
+                window_steps += 1
+            else:
+                bad_streak += 1
+                skipped_steps += 1
+                tqdm.write(f"step {step + 1}: non-finite loss or gradient norm, update skipped "
+                           f"({bad_streak} in a row)", file=sys.stderr)
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_timed_steps += 1
+            bar.update(1)
+            if bad_streak >= cfg.max_bad_steps:
+                raise TrainingStopped(
+                    f"stopped at step {step}: {bad_streak} steps in a row had a non-finite loss or gradient norm "
+                    f"(none reached the weights; the checkpoints in '{cfg.out_dir}' are untouched): lower "
+                    "learning_rate or check the data, then continue with --resume", 1)
 
-        is_eval = step % cfg.eval_interval == 0 or step == cfg.max_iters
-        if step % cfg.log_interval == 0 or is_eval:
-            train_loss = loss_sum.item() / window_steps  # .item() waits for the GPU, so the timing below is real
-            elapsed = time.perf_counter() - window_start
-            tokens_per_sec = tokens_per_step * window_steps / elapsed
-            mfu = flops_per_token * tokens_per_sec / peak if peak else None
-            record = {"step": step, "loss": round(train_loss, 6), "lr": lr,
-                      "tokens_per_sec": round(tokens_per_sec, 1), "mfu": round(mfu, 4) if mfu else None}
-            if is_eval:
-                losses = estimate_loss(runner, data, cfg, autocast, device)
-                record.update(train_loss=round(losses["train"], 6), val_loss=round(losses["val"], 6))
-                tqdm.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                if losses["val"] < best_val_loss:
-                    best_val_loss = losses["val"]
-                    save(best_path)
-                save(latest_path)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}",
-                            mfu=f"{mfu:.1%}" if mfu else "n/a", refresh=False)
-            loss_sum.zero_()
-            window_start, window_steps = time.perf_counter(), 0
-    bar.close()
-    log.close()
+            is_eval = step % cfg.eval_interval == 0 or step == cfg.max_iters
+            if step % cfg.log_interval == 0 or is_eval:
+                train_loss = loss_sum.item() / window_steps if window_steps else float("nan")
+                elapsed = time.perf_counter() - window_start
+                tokens_per_sec = tokens_per_step * window_timed_steps / elapsed
+                mfu = flops_per_token * tokens_per_sec / peak if peak else None
+                record = {"step": step, "loss": round(train_loss, 6) if window_steps else None, "lr": lr,
+                          "tokens_per_sec": round(tokens_per_sec, 1), "mfu": round(mfu, 4) if mfu else None,
+                          "skipped_steps": skipped_steps}
+                if is_eval:
+                    losses = estimate_loss(runner, data, cfg, autocast, device)
+                    record.update(train_loss=round(losses["train"], 6), val_loss=round(losses["val"], 6))
+                    tqdm.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                    if losses["val"] < best_val_loss:
+                        best_val_loss = losses["val"]
+                        save(files["best"])
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}",
+                                mfu=f"{mfu:.1%}" if mfu else "n/a", refresh=False)
+                loss_sum.zero_()
+                window_steps = 0
+                window_start, window_timed_steps = time.perf_counter(), 0
+            if step % cfg.checkpoint_interval == 0 or step == cfg.max_iters or stop.received:
+                save()
+            if stop.received and step < cfg.max_iters:
+                name = signal.Signals(stop.received).name
+                raise TrainingStopped(
+                    f"stopped by {name} at step {step}; checkpoint written to {files['latest']}: "
+                    "continue with the same command plus --resume", 128 + stop.received)
     return best_val_loss
 
 
@@ -282,12 +395,17 @@ def main(argv=None):
     try:
         if stray:
             raise ConfigError(f"unexpected argument '{stray[0]}': overrides are written --key=value")
-        cfg = build_config(path, args)
+        # `--resume` without a config file continues with the run directory's saved config.
+        base = load_saved(args) if resume and path is None else None
+        cfg = build_config(path, args, base)
         best = train(cfg, resume=resume)
     except (ConfigError, DataError, checkpoint.CheckpointError, gpt2.GPT2Error) as e:
         sys.exit(f"train.py: error: {e}")
+    except TrainingStopped as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        sys.exit("train.py: interrupted")
+        sys.exit("train.py: interrupted; the last checkpoint written is intact: continue with --resume")
     print(f"done: best val loss {best:.4f}; sample with `python sample.py --ckpt {cfg.out_dir}`")
 
 
