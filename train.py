@@ -238,6 +238,9 @@ def train(cfg, resume=False):
         ckpt = checkpoint.load_for_resume(cfg.out_dir, device=device)
         for note in resume_changes(ckpt.info["config"], cfg):
             print(note, file=sys.stderr)
+        if ckpt.info["tokenizer"] != data.tokenizer.to_dict():
+            raise ConfigError(f"cannot resume: '{cfg.data_dir}' was prepared with another tokenizer than the "
+                              "checkpoint's: use the data the run was trained on")
         load_model_state(model, ckpt.model_state)
         optimizer.load_state_dict(ckpt.optimizer_state)
         if ckpt.info["scaler"]:

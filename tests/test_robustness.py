@@ -86,6 +86,15 @@ def test_resume_refuses_a_different_model_shape_and_reports_safe_changes(tmp_pat
     assert checkpoint.load(tmp_path / "run" / "latest.safetensors").info["step"] == 8
 
 
+def test_resume_refuses_data_from_another_tokenizer(tmp_path, data_dir, corpus):
+    from prepare import prepare
+
+    train(tiny_config(data_dir, tmp_path / "run", max_iters=2, eval_interval=2))
+    prepare(str(corpus), "byte", str(tmp_path / "bytes"), 0.1)
+    with pytest.raises(train_module.ConfigError, match="prepared with another tokenizer"):
+        train(tiny_config(tmp_path / "bytes", tmp_path / "run", max_iters=4), resume=True)
+
+
 def test_resume_from_the_command_line_reuses_the_saved_config(tmp_path, data_dir):
     out = tmp_path / "run"
     args = [f"--data_dir={data_dir}", f"--out_dir={out}", "--n_layer=1", "--n_embd=16", "--n_head=2",
