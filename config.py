@@ -30,7 +30,8 @@ class TrainConfig:
     # data and run directory
     data_dir: str = _key("data/quickstart", "prepared data directory holding train.bin, val.bin and meta.json")
     out_dir: str = _key("out", "run directory: resolved config, log.jsonl and checkpoints go here")
-    init_from: str = _key("scratch", "'scratch' builds a new model from the model keys below")
+    init_from: str = _key("scratch", "'scratch' builds a new model from the model keys below; gpt2, gpt2-medium, "
+                          "gpt2-large, gpt2-xl or a Hugging Face GPT-2 directory starts from those weights")
     # model
     n_layer: int = _key(4, "number of transformer blocks")
     n_head: int = _key(4, "attention heads per block (must divide n_embd)")
@@ -79,8 +80,9 @@ class TrainConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be one of auto, float32, bfloat16, float16; got '{self.dtype}'")
-        if self.init_from != "scratch":
-            raise ConfigError(f"init_from must be 'scratch', got '{self.init_from}' (use --resume to continue a run)")
+        if not self.init_from:  # names and paths are checked when training starts: the weights may be elsewhere now
+            raise ConfigError("init_from must be 'scratch', a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) "
+                              "or the path of a Hugging Face GPT-2 directory")
         if self.keep_last_n < 0:
             raise ConfigError(f"keep_last_n must be 0 or more, got {self.keep_last_n}")
         if self.warmup_iters < 0 or self.learning_rate <= 0 or self.min_lr < 0:

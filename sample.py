@@ -2,11 +2,12 @@
 Generate text from a checkpoint. The checkpoint carries the model's config and tokenizer,
 so nothing else is needed.
 
-    python sample.py --ckpt out/quickstart [--prompt TEXT | --prompt-file F] [--num-samples N]
+    python sample.py (--ckpt out/quickstart | --init-from gpt2) [--prompt TEXT | --prompt-file F] [--num-samples N]
                      [--max-new-tokens N] [--temperature T] [--top-k K] [--seed S] [--device D]
 
 --ckpt takes a run directory (best.safetensors is used when present, else latest.safetensors)
-or a checkpoint file.
+or a checkpoint file. --init-from samples straight from pretrained GPT-2 weights (a model name
+found in the Hugging Face cache, or a Hugging Face GPT-2 directory).
 """
 
 import argparse
@@ -16,6 +17,7 @@ import sys
 import torch
 
 import checkpoint
+import gpt2
 from config import ConfigError
 from model import GPT, GPTConfig
 from tokenizer import TokenizerError, tokenizer_from_dict
@@ -52,7 +54,10 @@ def load_model(ckpt, device):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="run directory or checkpoint file")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="run directory or checkpoint file")
+    source.add_argument("--init-from", metavar="NAME|PATH",
+                        help="pretrained GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face directory")
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="text to continue (default: a newline, or end-of-text for byte/BPE)")
     prompt.add_argument("--prompt-file", help="file whose text to continue")
@@ -71,7 +76,11 @@ def main(argv=None):
         if args.temperature < 0 or args.top_k < 0:
             raise ConfigError("--temperature and --top-k must not be negative")
         device = resolve_device(args.device)
-        model, tokenizer = load_model(args.ckpt, device)
+        if args.ckpt:
+            model, tokenizer = load_model(args.ckpt, device)
+        else:
+            model, tokenizer = gpt2.model_and_tokenizer(args.init_from)
+            model = model.to(device)
         if args.prompt_file:
             with open(args.prompt_file, encoding="utf-8") as f:
                 text = f.read()
@@ -84,7 +93,7 @@ def main(argv=None):
         else:
             text = "\n"
             ids = tokenizer.encode(text)
-    except (ConfigError, checkpoint.CheckpointError, TokenizerError, OSError) as e:
+    except (ConfigError, checkpoint.CheckpointError, gpt2.GPT2Error, TokenizerError, OSError) as e:
         sys.exit(f"sample.py: error: {e}")
 
     generator = torch.Generator(device=device).manual_seed(args.seed)

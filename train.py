@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import checkpoint
+import gpt2
 from config import ConfigError, build_config, help_text, load_saved
 from data import DataError, Dataset
 from distributed import Distributed
@@ -228,9 +229,14 @@ def train(cfg, resume=False, ddp=None):
 
     # model and optimizer
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    vocab_size = math.ceil(data.vocab_size / cfg.vocab_multiple) * cfg.vocab_multiple
-    model_cfg = GPTConfig(cfg.block_size, vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout, cfg.bias)
-    model = GPT(model_cfg).to(device)
+    if cfg.init_from == "scratch":
+        vocab_size = math.ceil(data.vocab_size / cfg.vocab_multiple) * cfg.vocab_multiple
+        model_cfg = GPTConfig(cfg.block_size, vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout, cfg.bias)
+        model = GPT(model_cfg).to(device)
+    else:  # pretrained GPT-2: its weights fix the model's shape, and cfg records the values they set
+        model, cfg = gpt2.init_for_training(cfg, data.tokenizer)
+        model_cfg = model.config
+        model = model.to(device)
     torch.manual_seed(cfg.seed + ddp.rank)  # but each process its own dropout masks ...
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
     # Loss scaling only for float16 on CUDA: bfloat16 and float32 have float32's exponent range.
@@ -434,7 +440,7 @@ def main(argv=None):
         base = load_saved(args) if resume and path is None else None
         cfg = build_config(path, args, base)
         best = train(cfg, resume=resume, ddp=ddp)
-    except (ConfigError, DataError, checkpoint.CheckpointError) as e:
+    except (ConfigError, DataError, checkpoint.CheckpointError, gpt2.GPT2Error) as e:
         sys.exit(f"train.py: error: {e}")
     except TrainingStopped as e:
         print(f"train.py: {e}", file=sys.stderr)
