@@ -234,8 +234,9 @@ class Generator:
         prompts: strings or lists of token ids. temperature 0 is greedy (argmax). top_k 0 or
         None keeps every token. seed: row i uses seed + i (None: a random seed). stop: strings
         that end a sample (not included in its text). stop_at_eot: end a sample at the
-        tokenizer's end-of-text token. slide: see the module docstring. on_text(row, text) is
-        called with each piece of text as soon as it is final (streaming)."""
+        tokenizer's end-of-text token. slide: see the module docstring. on_text(row, text, done)
+        is called with each piece of text as soon as it is final (streaming), and once more with
+        done=True (and the rest of the text, maybe "") when the row's sample ends."""
         cfg = self.config
         check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, slide, cfg.block_size)
         # The model sees at most block_size tokens, so a longer prompt keeps its end (as in GPT.generate).
@@ -277,18 +278,15 @@ class Generator:
                 if results[b] is not None or t < lengths[b]:
                     continue
                 generated = t - lengths[b] + 1
-                reason = "eot" if token == eot else None
+                text, reason = "", "eot" if token == eot else None
                 if reason is None:
                     text = streams[b].push(token)
-                    if text and on_text:
-                        on_text(b, text)
                     reason = "stop" if streams[b].stopped else "length" if generated == max_new_tokens else None
                 if reason:
-                    text = streams[b].finish()
-                    if text and on_text:
-                        on_text(b, text)
-                    ids = seq[b, lengths[b] : t + 1].tolist()
-                    results[b] = Sample(prompt_ids[b], ids, streams[b].text, reason)
+                    text += streams[b].finish()
+                    results[b] = Sample(prompt_ids[b], seq[b, lengths[b] : t + 1].tolist(), streams[b].text, reason)
+                if on_text and (text or reason):
+                    on_text(b, text, reason is not None)
             if all(r is not None for r in results):
                 return results
 
