@@ -188,7 +188,8 @@ def check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty
 
 class Generator:
     """A model and its tokenizer, ready to generate. compile=True compiles the one-position
-    decode step with torch.compile (compiled once; the cache length is a dynamic dimension)."""
+    decode step with torch.compile; the cache length is a dynamic dimension, so it compiles once
+    (and once more for the cache's last position, a size dynamo specialises), not per step."""
 
     def __init__(self, model, tokenizer, compile=False):
         self.model = model.eval()
@@ -238,6 +239,8 @@ class Generator:
         is called with each piece of text as soon as it is final (streaming), and once more with
         done=True (and the rest of the text, maybe "") when the row's sample ends."""
         cfg = self.config
+        if not prompts:
+            return []
         check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, slide, cfg.block_size)
         # The model sees at most block_size tokens, so a longer prompt keeps its end (as in GPT.generate).
         prompt_ids = [self.encode(p)[-cfg.block_size :] for p in prompts]

@@ -149,7 +149,13 @@ def main(argv=None):
         else:
             prompts = [args.prompt or ""]
         for text in prompts:
-            ids = generator.encode(text)  # an empty prompt becomes end-of-text, or a newline
+            try:
+                ids = generator.encode(text)  # an empty prompt becomes end-of-text, or a newline
+            except TokenizerError as e:
+                if not args.interactive:
+                    raise
+                print(f"sample.py: error: {e}", file=sys.stderr)  # one bad line does not end the session
+                continue
             heading = "" if args.interactive else tokenizer.decode([i for i in ids if i != tokenizer.eot_id])
             printer = SamplePrinter(args.num_samples, heading, stream=not args.no_stream)
             generator.generate([ids] * args.num_samples, on_text=printer, **settings)

@@ -179,7 +179,7 @@ def char_ckpt(tmp_path):
 def run_sample(capsys, monkeypatch, *args, stdin=""):
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
     sample.main([str(a) for a in args])
-    return capsys.readouterr().out
+    return capsys.readouterr()  # .out, .err
 
 
 def test_cli_stop_and_no_stream(char_ckpt):
@@ -195,17 +195,18 @@ def test_cli_stop_and_no_stream(char_ckpt):
 def test_cli_streaming_prints_what_no_stream_prints(char_ckpt, capsys, monkeypatch):
     args = ["--ckpt", char_ckpt, "--prompt", "All", "--num-samples", "3", "--max-new-tokens", "40",
             "--top-p", "0.9", "--stop", "\\n\\n", "--device", "cpu"]
-    streamed = run_sample(capsys, monkeypatch, *args)
-    assert streamed == run_sample(capsys, monkeypatch, *args, "--no-stream")
+    streamed = run_sample(capsys, monkeypatch, *args).out
+    assert streamed == run_sample(capsys, monkeypatch, *args, "--no-stream").out
     assert streamed.count("-" * 40 + "\n") == 3 and streamed.startswith("All")
 
 
 def test_cli_interactive_reads_prompts_until_end_of_input(char_ckpt, capsys, monkeypatch):
-    out = run_sample(capsys, monkeypatch, "--ckpt", char_ckpt, "--interactive", "--num-samples", "1",
-                     "--max-new-tokens", "20", "--temperature", "0", stdin="First\nAll:\n")
+    result = run_sample(capsys, monkeypatch, "--ckpt", char_ckpt, "--interactive", "--num-samples", "1",
+                     "--max-new-tokens", "20", "--temperature", "0", stdin="First\nZebra ✓\nAll:\n")
     gen = Generator.from_checkpoint(char_ckpt, "cpu")
     expected = [s.text for s in (gen.generate([p], max_new_tokens=20, temperature=0)[0] for p in ("First", "All:"))]
-    assert out == "".join(t + "\n" + "-" * 40 + "\n" for t in expected)
+    assert result.out == "".join(t + "\n" + "-" * 40 + "\n" for t in expected)
+    assert "'✓' (U+2713)" in result.err  # a line the model cannot read is refused, the session goes on
 
 
 @pytest.mark.parametrize("flag, value, message", [
