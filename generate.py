@@ -12,15 +12,16 @@ How it works:
   a token costs one position's work instead of re-running the whole context as
   GPT.generate (the reference the tests compare against) does.
 - The rows of a batch advance in lockstep, one position per step. Prompts of different
-  lengths: the shortest is prefilled with the same length of every other prompt, then longer
-  prompts feed their remaining tokens one per step (their samples are ignored until their
-  prompt is used up) while shorter ones already generate. Each row's token t sits at
-  position t, exactly as when it is generated alone.
-- When the context would pass block_size, the oldest tokens are dropped and the rest is
-  prefilled again (learned position embeddings cannot be shifted in place). slide=1 drops
-  one token per new token: every step sees the last block_size tokens, as GPT.generate does,
-  at the cost of one full forward per token. A larger slide re-prefills once per `slide`
-  tokens and attends over between block_size - slide + 1 and block_size tokens.
+  lengths: the length they all have is prefilled together, then longer prompts feed their
+  remaining tokens one per step (what is sampled for them is ignored until their prompt is
+  used up) while shorter ones already generate. Each row's token t sits at position t,
+  exactly as when it is generated alone.
+- When the context would pass block_size, the oldest `slide` tokens are dropped and the rest
+  is prefilled again (learned position embeddings cannot be shifted in place). That happens
+  once per `slide` new tokens, and each token attends over between block_size - slide + 1 and
+  block_size tokens. The default slide is block_size // 4. slide=1 makes every step see the
+  last block_size tokens, exactly as GPT.generate does, at the cost of one full forward pass
+  per token, the same work as the reference.
 - Sampling draws its random numbers per row, before generation starts: row i uses a CPU
   torch.Generator seeded with seed + i, one uniform number per generated token, and picks the
   token by inverse transform of the (filtered) distribution. So sample i of a batch equals a
@@ -229,18 +230,19 @@ class Generator:
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens=256, temperature=1.0, top_k=None, top_p=1.0,
-                 repetition_penalty=1.0, seed=None, stop=(), stop_at_eot=True, slide=1, on_text=None):
+                 repetition_penalty=1.0, seed=None, stop=(), stop_at_eot=True, slide=None, on_text=None):
         """Generate one continuation per prompt, all as one batch; returns a list of Sample.
 
         prompts: strings or lists of token ids. temperature 0 is greedy (argmax). top_k 0 or
         None keeps every token. seed: row i uses seed + i (None: a random seed). stop: strings
         that end a sample (not included in its text). stop_at_eot: end a sample at the
-        tokenizer's end-of-text token. slide: see the module docstring. on_text(row, text, done)
+        tokenizer's end-of-text token. slide: see the module docstring (None: block_size // 4). on_text(row, text, done)
         is called with each piece of text as soon as it is final (streaming), and once more with
         done=True (and the rest of the text, maybe "") when the row's sample ends."""
         cfg = self.config
         if not prompts:
             return []
+        slide = max(1, cfg.block_size // 4) if slide is None else slide
         check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, slide, cfg.block_size)
         # The model sees at most block_size tokens, so a longer prompt keeps its end (as in GPT.generate).
         prompt_ids = [self.encode(p)[-cfg.block_size :] for p in prompts]

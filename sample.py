@@ -122,8 +122,9 @@ def main(argv=None):
     parser.add_argument("--stop", action="append", default=[], help="end a sample at this text (not printed); "
                         "repeatable; backslash escapes such as \\n work")
     parser.add_argument("--ignore-eot", action="store_true", help="go on past the end-of-text token")
-    parser.add_argument("--slide", type=int, default=1, help="past block_size, drop this many tokens at a "
-                        "time and re-prefill (1: every step sees a full window, like GPT.generate; more: faster)")
+    parser.add_argument("--slide", type=int, default=None, help="past block_size, drop this many tokens at a "
+                        "time and re-prefill (default block_size / 4; 1: every step sees a full window, exactly like "
+                        "GPT.generate, at the reference's cost)")
     parser.add_argument("--seed", type=int, default=1337, help="sample i of a batch uses seed + i")
     parser.add_argument("--no-stream", action="store_true", help="print each sample whole when it is done")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
