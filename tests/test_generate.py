@@ -12,7 +12,7 @@ import torch
 import checkpoint
 import sample
 from conftest import TINY_TEXT, run_cli
-from generate import Generator, KVCache, TextStream, candidates, sample_from
+from generate import Generator, KVCache, TextStream, candidates, penalize_repetition, sample_from
 from model import GPT, GPTConfig
 from tokenizer import ByteTokenizer, CharTokenizer
 
@@ -98,6 +98,12 @@ def test_sampling_frequencies_follow_the_renormalised_distribution():
     picked = sample_from(values, ids, torch.rand(20000, generator=torch.Generator().manual_seed(1)))
     freq = torch.bincount(picked, minlength=5).float() / 20000
     torch.testing.assert_close(freq, torch.tensor([0.2, 0, 0, 0.5, 0.15]) / 0.85, atol=0.015, rtol=0)
+
+
+def test_repetition_penalty_lowers_only_tokens_already_seen():
+    logits = torch.tensor([[2.0, -1.0, 3.0, -0.5]])
+    seen = torch.tensor([[True, True, False, False]])
+    torch.testing.assert_close(penalize_repetition(logits, seen, 2.0), torch.tensor([[1.0, -2.0, 3.0, -0.5]]))
 
 
 def test_seed_fixes_output_and_batch_row_i_equals_single_run_with_seed_plus_i():
