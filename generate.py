@@ -51,8 +51,8 @@ class LayerKVCache:
 
     def __init__(self, cache, shape, device, dtype):
         self.cache = cache
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k = torch.empty(shape, device=device, dtype=dtype)  # only filled positions are ever read
+        self.v = torch.empty(shape, device=device, dtype=dtype)
 
     def update(self, k, v):
         """Store the keys and values (B, n_head, T, head_dim) of positions pos .. pos + T - 1;
