@@ -18,10 +18,10 @@ What is timed, exactly:
   reference steps (one GPT.generate call for one token) at a few context lengths, and the
   total time estimated by summing the interpolated step time over every step: such numbers
   are marked "~".
-- bandwidth: summing a 1 GiB float32 tensor (bytes read / s). The bound for batch-1 decoding
-  is bandwidth / bytes of weights (each weight is read once per step), and "of bound" is the
-  engine's batch-1 speed as a fraction of it. bf16: the engine with the weights (and cache) in
-  bfloat16, against the bound for half the bytes.
+- bandwidth: summing a 1 GiB float32 tensor (bytes read / s), measured next to each batch-1
+  row. The bound for batch-1 decoding is bandwidth / bytes of weights (each weight is read
+  once per step), and "of bound" is the engine's batch-1 speed as a fraction of it. bf16: the
+  engine with the weights (and cache) in bfloat16, against the bound for half the bytes.
 - past block_size (shakespeare_char, 1024 tokens) the engine uses its default slide of
   block_size / 4; with slide=1 it would do the reference's work (a full forward per token).
 """
@@ -171,8 +171,7 @@ def main():
           f"{torch.get_num_threads()} CPU threads; greedy decoding from a 1-token prompt")
     for device_name in devices:
         device = torch.device(device_name)
-        bandwidth = read_bandwidth(device)
-        print(f"\n{device_name}: measured read bandwidth {bandwidth / 1e9:.1f} GB/s")
+        print(f"\n{device_name}: read bandwidth {read_bandwidth(device) / 1e9:.1f} GB/s at the start")
         print("| model | batch | new tokens | reference tok/s | engine tok/s | engine / reference | HF generate tok/s "
               "| engine / HF | engine ms/token, first → last 10% of steps | engine, of bandwidth bound "
               "| engine bf16 tok/s, of bound |")
@@ -183,7 +182,6 @@ def main():
             gen = timed_generator(model, device)
             gen16 = timed_generator(copy.deepcopy(model).to(torch.bfloat16), device)
             hf = hf_model(model) if transformers else None
-            bound = bandwidth / weight_bytes(model)
             for batch in (1, 8):
                 prompt = torch.zeros(batch, 1, dtype=torch.long, device=device)
                 for warm in (gen, gen16):
@@ -202,7 +200,8 @@ def main():
                         hf_cell = f"{tokens / hf_s:.1f}" + ("" if same else " (tokens differ)")
                         ratio_hf = f"{hf_s / eng_s:.1f}×"
                     bound_cell = bf16_cell = ""
-                    if batch == 1:
+                    if batch == 1:  # bandwidth measured again right here: other jobs on the machine change it
+                        bound = read_bandwidth(device) / weight_bytes(model)
                         bound_cell = f"{tokens / eng_s / bound:.0%} of {bound:.0f} tok/s"
                         bf16_s, _, _ = run_engine(gen16, prompt, n, device)
                         bf16_cell = f"{tokens / bf16_s:.1f}, {tokens / bf16_s / (2 * bound):.0%} of {2 * bound:.0f}"
