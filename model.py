@@ -84,7 +84,8 @@ class CausalSelfAttention(nn.Module):
             S = k.size(-2)
             mask = None if T in (1, S) else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
             dropout_p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None and T > 1)
+            is_causal = mask is None and T > 1
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
             weights = None
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads merged: (B, T, C)
         y = self.resid_dropout(self.c_proj(y))
