@@ -380,6 +380,7 @@ def train(cfg, resume=False, ddp=None):
                     "learning_rate or check the data, then continue with --resume", 1)
 
             is_eval = step % cfg.eval_interval == 0 or step == cfg.max_iters
+            improved = False
             if step % cfg.log_interval == 0 or is_eval:
                 train_loss = loss_sum.item() / window_steps if window_steps else float("nan")
                 elapsed = time.perf_counter() - window_start
@@ -392,9 +393,8 @@ def train(cfg, resume=False, ddp=None):
                     losses = estimate_loss(runner, data, cfg, autocast, device, ddp)
                     record.update(train_loss=round(losses["train"], 6), val_loss=round(losses["val"], 6))
                     say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                    if losses["val"] < best_val_loss:
-                        best_val_loss = losses["val"]
-                        save(files["best"])
+                    improved = losses["val"] < best_val_loss
+                    best_val_loss = min(best_val_loss, losses["val"])
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}",
@@ -402,6 +402,8 @@ def train(cfg, resume=False, ddp=None):
                 loss_sum.zero_()
                 window_steps = 0
                 window_start, window_timed_steps = time.perf_counter(), 0
+            if improved:  # saved after the log window closes, so a run resumed from it logs the same losses
+                save(files["best"])
             stopping = ddp.any(stop.received is not None)  # all processes stop at the same step
             if step % cfg.checkpoint_interval == 0 or step == cfg.max_iters or stopping:
                 save()

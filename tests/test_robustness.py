@@ -71,6 +71,22 @@ def test_interrupted_and_resumed_run_equals_straight_run_bitwise(tmp_path, data_
     assert losses(read_log(tmp_path / "straight")) == losses(read_log(tmp_path / "resumed"))
 
 
+def test_resuming_from_best_newer_than_latest_logs_the_same_losses(tmp_path, data_dir, monkeypatch):
+    # best is written at evaluations, latest every checkpoint_interval: a crash between them leaves
+    # best as the newest checkpoint, and resume must continue from it exactly.
+    settings = dict(max_iters=12, eval_interval=5, log_interval=3, checkpoint_interval=8)
+    train(tiny_config(data_dir, tmp_path / "straight", **settings))
+    crashed = tmp_path / "crashed"
+    with monkeypatch.context() as m:
+        interrupt_at(m, 7)
+        with pytest.raises(TrainingStopped):
+            train(tiny_config(data_dir, crashed, **settings))
+    assert checkpoint.load(crashed / "best.safetensors").info["step"] == 5  # the first evaluation
+    os.remove(crashed / "latest.safetensors")  # as if the crash came before latest was written at step 7
+    train(tiny_config(data_dir, crashed, **settings), resume=True)
+    assert losses(read_log(tmp_path / "straight")) == losses(read_log(crashed))
+
+
 def test_resume_refuses_a_different_model_shape_and_reports_safe_changes(tmp_path, data_dir, capsys):
     cfg = tiny_config(data_dir, tmp_path / "run", max_iters=4)
     train(cfg)
