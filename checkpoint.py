@@ -10,10 +10,16 @@ renamed over the old one: a crash at any instant leaves either the old or the ne
 never half of one. A sha256 over all tensor bytes is stored and verified on load.
 """
 
+import errno
+import glob
 import hashlib
 import json
 import os
+import random
+import re
+import sys
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors import safe_open
@@ -90,7 +96,11 @@ def save(path, model_state, info, optimizer_state=None, extra_tensors=None):
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
-        save_file(tensors, tmp, metadata=meta)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+        except SafetensorError as e:  # safetensors reports I/O failures (disk full) as its own error type
+            code = re.search(r"os error (\d+)", str(e))
+            raise OSError(int(code.group(1)) if code else errno.EIO, str(e)) from None
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -119,7 +129,12 @@ def load(path, device="cpu"):
             meta = f.metadata() or {}
         tensors = load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"'{path}' is not a readable checkpoint (truncated or corrupted?): {e}") from None
+        # Pickles (nanoGPT's ckpt.pt, torch.save files) land here too: they are never unpickled,
+        # because unpickling runs whatever code the file names.
+        raise CheckpointError(
+            f"'{path}' is not a readable safetensors checkpoint ({e}): it is truncated or corrupted, or a pickle "
+            "such as a torch.save/nanoGPT ckpt.pt file (refused: loading a pickle can run code)"
+        ) from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"'{path}' is not a {FORMAT} file (format {meta.get('format')!r})")
     if meta.get("version") != str(VERSION):
@@ -136,3 +151,94 @@ def load(path, device="cpu"):
         optim = {k: v for k, v in tensors.items() if k.startswith("optim.")}
         optimizer_state = unflatten_optimizer(optim, json.loads(meta["optimizer_param_groups"]))
     return Checkpoint(path, model_state, json.loads(meta["info"]), optimizer_state, extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training checkpoints in a run directory: latest (with the one before it kept as previous),
+# best, and optionally step_NNNNNNN copies.
+
+def run_files(out_dir):
+    return {
+        "latest": os.path.join(out_dir, "latest.safetensors"),
+        "previous": os.path.join(out_dir, "previous.safetensors"),
+        "best": os.path.join(out_dir, "best.safetensors"),
+    }
+
+
+def save_latest(out_dir, keep_last_n, step, *args):
+    """Write latest.safetensors, keeping the checkpoint it replaces as previous.safetensors (a hard
+    link, so no extra copy is written) and, with keep_last_n > 0, a step_NNNNNNN.safetensors copy."""
+    files = run_files(out_dir)
+    if os.path.exists(files["latest"]):
+        link_atomic(files["latest"], files["previous"])
+    save(files["latest"], *args)
+    if keep_last_n > 0:
+        link_atomic(files["latest"], os.path.join(out_dir, f"step_{step:07d}.safetensors"))
+        for old in sorted(glob.glob(os.path.join(out_dir, "step_*.safetensors")))[:-keep_last_n]:
+            os.remove(old)
+
+
+def link_atomic(src, dst):
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    try:
+        os.link(src, tmp)
+    except OSError:  # a filesystem without hard links: go without the extra copy
+        return
+    os.replace(tmp, dst)
+
+
+def remove_stale_temporaries(out_dir):
+    """A save killed mid-write leaves its temporary file behind; it is never a checkpoint."""
+    for path in glob.glob(os.path.join(out_dir, ".*.tmp-*")) + glob.glob(os.path.join(out_dir, "*.tmp-*")):
+        os.remove(path)
+
+
+def load_for_resume(out_dir, device="cpu"):
+    """The newest checkpoint in out_dir (latest, previous, best, step_* copies) that loads and
+    passes its checksum, warning about any damaged one passed over."""
+    latest = run_files(out_dir)["latest"]
+    paths = [p for p in run_files(out_dir).values() if os.path.isfile(p)]
+    paths += glob.glob(os.path.join(out_dir, "step_*.safetensors"))
+    if not paths:
+        raise CheckpointError(
+            f"no checkpoint in '{out_dir}' to resume from (the run stopped before its first checkpoint): "
+            "start it again without --resume"
+        )
+    by_step = []
+    for path in paths:
+        try:  # reading the header is cheap; the full load below verifies the checksum
+            with safe_open(path, framework="pt") as f:
+                by_step.append((json.loads(f.metadata()["info"])["step"], path))
+        except Exception as e:
+            print(f"warning: skipping damaged checkpoint '{path}': {e}", file=sys.stderr)
+    for step, path in sorted(by_step, key=lambda sp: (-sp[0], sp[1] != latest)):  # newest first, latest wins ties
+        try:
+            ckpt = load(path, device)
+        except CheckpointError as e:
+            print(f"warning: skipping damaged checkpoint: {e}", file=sys.stderr)
+            continue
+        if path != latest:
+            print(f"warning: resuming from {path} (step {step}), the newest intact checkpoint",
+                  file=sys.stderr)
+        return ckpt
+    raise CheckpointError(f"every checkpoint in '{out_dir}' is damaged ({len(paths)} tried): cannot resume")
+
+
+def rng_state(device):
+    """Every random-number state the next training step depends on: (tensors, JSON-able info)."""
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    tensors = {"rng_torch": torch.get_rng_state(), "rng_numpy": torch.from_numpy(np_keys.astype(np.int64))}
+    if device.type == "cuda":
+        tensors["rng_cuda"] = torch.cuda.get_rng_state(device)
+    info = {"python": random.getstate(), "numpy": [np_kind, np_pos, np_has_gauss, np_gauss]}
+    return tensors, info
+
+
+def set_rng_state(tensors, info, device):
+    torch.set_rng_state(tensors["rng_torch"])
+    np_kind, np_pos, np_has_gauss, np_gauss = info["numpy"]
+    np.random.set_state((np_kind, tensors["rng_numpy"].numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    version, internal, gauss = info["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if device.type == "cuda" and "rng_cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng_cuda"], device)

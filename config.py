@@ -30,7 +30,8 @@ class TrainConfig:
     # data and run directory
     data_dir: str = _key("data/quickstart", "prepared data directory holding train.bin, val.bin and meta.json")
     out_dir: str = _key("out", "run directory: resolved config, log.jsonl and checkpoints go here")
-    init_from: str = _key("scratch", "'scratch' builds a new model from the model keys below")
+    init_from: str = _key("scratch", "'scratch' builds a new model from the model keys below; gpt2, gpt2-medium, "
+                          "gpt2-large, gpt2-xl or a Hugging Face GPT-2 directory starts from those weights")
     # model
     n_layer: int = _key(4, "number of transformer blocks")
     n_head: int = _key(4, "attention heads per block (must divide n_embd)")
@@ -56,6 +57,9 @@ class TrainConfig:
     eval_interval: int = _key(250, "evaluate train/val loss and checkpoint every this many steps")
     eval_iters: int = _key(20, "batches averaged per evaluation")
     log_interval: int = _key(10, "write a log.jsonl record every this many steps")
+    checkpoint_interval: int = _key(250, "write latest.safetensors every this many steps (and at the end)")
+    keep_last_n: int = _key(0, "also keep this many step-numbered checkpoints (step_NNNNNNN.safetensors)")
+    max_bad_steps: int = _key(5, "stop after this many steps in a row with a non-finite loss or gradient")
     # system
     device: str = _key("auto", "'auto' (cuda, then mps, then cpu), or a torch device such as cpu, cuda, cuda:1, mps")
     dtype: str = _key("auto", "'auto' (bfloat16 on CUDA that has it, else float16; float32 elsewhere), float32, bfloat16, float16")
@@ -64,7 +68,8 @@ class TrainConfig:
 
     def validate(self):
         positive = ["n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
-                    "max_iters", "eval_interval", "eval_iters", "log_interval", "vocab_multiple"]
+                    "max_iters", "eval_interval", "eval_iters", "log_interval", "vocab_multiple",
+                    "checkpoint_interval", "max_bad_steps"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key '{name}' must be at least 1, got {getattr(self, name)}")
@@ -75,8 +80,11 @@ class TrainConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be one of auto, float32, bfloat16, float16; got '{self.dtype}'")
-        if self.init_from != "scratch":
-            raise ConfigError(f"init_from must be 'scratch', got '{self.init_from}' (use --resume to continue a run)")
+        if not self.init_from:  # names and paths are checked when training starts: the weights may be elsewhere now
+            raise ConfigError("init_from must be 'scratch', a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) "
+                              "or the path of a Hugging Face GPT-2 directory")
+        if self.keep_last_n < 0:
+            raise ConfigError(f"keep_last_n must be 0 or more, got {self.keep_last_n}")
         if self.warmup_iters < 0 or self.learning_rate <= 0 or self.min_lr < 0:
             raise ConfigError("learning_rate must be > 0, and min_lr and warmup_iters >= 0")
 
@@ -129,14 +137,14 @@ def load_toml(path):
         raise ConfigError(f"config file '{path}' is not valid TOML: {e}")
 
 
-def build_config(path=None, overrides=()):
-    """TrainConfig from an optional TOML file plus `--key=value` strings, validated."""
+def build_config(path=None, overrides=(), base=None):
+    """TrainConfig from a TOML file (or a saved config dict, `base`) plus `--key=value` strings, validated."""
     values = {}
-    if path is not None:
-        for name, value in load_toml(path).items():
-            if name not in FIELDS:
-                raise unknown_key_error(name, f"in {path}")
-            values[name] = coerce(name, value)
+    source = load_toml(path) if path is not None else (base or {})
+    for name, value in source.items():
+        if name not in FIELDS:
+            raise unknown_key_error(name, f"in {path or 'the saved config'}")
+        values[name] = coerce(name, value)
     for item in overrides:
         name, sep, text = item[2:].partition("=")
         name = name.replace("-", "_")
@@ -148,6 +156,17 @@ def build_config(path=None, overrides=()):
     cfg = TrainConfig(**values)
     cfg.validate()
     return cfg
+
+
+def load_saved(overrides):
+    """The config.json of the run directory named by --out_dir (or the default out_dir)."""
+    out_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("--out_dir=")), TrainConfig.out_dir)
+    path = f"{out_dir}/config.json"
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read the saved config '{path}' ({e}): pass the run's config file before --resume")
 
 
 def help_text():

@@ -67,6 +67,13 @@ class Dataset:
                     f"{split}.bin in '{data_dir}' has {len(tokens)} tokens, fewer than block_size + 1 = "
                     f"{block_size + 1}: use a smaller block_size or more text"
                 )
+            # A cheap look at the head of each file catches .bin files written with another dtype or tokenizer.
+            largest = int(tokens[: 1 << 20].max())
+            if largest >= self.vocab_size:
+                raise DataError(
+                    f"{split}.bin in '{data_dir}' holds token id {largest} but meta.json's vocabulary has "
+                    f"{self.vocab_size} tokens: the .bin files do not match meta.json; prepare the data again"
+                )
         self.block_size = block_size
 
     def get_batch(self, split, batch_size, generator):

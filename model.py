@@ -10,6 +10,9 @@ Design decisions:
 - Attention has two paths that compute the same function: PyTorch's fused
   scaled_dot_product_attention (fast, used in training) and an explicit math path that
   also returns the attention weights (for study and for the tests that compare the two).
+- Generation can pass a KV cache (generate.KVCache): each layer writes the keys and values
+  of the new positions into pre-allocated buffers and attends over everything cached so far,
+  so a new token costs one position's work instead of re-running the whole context.
 - GPT-2 initialisation: N(0, 0.02) everywhere, residual output projections scaled by
   1/sqrt(2 * n_layer) so the residual stream's variance does not grow with depth.
 """
@@ -59,31 +62,41 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, return_weights=False):
+    def forward(self, x, return_weights=False, kv_cache=None):
         """Returns the attended output, and with return_weights=True also the attention
-        pattern (B, n_head, T, T), computed on the explicit math path."""
+        pattern (B, n_head, T, S), computed on the explicit math path. Without a cache S = T;
+        with one (this layer's part of a generate.KVCache), x holds the T positions after those
+        already cached, and S = cached + T."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)  # the cached positions and these: (B, n_head, S, head_dim)
 
         if return_weights:
             y, weights = self.attention_math(q, k, v)
         else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-            )
+            # is_causal aligns the mask to the top left, which is right only when the queries start at
+            # position 0 (T == S). A single new query sees every key: no mask. A chunk of T queries after
+            # S - T cached positions needs the mask aligned to the bottom right.
+            S = k.size(-2)
+            mask = None if T in (1, S) else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+            dropout_p = self.dropout if self.training else 0.0
+            is_causal = mask is None and T > 1
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
             weights = None
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads merged: (B, T, C)
         y = self.resid_dropout(self.c_proj(y))
         return (y, weights) if return_weights else y
 
     def attention_math(self, q, k, v):
-        """softmax(QK^T / sqrt(d_head) + causal mask) V, written out step by step."""
-        T = q.size(-2)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, n_head, T, T)
-        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(diagonal=1)
+        """softmax(QK^T / sqrt(d_head) + causal mask) V, written out step by step. The T queries
+        are the last T of the S key positions (S > T when earlier keys come from a cache)."""
+        T, S = q.size(-2), k.size(-2)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, n_head, T, S)
+        future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(diagonal=S - T + 1)
         scores = scores.masked_fill(future, float("-inf"))  # mask before softmax: exp(-inf) = 0
         weights = F.softmax(scores, dim=-1)  # each row sums to 1 over positions <= t
         y = self.attn_dropout(weights) @ v  # (B, n_head, T, head_dim)
@@ -114,8 +127,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache=kv_cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -158,17 +171,20 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, kv_cache=None):
         """idx: (B, T) token ids. Returns logits (B, T, vocab_size) and, given targets
-        (B, T), the mean cross-entropy loss; positions whose target is -1 are ignored."""
+        (B, T), the mean cross-entropy loss; positions whose target is -1 are ignored.
+        With a kv_cache (generate.KVCache), idx continues the sequence the cache holds: its
+        positions start at kv_cache.pos. The caller advances kv_cache.pos afterwards."""
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        start = 0 if kv_cache is None else kv_cache.pos
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, n_embd)
         x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache=None if kv_cache is None else kv_cache.layers[i])
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None

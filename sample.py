@@ -2,21 +2,31 @@
 Generate text from a checkpoint. The checkpoint carries the model's config and tokenizer,
 so nothing else is needed.
 
-    python sample.py --ckpt out/quickstart [--prompt TEXT | --prompt-file F] [--num-samples N]
-                     [--max-new-tokens N] [--temperature T] [--top-k K] [--seed S] [--device D]
+    python sample.py (--ckpt out/quickstart | --init-from gpt2) [--prompt TEXT | --prompt-file F | --interactive]
+                     [--num-samples N] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
+                     [--repetition-penalty R] [--stop S ...] [--ignore-eot] [--slide N] [--seed S]
+                     [--no-stream] [--compile] [--dtype D] [--device D]
 
 --ckpt takes a run directory (best.safetensors is used when present, else latest.safetensors)
-or a checkpoint file.
+or a checkpoint file. Each sample is printed after its prompt and followed by a line of 40
+dashes; the samples of a batch print one after another, the current one streaming as its
+tokens arrive (--no-stream prints each sample whole). --interactive reads one prompt per
+line from stdin and prints the continuations (without the prompt) until end of input.
+--init-from samples straight from pretrained GPT-2 weights (a model name found in the Hugging
+Face cache, or a Hugging Face GPT-2 directory).
 """
 
 import argparse
 import os
+import re
 import sys
 
 import torch
 
 import checkpoint
+import gpt2
 from config import ConfigError
+from generate import Generator, SettingError
 from model import GPT, GPTConfig
 from tokenizer import TokenizerError, tokenizer_from_dict
 from train import load_model_state, resolve_device
@@ -50,49 +60,121 @@ def load_model(ckpt, device):
     return model.to(device).eval(), tokenizer
 
 
+def unescape(text):
+    """Backslash escapes typed in a shell (--stop "\\n\\n") -> the characters they name."""
+    names = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+    return re.sub(r"\\(.)", lambda m: names.get(m.group(1), m.group(0)), text)
+
+
+def read_prompts():
+    """Lines of stdin until end of input, asking with "> " on a terminal."""
+    while True:
+        try:
+            yield input("> " if sys.stdin.isatty() else "")
+        except EOFError:
+            return
+
+
+class SamplePrinter:
+    """Prints a batch's samples in order, each after its heading (the prompt) and followed by a
+    line of dashes. With stream, the sample whose turn it is prints as its text arrives; the
+    others are kept until their turn (they are generated at the same time, in one batch)."""
+
+    def __init__(self, n, heading, stream):
+        self.parts = [[heading] for _ in range(n)]
+        self.done = [False] * n
+        self.turn = 0
+        self.stream = stream
+
+    def __call__(self, row, text, done):
+        self.parts[row].append(text)
+        self.done[row] = done
+        while self.stream and self.turn < len(self.parts):
+            self.write("".join(self.parts[self.turn]))
+            self.parts[self.turn] = []
+            if not self.done[self.turn]:
+                break
+            self.write("\n" + "-" * 40 + "\n")
+            self.turn += 1
+
+    def finish(self):
+        if not self.stream:
+            for parts in self.parts:
+                self.write("".join(parts) + "\n" + "-" * 40 + "\n")
+
+    def write(self, text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="run directory or checkpoint file")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="run directory or checkpoint file")
+    source.add_argument("--init-from", metavar="NAME|PATH",
+                        help="pretrained GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face directory")
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="text to continue (default: a newline, or end-of-text for byte/BPE)")
     prompt.add_argument("--prompt-file", help="file whose text to continue")
-    parser.add_argument("--num-samples", type=int, default=3)
+    prompt.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line")
+    parser.add_argument("--num-samples", type=int, default=3, help="samples per prompt, generated as one batch")
     parser.add_argument("--max-new-tokens", type=int, default=500)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token (greedy)")
     parser.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens (0: all)")
-    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens "
+                        "whose probabilities sum to at least p (nucleus sampling; 1: all)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 makes tokens already "
+                        "in the text less likely (1: off)")
+    parser.add_argument("--stop", action="append", default=[], help="end a sample at this text (not printed); "
+                        "repeatable; backslash escapes such as \\n work")
+    parser.add_argument("--ignore-eot", action="store_true", help="go on past the end-of-text token")
+    parser.add_argument("--slide", type=int, default=None, help="past block_size, drop this many tokens at a "
+                        "time and re-prefill (default block_size / 4; 1: every step sees a full window, exactly like "
+                        "GPT.generate, at the reference's cost)")
+    parser.add_argument("--seed", type=int, default=1337, help="sample i of a batch uses seed + i")
+    parser.add_argument("--no-stream", action="store_true", help="print each sample whole when it is done")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="weights' dtype for generation (bfloat16 reads half the bytes per token)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
 
+    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                    stop=[unescape(s) for s in args.stop], stop_at_eot=not args.ignore_eot, slide=args.slide)
     try:
-        for name in ("num_samples", "max_new_tokens"):
-            if getattr(args, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-        if args.temperature < 0 or args.top_k < 0:
-            raise ConfigError("--temperature and --top-k must not be negative")
+        if args.num_samples < 1:
+            raise ConfigError(f"--num-samples must be at least 1, got {args.num_samples}")
         device = resolve_device(args.device)
-        model, tokenizer = load_model(args.ckpt, device)
-        if args.prompt_file:
+        if args.ckpt:
+            model, tokenizer = load_model(args.ckpt, device)
+        else:
+            model, tokenizer = gpt2.model_and_tokenizer(args.init_from)
+            model = model.to(device)
+        generator = Generator(model.to(getattr(torch, args.dtype)), tokenizer, compile=args.compile)
+        if args.interactive:
+            prompts = read_prompts()
+        elif args.prompt_file:
             with open(args.prompt_file, encoding="utf-8") as f:
-                text = f.read()
+                prompts = [f.read()]
         else:
-            text = args.prompt
-        if text:
-            ids = tokenizer.encode(text)
-        elif tokenizer.eot_id is not None:
-            ids, text = [tokenizer.eot_id], ""
-        else:
-            text = "\n"
-            ids = tokenizer.encode(text)
-    except (ConfigError, checkpoint.CheckpointError, TokenizerError, OSError) as e:
+            prompts = [args.prompt or ""]
+        for text in prompts:
+            try:
+                ids = generator.encode(text)  # an empty prompt becomes end-of-text, or a newline
+            except TokenizerError as e:
+                if not args.interactive:
+                    raise
+                print(f"sample.py: error: {e}", file=sys.stderr)  # one bad line does not end the session
+                continue
+            heading = "" if args.interactive else tokenizer.decode([i for i in ids if i != tokenizer.eot_id])
+            printer = SamplePrinter(args.num_samples, heading, stream=not args.no_stream)
+            generator.generate([ids] * args.num_samples, on_text=printer, **settings)
+            printer.finish()
+    except SettingError as e:
+        sys.exit(f"sample.py: error: --{e.name.replace('_', '-')} must be {e.expected}, got {e.value}")
+    except (ConfigError, checkpoint.CheckpointError, gpt2.GPT2Error, TokenizerError, OSError) as e:
         sys.exit(f"sample.py: error: {e}")
-
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)  # (N, T)
-    out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k or None, generator=generator)
-    for row in out.tolist():
-        print(text + tokenizer.decode(row[len(ids) :]))
-        print("-" * 40)
 
 
 if __name__ == "__main__":

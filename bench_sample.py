@@ -1,0 +1,214 @@
+"""
+Generation speed: the cache-free reference (GPT.generate), our engine (generate.py) and,
+when transformers is installed, Hugging Face's generate on the same weights, side by side in
+one run, so the ratios hold even on a busy machine.
+
+    python bench_sample.py            # both model sizes, batch 1 and 8, 256 and 1024 new tokens
+    python bench_sample.py --quick    # 64 and 256 new tokens, fewer reference probes
+    python bench_sample.py --threads 1   # on a machine shared with other jobs (see README)
+
+Models have random weights: (a) the shakespeare_char config (6 layers, 6 heads, 384 wide,
+block_size 256, 65 tokens) and (b) GPT-2 124M (12, 12, 768, block_size 1024, 50257 tokens).
+Every method decodes greedily from the same 1-token prompt for exactly the given number of
+tokens. Tokens/s counts new tokens of all rows: batch * new tokens / seconds.
+
+What is timed, exactly:
+- engine and Hugging Face: one whole generation each, after a short warm-up.
+- reference: a whole generation when its estimate fits the time budget; otherwise single
+  reference steps (one GPT.generate call for one token) at a few context lengths, and the
+  total time estimated by summing the interpolated step time over every step: such numbers
+  are marked "~".
+- bandwidth: summing a 1 GiB float32 tensor (bytes read / s), measured next to each batch-1
+  row. The bound for batch-1 decoding is bandwidth / bytes of weights (each weight is read
+  once per step), and "of bound" is the engine's batch-1 speed as a fraction of it. bf16: the
+  engine with the weights (and cache) in bfloat16, against the bound for half the bytes.
+- past block_size (shakespeare_char, 1024 tokens) the engine uses its default slide of
+  block_size / 4; with slide=1 it would do the reference's work (a full forward per token).
+"""
+
+import argparse
+import copy
+import time
+
+import numpy as np
+import torch
+
+from generate import Generator
+from model import GPT, GPTConfig
+
+MODELS = {
+    "shakespeare_char": GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, dropout=0.0),
+    "gpt2-124M": GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, dropout=0.0),
+}
+
+
+class NoTokenizer:
+    """Generation needs only decode (for text) and eot_id; ids are all the bench looks at."""
+
+    eot_id = None
+
+    def decode(self, ids):
+        return ""
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def read_bandwidth(device, gib=1):
+    x = torch.ones(gib * 2**28, device=device)  # gib GiB of float32
+    x.sum()
+    seconds = min(timed(x.sum, device)[0] for _ in range(5))
+    return x.numel() * 4 / seconds
+
+
+def weight_bytes(model):
+    """Bytes read per decode step: every parameter once (the tied embedding once, as lm_head),
+    less the position table, of which a step reads one row."""
+    wpe = model.transformer.wpe.weight
+    return sum(p.numel() * p.element_size() for p in model.parameters()) - wpe.numel() * wpe.element_size()
+
+
+def hf_model(model):
+    """transformers' GPT2LMHeadModel of the same shape with the same weights (its Conv1D layers
+    store the weight transposed relative to nn.Linear)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = model.config
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
+                                    n_layer=c.n_layer, n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+                                    attn_pdrop=0.0, layer_norm_epsilon=1e-5, activation_function="gelu_new",
+                                    bos_token_id=None, eos_token_id=None))
+    ours = model.state_dict()
+    state = {}
+    for name, value in hf.state_dict().items():
+        value = ours[name] if name in ours else value  # the causal-mask buffers of older versions
+        if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            value = value.t()
+        state[name] = value
+    hf.load_state_dict(state)
+    return hf.to(next(model.parameters()).device).eval()
+
+
+def hf_generate(hf, prompt, n):
+    return hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                       eos_token_id=None, attention_mask=torch.ones_like(prompt))
+
+
+def reference_seconds(model, prompt, n, budget, probes):
+    """(seconds, measured?) for GPT.generate to make n tokens: timed whole when the estimate
+    fits the budget, else estimated from single steps timed at `probes` context lengths."""
+    block = model.config.block_size
+    device = prompt.device
+    last = min(prompt.size(1) + n - 1, block)
+    lengths = np.unique(np.linspace(prompt.size(1), last, probes).astype(int))
+    step = []
+    for length in lengths:
+        context = torch.zeros(prompt.size(0), int(length), dtype=torch.long, device=device)
+        step.append(min(timed(lambda: model.generate(context, 1, temperature=0), device)[0] for _ in range(2)))
+    contexts = np.minimum(np.arange(prompt.size(1), prompt.size(1) + n), block)
+    estimate = float(np.interp(contexts, lengths, step).sum())
+    if estimate <= budget:
+        return timed(lambda: model.generate(prompt, n, temperature=0), device)[0], True
+    return estimate, False
+
+
+def timed_generator(model, device):
+    """A Generator whose decode steps record their finishing times in .step_times."""
+    gen = Generator(model, NoTokenizer())
+    gen.step_times = []
+    decode = gen.decode_step
+
+    def step(idx, cache):
+        out = decode(idx, cache)
+        sync(device)
+        gen.step_times.append(time.perf_counter())
+        return out
+
+    gen.decode_step = step
+    return gen
+
+
+def run_engine(gen, prompt, n, device):
+    """(seconds, samples, 'ms/token over the first 10% of steps -> the last 10%')."""
+    gen.step_times.clear()
+    seconds, samples = timed(lambda: gen.generate(prompt.tolist(), max_new_tokens=n, temperature=0),
+                             device)
+    gaps = np.diff(gen.step_times) * 1000
+    tenth = max(1, len(gaps) // 10)
+    return seconds, samples, f"{gaps[:tenth].mean():.1f} → {gaps[-tenth:].mean():.1f}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="64 and 256 new tokens, fewer reference probes")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cpu, and cuda when available)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--reference-budget", type=float, default=None,
+                        help="longest whole reference run in seconds; longer ones are estimated (default 60, quick 10)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lengths = (64, 256) if args.quick else (256, 1024)
+    budget = args.reference_budget or (10.0 if args.quick else 60.0)
+    probes = 4 if args.quick else 6
+    devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    try:
+        import transformers
+    except ImportError:
+        transformers = None
+
+    print(f"torch {torch.__version__}, transformers {transformers and transformers.__version__}, "
+          f"{torch.get_num_threads()} CPU threads; greedy decoding from a 1-token prompt")
+    for device_name in devices:
+        device = torch.device(device_name)
+        print(f"\n{device_name}: read bandwidth {read_bandwidth(device) / 1e9:.1f} GB/s at the start")
+        print("| model | batch | new tokens | reference tok/s | engine tok/s | engine / reference | HF generate tok/s "
+              "| engine / HF | engine ms/token, first → last 10% of steps | engine, of bandwidth bound "
+              "| engine bf16 tok/s, of bound |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for name, cfg in MODELS.items():
+            torch.manual_seed(0)
+            model = GPT(cfg).to(device).eval()
+            gen = timed_generator(model, device)
+            gen16 = timed_generator(copy.deepcopy(model).to(torch.bfloat16), device)
+            hf = hf_model(model) if transformers else None
+            for batch in (1, 8):
+                prompt = torch.zeros(batch, 1, dtype=torch.long, device=device)
+                for warm in (gen, gen16):
+                    warm.generate(prompt.tolist(), max_new_tokens=8, temperature=0)
+                if hf is not None:
+                    hf_generate(hf, prompt, 8)
+                for n in lengths:
+                    tokens = batch * n
+                    ref_s, measured = reference_seconds(model, prompt, n, budget, probes)
+                    ref_cell = f"{'' if measured else '~'}{tokens / ref_s:.1f}"
+                    eng_s, samples, latency = run_engine(gen, prompt, n, device)
+                    hf_cell = ratio_hf = "n/a (past block_size)"
+                    if hf is not None and n <= cfg.block_size:  # the last new token is fed at position n - 1
+                        hf_s, hf_out = timed(lambda: hf_generate(hf, prompt, n), device)
+                        same = hf_out[:, 1:].tolist() == [s.ids for s in samples]
+                        hf_cell = f"{tokens / hf_s:.1f}" + ("" if same else " (tokens differ)")
+                        ratio_hf = f"{hf_s / eng_s:.1f}×"
+                    bound_cell = bf16_cell = ""
+                    if batch == 1:  # bandwidth measured again right here: other jobs on the machine change it
+                        bound = read_bandwidth(device) / weight_bytes(model)
+                        bound_cell = f"{tokens / eng_s / bound:.0%} of {bound:.0f} tok/s"
+                        bf16_s, _, _ = run_engine(gen16, prompt, n, device)
+                        bf16_cell = f"{tokens / bf16_s:.1f}, {tokens / bf16_s / (2 * bound):.0%} of {2 * bound:.0f}"
+                    print(f"| {name} | {batch} | {n} | {ref_cell} | {tokens / eng_s:.1f} | "
+                          f"{'' if measured else '~'}{ref_s / eng_s:.1f}× | {hf_cell} | {ratio_hf} | {latency} | "
+                          f"{bound_cell} | {bf16_cell} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""
+Export a checkpoint as a Hugging Face GPT-2 model directory.
+
+    python export.py --ckpt out/finetune_shakespeare --out hf/finetune_shakespeare
+
+--ckpt takes a run directory or a checkpoint file, as sample.py does. The output holds
+config.json and model.safetensors, and when the checkpoint's tokenizer is GPT-2's BPE also
+vocab.json, merges.txt and tokenizer_config.json, so that
+
+    transformers.GPT2LMHeadModel.from_pretrained(out)   # and GPT2TokenizerFast.from_pretrained(out)
+
+load it. The vocabulary is cut to the tokenizer's: vocab_multiple padding is not exported.
+"""
+
+import argparse
+import os
+import sys
+
+import checkpoint
+import gpt2
+from sample import load_model
+from tokenizer import TokenizerError
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="run directory or checkpoint file")
+    parser.add_argument("--out", required=True, help="directory to write the Hugging Face model to")
+    args = parser.parse_args(argv)
+    try:
+        model, tokenizer = load_model(args.ckpt, "cpu")
+        gpt2.export(model, args.out, tokenizer)
+    except (checkpoint.CheckpointError, gpt2.GPT2Error, TokenizerError, OSError) as e:
+        sys.exit(f"export.py: error: {e}")
+    files = ", ".join(sorted(os.listdir(args.out)))
+    print(f"wrote {args.out} ({files}): load it with transformers.GPT2LMHeadModel.from_pretrained")
+    if not gpt2.is_gpt2_bpe(tokenizer):
+        print(f"note: the checkpoint's tokenizer ({tokenizer.kind}) is not GPT-2's BPE, so no tokenizer files "
+              "were written: encode text with this project's tokenizer", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

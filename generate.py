@@ -1,0 +1,307 @@
+"""
+The generation engine: a KV cache, sampling filters, stop conditions and streaming text.
+
+    from generate import Generator
+    gen = Generator.from_checkpoint("out/shakespeare_char_cpu")
+    for s in gen.generate(["ROMEO:", "JULIET:"], max_new_tokens=100, top_p=0.9, seed=1):
+        print(s.text, s.ids, s.finish_reason)
+
+How it works:
+- The prompts are run through the model once (prefill), filling each layer's pre-allocated
+  key/value buffers; after that every step feeds one new position per sequence (decode), so
+  a token costs one position's work instead of re-running the whole context as
+  GPT.generate (the reference the tests compare against) does.
+- The rows of a batch advance in lockstep, one position per step. Prompts of different
+  lengths: the length they all have is prefilled together, then longer prompts feed their
+  remaining tokens one per step (what is sampled for them is ignored until their prompt is
+  used up) while shorter ones already generate. Each row's token t sits at position t,
+  exactly as when it is generated alone.
+- When the context would pass block_size, the oldest `slide` tokens are dropped and the rest
+  is prefilled again (learned position embeddings cannot be shifted in place). That happens
+  once per `slide` new tokens, and each token attends over between block_size - slide + 1 and
+  block_size tokens. The default slide is block_size // 4. slide=1 makes every step see the
+  last block_size tokens, exactly as GPT.generate does, at the cost of one full forward pass
+  per token, the same work as the reference.
+- Sampling draws its random numbers per row, before generation starts: row i uses a CPU
+  torch.Generator seeded with seed + i, one uniform number per generated token, and picks the
+  token by inverse transform of the (filtered) distribution. So sample i of a batch equals a
+  single generation with seed + i, on any device, and a row's draws do not depend on how many
+  tokens other rows need.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+
+class KVCache:
+    """Keys and values of every layer for a batch of sequences, allocated once for
+    block_size positions. pos counts the positions already filled: a forward pass with the
+    cache writes its T positions at pos .. pos + T - 1, and the caller then advances pos."""
+
+    def __init__(self, config, batch_size, device, dtype):
+        shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.layers = [LayerKVCache(self, shape, device, dtype) for _ in range(config.n_layer)]
+        self.pos = 0
+
+
+class LayerKVCache:
+    """One layer's part of a KVCache: k and v are (B, n_head, block_size, head_dim)."""
+
+    def __init__(self, cache, shape, device, dtype):
+        self.cache = cache
+        self.k = torch.empty(shape, device=device, dtype=dtype)  # only filled positions are ever read
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+
+    def update(self, k, v):
+        """Store the keys and values (B, n_head, T, head_dim) of positions pos .. pos + T - 1;
+        return those of positions 0 .. pos + T - 1: (B, n_head, pos + T, head_dim)."""
+        start, end = self.cache.pos, self.cache.pos + k.size(2)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def candidates(logits, top_k=None, top_p=1.0):
+    """The tokens sampling may pick from. logits (B, V) -> (values, ids), each (B, K).
+
+    values are logits, set to -inf outside the top_k most likely tokens and outside the top_p
+    nucleus: the smallest set of most likely tokens whose probabilities sum to at least top_p
+    (Holtzman et al. 2019, "The Curious Case of Neural Text Degeneration"). ids maps column j
+    back to a token id; it is None when no filter applies and column j is token j."""
+    ids = None
+    if top_k:
+        logits, ids = torch.topk(logits, min(top_k, logits.size(-1)))  # sorted, most likely first
+    if top_p < 1.0:
+        if ids is None:
+            logits, ids = logits.sort(dim=-1, descending=True)
+        probs = F.softmax(logits, dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens; 0 for the most likely
+        logits = logits.masked_fill(before >= top_p, float("-inf"))
+    return logits, ids
+
+
+def penalize_repetition(logits, seen, penalty):
+    """Make tokens already in the sequence less likely: positive logits are divided by the
+    penalty, negative ones multiplied (Keskar et al. 2019, CTRL). seen: (B, V) bool."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def sample_from(values, ids, uniforms):
+    """Pick one token per row by inverse transform: the first column whose cumulative
+    probability exceeds u * total. Columns of probability 0 (-inf logits) can never be picked.
+    values (B, K) logits, uniforms (B,) in [0, 1) -> token ids (B,)."""
+    cdf = F.softmax(values.float(), dim=-1).double().cumsum(dim=-1)  # float64: no round-off past the end
+    # u < 1 is a float32, so u * total stays below total: the search never runs off the end.
+    choice = torch.searchsorted(cdf, (uniforms.double() * cdf[:, -1]).unsqueeze(1), right=True)  # (B, 1)
+    return (choice if ids is None else ids.gather(1, choice)).squeeze(1)
+
+
+class TextStream:
+    """One sample's tokens turned into text as they arrive. Text is released only once it
+    is final: never partway through a multi-byte character (a byte or BPE token can end inside
+    one, and the tokenizer decodes an incomplete character as U+FFFD), and never while its end
+    could be the start of a stop string. The stop string and anything after it are dropped."""
+
+    MAX_PENDING = 16  # a character has at most 4 bytes; past this the bytes are just invalid
+
+    def __init__(self, tokenizer, stop=()):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.pending = []  # tokens not yet decoded into text
+        self.text = ""
+        self.released = 0  # characters of text already handed out
+        self.stopped = False  # a stop string was found
+
+    def push(self, token):
+        """Add one token; returns the text that became final (often "")."""
+        self.pending.append(token)
+        piece = self.tokenizer.decode(self.pending)
+        if piece.endswith("\ufffd") and len(self.pending) < self.MAX_PENDING:
+            return ""  # wait: the next token may complete the character
+        self.pending = []
+        self.add(piece)
+        return self.release()
+
+    def finish(self):
+        """The sample ended: release everything that is left."""
+        if self.pending and not self.stopped:
+            self.add(self.tokenizer.decode(self.pending))
+            self.pending = []
+        self.stopped = True
+        return self.release()
+
+    def add(self, piece):
+        search_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=1) + 1)
+        self.text += piece
+        found = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
+        if found:
+            self.text, self.stopped = self.text[: min(found)], True
+
+    def release(self):
+        end = len(self.text)
+        if not self.stopped:  # hold back a tail that may grow into a stop string
+            for s in self.stop:
+                for k in range(min(len(s) - 1, end), 0, -1):
+                    if self.text.endswith(s[:k]):
+                        end = min(end, len(self.text) - k)
+                        break
+        out, self.released = self.text[self.released : end], max(self.released, end)
+        return out
+
+
+@dataclass
+class Sample:
+    """One generated continuation. ids are the generated token ids (ending with the
+    end-of-text token when that stopped it); text is their decoding, cut before a stop
+    string. finish_reason: "length" (max_new_tokens), "eot" or "stop" (a stop string)."""
+
+    prompt_ids: list
+    ids: list
+    text: str
+    finish_reason: str
+
+
+class SettingError(ValueError):
+    """A generation setting out of its range; name is the keyword argument's name."""
+
+    def __init__(self, name, expected, value):
+        super().__init__(f"{name} must be {expected}, got {value!r}")
+        self.name, self.expected, self.value = name, expected, value
+
+
+def check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, slide, block_size):
+    if max_new_tokens < 1:
+        raise SettingError("max_new_tokens", "at least 1", max_new_tokens)
+    if not temperature >= 0:
+        raise SettingError("temperature", "at least 0 (0 picks the most likely token)", temperature)
+    if top_k is not None and top_k < 0:
+        raise SettingError("top_k", "at least 0 (0 keeps every token)", top_k)
+    if not 0 < top_p <= 1:
+        raise SettingError("top_p", "in (0, 1] (1 keeps every token)", top_p)
+    if not repetition_penalty > 0:
+        raise SettingError("repetition_penalty", "above 0 (1 leaves the logits alone)", repetition_penalty)
+    if not 1 <= slide <= block_size:
+        raise SettingError("slide", f"between 1 and the model's block_size {block_size}", slide)
+
+
+class Generator:
+    """A model and its tokenizer, ready to generate. compile=True compiles the one-position
+    decode step with torch.compile; the cache length is a dynamic dimension, so it compiles once
+    (and once more for the cache's last position, a size dynamo specialises), not per step."""
+
+    def __init__(self, model, tokenizer, compile=False):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = model.config
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.decode_step = torch.compile(self.forward, dynamic=True) if compile else self.forward
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, device="auto", dtype=torch.float32, compile=False):
+        """ckpt: a run directory or checkpoint file. dtype: the weights' dtype for decoding
+        (torch.bfloat16 halves the bytes read per token; the logits are sampled in float32)."""
+        from sample import load_model  # sample.py imports this module: import on use
+        from train import resolve_device
+
+        model, tokenizer = load_model(ckpt, resolve_device(device) if isinstance(device, str) else device)
+        return cls(model.to(dtype), tokenizer, compile=compile)
+
+    def encode(self, prompt):
+        """A prompt (text, or a list of token ids) -> token ids. An empty prompt starts from the
+        end-of-text token, or from a newline for tokenizers that have none (character-level)."""
+        if not isinstance(prompt, str):
+            ids = list(prompt)
+            if any(not 0 <= i < self.config.vocab_size for i in ids):
+                raise ValueError(f"prompt ids must be in [0, {self.config.vocab_size}), got {ids}")
+        else:
+            ids = self.tokenizer.encode(prompt)
+        if not ids:
+            ids = [self.tokenizer.eot_id] if self.tokenizer.eot_id is not None else self.tokenizer.encode("\n")
+        return ids
+
+    def forward(self, idx, cache):
+        """Run idx (B, T) at the cache's next positions; returns the last position's logits (B, V)."""
+        logits, _ = self.model(idx, kv_cache=cache)
+        return logits[:, -1].float()
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens=256, temperature=1.0, top_k=None, top_p=1.0,
+                 repetition_penalty=1.0, seed=None, stop=(), stop_at_eot=True, slide=None, on_text=None):
+        """Generate one continuation per prompt, all as one batch; returns a list of Sample.
+
+        prompts: strings or lists of token ids. temperature 0 is greedy (argmax). top_k 0 or
+        None keeps every token. seed: row i uses seed + i (None: a random seed). stop: strings
+        that end a sample (not included in its text). stop_at_eot: end a sample at the
+        tokenizer's end-of-text token. slide: see the module docstring (None: block_size // 4). on_text(row, text, done)
+        is called with each piece of text as soon as it is final (streaming), and once more with
+        done=True (and the rest of the text, maybe "") when the row's sample ends."""
+        cfg = self.config
+        if not prompts:
+            return []
+        slide = max(1, cfg.block_size // 4) if slide is None else slide
+        check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, slide, cfg.block_size)
+        # The model sees at most block_size tokens, so a longer prompt keeps its end (as in GPT.generate).
+        prompt_ids = [self.encode(p)[-cfg.block_size :] for p in prompts]
+        B, lengths = len(prompt_ids), [len(p) for p in prompt_ids]
+        seq = torch.zeros(B, max(lengths) + max_new_tokens, dtype=torch.long)  # row b's token t at [b, t]
+        seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool)  # tokens in each sequence so far
+        for b, ids in enumerate(prompt_ids):
+            seq[b, : len(ids)] = torch.tensor(ids)
+            seen[b, ids] = True
+        seq, seen = seq.to(self.device), seen.to(self.device)
+        seed = torch.randint(2**62, ()).item() if seed is None else seed
+        uniforms = torch.stack([
+            torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(seed + b)) for b in range(B)
+        ]).to(self.device)  # (B, max_new_tokens): row b's n-th generated token uses uniforms[b, n]
+        prompt_len = torch.tensor(lengths, device=self.device)
+        eot = self.tokenizer.eot_id if stop_at_eot else None
+        streams = [TextStream(self.tokenizer, stop) for _ in range(B)]
+        results = [None] * B
+
+        cache = KVCache(cfg, B, self.device, self.dtype)
+        t = min(lengths)  # index of the next token; tokens 0 .. t - 1 exist in every row
+        logits = self.forward(seq[:, :t], cache)  # prefill
+        cache.pos = t
+        while True:
+            if repetition_penalty != 1.0:
+                logits = penalize_repetition(logits, seen, repetition_penalty)
+            if temperature == 0:
+                next_ids = logits.argmax(dim=-1)
+            else:
+                values, ids = candidates(logits / temperature, top_k, top_p)
+                n = (t - prompt_len).clamp(0, max_new_tokens - 1)  # how many tokens each row has generated
+                next_ids = sample_from(values, ids, uniforms.gather(1, n.unsqueeze(1)).squeeze(1))
+            next_ids = torch.where(prompt_len > t, seq[:, t], next_ids)  # rows still reading their prompt
+            seq[:, t] = next_ids
+            seen.scatter_(1, next_ids.unsqueeze(1), True)
+
+            for b, token in enumerate(next_ids.tolist()):
+                if results[b] is not None or t < lengths[b]:
+                    continue
+                generated = t - lengths[b] + 1
+                text, reason = "", "eot" if token == eot else None
+                if reason is None:
+                    text = streams[b].push(token)
+                    reason = "stop" if streams[b].stopped else "length" if generated == max_new_tokens else None
+                if reason:
+                    text += streams[b].finish()
+                    results[b] = Sample(prompt_ids[b], seq[b, lengths[b] : t + 1].tolist(), streams[b].text, reason)
+                if on_text and (text or reason):
+                    on_text(b, text, reason is not None)
+            if all(r is not None for r in results):
+                return results
+
+            t += 1  # token t - 1 is new: feed it
+            if cache.pos == cfg.block_size:  # no room for it: drop the oldest tokens, prefill the rest
+                keep = cfg.block_size - slide + 1
+                cache.pos = 0
+                logits = self.forward(seq[:, t - keep : t], cache)
+                cache.pos = keep
+            else:
+                logits = self.decode_step(seq[:, t - 1 : t], cache)
+                cache.pos += 1
+
