@@ -9,6 +9,7 @@ prints them all. Unknown keys and ill-typed values are errors that name the fix.
 import dataclasses
 import difflib
 import json
+import os
 from dataclasses import dataclass, field
 
 try:
@@ -159,9 +160,13 @@ def build_config(path=None, overrides=(), base=None):
 
 
 def load_saved(overrides):
-    """The config.json of the run directory named by --out_dir (or the default out_dir)."""
+    """The config.json of the run directory named by --out_dir (or the default out_dir), or None
+    when there is none (a run killed before writing it has no checkpoint either: resuming then
+    says so)."""
     out_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("--out_dir=")), TrainConfig.out_dir)
     path = f"{out_dir}/config.json"
+    if not os.path.exists(path):
+        return None
     try:
         with open(path) as f:
             return json.load(f)

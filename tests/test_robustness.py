@@ -126,6 +126,12 @@ def test_resume_from_the_command_line_reuses_the_saved_config(tmp_path, data_dir
 def test_resume_without_a_checkpoint_says_so(tmp_path, data_dir):
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in .* start it again without --resume"):
         train(tiny_config(data_dir, tmp_path / "run"), resume=True)
+    # killed after creating out_dir but before writing anything: --resume with overrides alone says the same
+    (tmp_path / "empty_run").mkdir()
+    result = run_cli("train.py", "--resume", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'empty_run'}",
+                     "--device=cpu")
+    assert result.returncode != 0 and "no checkpoint in" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
 
 
 def test_corrupted_latest_falls_back_to_the_previous_checkpoint(tmp_path, data_dir, capsys):
