@@ -9,13 +9,12 @@ import os
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 import gpt2
 from conftest import TINY_TEXT, run_cli
 
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
 
 VOCAB, POSITIONS = 1000, 128
 TEXT = TINY_TEXT[:400] + " Hello world!  Ünïcödé 123 4567 it'll we've \n\n  tabs\tend 日本語"

@@ -204,8 +204,8 @@ def test_jsonl_and_parquet_split_by_document_deterministically(tmp_path):
     prepare.prepare(str(tmp_path / "c.jsonl"), "byte", str(tmp_path / "c"), 0.2, seed=2)
     assert split_documents(tmp_path / "c")[1] != val
 
-    pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"body": docs}), tmp_path / "c.parquet", row_group_size=64)
     meta = prepare.prepare(str(tmp_path / "c.parquet"), "byte", str(tmp_path / "p"), 0.2, seed=1, text_field="body")
@@ -404,10 +404,10 @@ def shard_server(monkeypatch):
 
 
 def test_fineweb_edu_downloads_resume_and_verify_checksums(tmp_path, shard_server):
-    pq = pytest.importorskip("pyarrow.parquet")
     import io
 
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     files, corrupt, requests = shard_server
     docs = make_documents(120)
