@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+import tokenizers
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
