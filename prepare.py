@@ -41,7 +41,6 @@ import re
 import signal
 import sys
 import sysconfig
-import time
 import urllib.error
 import urllib.request
 
@@ -75,10 +74,6 @@ class PrepareError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------
 # Downloads: resumable (HTTP Range into a .part file) and checksummed
-
-
-def sha256_of(data):
-    return hashlib.sha256(data).hexdigest()
 
 
 def sha256_of_file(path):
@@ -476,7 +471,7 @@ def write_splits(source, tokenizer, out_dir, val_fraction, seed, workers, chunk_
     try:
         with open(tmp[TRAIN], "wb") as train_file, open(tmp[VAL], "wb") as val_file, tqdm(
             total=source.total_bytes, unit="B", unit_scale=True, desc=f"tokenize ({tokenizer.kind})",
-            disable=(source.total_bytes or 1 << 30) < 1 << 23,
+            disable=is_small(source),
         ) as bar:
             files = (train_file, val_file)
             for chunk, arrays in encoded_chunks(
@@ -533,10 +528,15 @@ def write_splits(source, tokenizer, out_dir, val_fraction, seed, workers, chunk_
     return meta
 
 
+def is_small(source):
+    """Known to be under 8 MB: done in seconds, so no progress bar (a source of unknown size gets one)."""
+    return source.total_bytes is not None and source.total_bytes < 1 << 23
+
+
 def texts_with_progress(texts, source, desc):
     """Pass texts through, showing a byte progress bar for large sources."""
     with tqdm(total=source.total_bytes, unit="B", unit_scale=True, desc=desc,
-              disable=(source.total_bytes or 1 << 30) < 1 << 23) as bar:
+              disable=is_small(source)) as bar:
         for text in texts:
             yield text
             bar.update(len(text))

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import urllib.error
@@ -91,7 +92,7 @@ def test_download_verifies_checksum_and_keeps_nothing_bad(tmp_path, monkeypatch)
     with pytest.raises(PrepareError, match="has sha256"):
         prepare.download("https://example.invalid/x", "0" * 64, str(dest))
     assert not dest.exists() and not (tmp_path / "input.txt.part").exists()
-    good = prepare.sha256_of(b"tampered")
+    good = hashlib.sha256(b"tampered").hexdigest()
     assert prepare.download("https://example.invalid/x", good, str(dest)) == str(dest)
     assert dest.read_bytes() == b"tampered"
 
@@ -372,7 +373,7 @@ def shard_server(monkeypatch):
             requests.append((self.path, self.headers.get("Range")))
             if self.path == "/api":
                 listing = [{"type": "file", "path": "sample/10BT/README.md", "size": 1}] + [
-                    {"type": "file", "path": p, "size": len(d), "lfs": {"oid": prepare.sha256_of(d), "size": len(d)}}
+                    {"type": "file", "path": p, "size": len(d), "lfs": {"oid": hashlib.sha256(d).hexdigest(), "size": len(d)}}
                     for p, d in files.items()
                 ]
                 return self.reply(200, json.dumps(listing).encode())

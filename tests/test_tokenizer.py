@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 import prepare
 from conftest import TINY_TEXT
 from tokenizer import (
-    EOT, BPETokenizer, ByteTokenizer, CharTokenizer, TokenizerError, build_tokenizer, gpt2_tokenizer,
+    EOT, BPETokenizer, ByteTokenizer, TokenizerError, build_tokenizer, gpt2_tokenizer,
     replace_surrogates, tokenizer_from_dict,
 )
 
