@@ -25,6 +25,9 @@ from safetensors import SafetensorError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from model import GPT, GPTConfig
+from tokenizer import tokenizer_from_dict
+
 FORMAT = "nanoforge-checkpoint"
 VERSION = 1
 
@@ -151,6 +154,45 @@ def load(path, device="cpu"):
         optim = {k: v for k, v in tensors.items() if k.startswith("optim.")}
         optimizer_state = unflatten_optimizer(optim, json.loads(meta["optimizer_param_groups"]))
     return Checkpoint(path, model_state, json.loads(meta["info"]), optimizer_state, extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a model for inference (sample.py, export.py, the Generator API).
+
+def checkpoint_path(ckpt):
+    """A run directory (best.safetensors when present, else latest.safetensors) or a file -> the file's path."""
+    if os.path.isdir(ckpt):
+        for name in ("best.safetensors", "latest.safetensors"):
+            if os.path.isfile(os.path.join(ckpt, name)):
+                return os.path.join(ckpt, name)
+        raise CheckpointError(
+            f"'{ckpt}' holds no checkpoint (best.safetensors or latest.safetensors): train one with train.py first"
+        )
+    if os.path.isfile(ckpt):
+        return ckpt
+    raise CheckpointError(f"checkpoint '{ckpt}' does not exist: pass a run directory or a .safetensors file")
+
+
+def load_model_state(model, state):
+    """Load a checkpoint's weights; the tied lm_head is stored once, as the token embedding."""
+    state = dict(state)
+    state.setdefault("lm_head.weight", state["transformer.wte.weight"])
+    model.load_state_dict(state)
+
+
+def load_model(ckpt, device):
+    """Model (in eval mode, on device) and tokenizer from a checkpoint directory or file.
+
+    Training may pad the vocabulary (vocab_multiple) with ids no text maps to; the model is
+    rebuilt with the tokenizer's true vocabulary so those ids can never be sampled."""
+    loaded = load(checkpoint_path(ckpt), device="cpu")
+    tokenizer = tokenizer_from_dict(loaded.info["tokenizer"])
+    model_cfg = GPTConfig(**{**loaded.info["model"], "vocab_size": tokenizer.vocab_size, "dropout": 0.0})
+    state = dict(loaded.model_state)
+    state["transformer.wte.weight"] = state["transformer.wte.weight"][: tokenizer.vocab_size]
+    model = GPT(model_cfg)
+    load_model_state(model, state)
+    return model.to(device).eval(), tokenizer
 
 
 # ---------------------------------------------------------------------------------------------

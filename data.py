@@ -10,10 +10,11 @@ import json
 import os
 
 import numpy as np
-import torch
 
-from prepare import META_VERSION
 from tokenizer import tokenizer_from_dict
+
+
+META_VERSION = 1  # bump when meta.json or the .bin layout changes
 
 
 class DataError(ValueError):
@@ -78,6 +79,10 @@ class Dataset:
 
     def get_batch(self, split, batch_size, generator):
         """Random contiguous windows: x (B, T) and y = x shifted by one (B, T), int64 on the CPU."""
+        # torch is imported here rather than at the top: prepare.py's worker processes import this module
+        # for its format constants, and importing torch would add seconds to each worker's start.
+        import torch
+
         tokens = self.splits[split]
         T = self.block_size
         starts = torch.randint(len(tokens) - T, (batch_size,), generator=generator).tolist()

@@ -18,7 +18,7 @@ import sys
 
 import checkpoint
 import gpt2
-from sample import load_model
+from checkpoint import load_model
 from tokenizer import TokenizerError
 
 

@@ -34,6 +34,9 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from checkpoint import load_model
+from device import resolve_device
+
 
 class KVCache:
     """Keys and values of every layer for a batch of sequences, allocated once for
@@ -204,9 +207,6 @@ class Generator:
     def from_checkpoint(cls, ckpt, device="auto", dtype=torch.float32, compile=False):
         """ckpt: a run directory or checkpoint file. dtype: the weights' dtype for decoding
         (torch.bfloat16 halves the bytes read per token; the logits are sampled in float32)."""
-        from sample import load_model  # sample.py imports this module: import on use
-        from train import resolve_device
-
         model, tokenizer = load_model(ckpt, resolve_device(device) if isinstance(device, str) else device)
         return cls(model.to(dtype), tokenizer, compile=compile)
 
@@ -245,63 +245,107 @@ class Generator:
         slide = max(1, cfg.block_size // 4) if slide is None else slide
         check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, slide, cfg.block_size)
         # The model sees at most block_size tokens, so a longer prompt keeps its end (as in GPT.generate).
-        prompt_ids = [self.encode(p)[-cfg.block_size :] for p in prompts]
-        B, lengths = len(prompt_ids), [len(p) for p in prompt_ids]
-        seq = torch.zeros(B, max(lengths) + max_new_tokens, dtype=torch.long)  # row b's token t at [b, t]
-        seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool)  # tokens in each sequence so far
+        batch = Batch([self.encode(p)[-cfg.block_size :] for p in prompts], max_new_tokens, cfg.vocab_size,
+                      self.device, seed)
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+        finisher = RowFinisher(batch, self.tokenizer, stop, self.tokenizer.eot_id if stop_at_eot else None, on_text)
+
+        cache = KVCache(cfg, batch.size, self.device, self.dtype)
+        t = min(batch.lengths)  # index of the next token; tokens 0 .. t - 1 exist in every row
+        logits = self.prefill(batch.seq[:, :t], cache)
+        while True:
+            batch.append(t, self.pick_next_tokens(logits, batch, t, **sampling))
+            if finisher.after_token(t):
+                return finisher.results
+            t += 1  # token t - 1 is new: feed it
+            if cache.pos == cfg.block_size:  # no room for it: drop the oldest tokens, prefill the rest
+                logits = self.slide_window(batch.seq, t, slide, cache)
+            else:
+                logits = self.decode_one_token(batch.seq[:, t - 1 : t], cache)
+
+    def prefill(self, idx, cache):
+        """Run the prompts' common part idx (B, T) through the model from position 0, filling the
+        cache; returns the logits for the token after it (B, V)."""
+        cache.pos = 0
+        logits = self.forward(idx, cache)
+        cache.pos = idx.size(1)
+        return logits
+
+    def decode_one_token(self, idx, cache):
+        """Feed one new position per row, idx (B, 1); returns the next logits (B, V)."""
+        logits = self.decode_step(idx, cache)
+        cache.pos += 1
+        return logits
+
+    def slide_window(self, seq, t, slide, cache):
+        """The cache is full: keep the last block_size - slide + 1 of the t tokens and prefill them again
+        (learned position embeddings cannot be shifted in place)."""
+        keep = self.config.block_size - slide + 1
+        return self.prefill(seq[:, t - keep : t], cache)
+
+    def pick_next_tokens(self, logits, batch, t, temperature, top_k, top_p, repetition_penalty):
+        """Token t of every row (B,) from the logits (B, V): greedy or sampled with the row's own
+        random numbers; rows still reading their prompt take its token t instead."""
+        if repetition_penalty != 1.0:
+            logits = penalize_repetition(logits, batch.seen, repetition_penalty)
+        if temperature == 0:
+            next_ids = logits.argmax(dim=-1)
+        else:
+            values, ids = candidates(logits / temperature, top_k, top_p)
+            n = (t - batch.prompt_len).clamp(0, batch.max_new_tokens - 1)  # how many tokens each row has generated
+            next_ids = sample_from(values, ids, batch.uniforms.gather(1, n.unsqueeze(1)).squeeze(1))
+        return torch.where(batch.prompt_len > t, batch.seq[:, t], next_ids)
+
+
+class Batch:
+    """The token ids of a batch of rows as they grow, and each row's random numbers for sampling."""
+
+    def __init__(self, prompt_ids, max_new_tokens, vocab_size, device, seed):
+        self.prompt_ids, self.max_new_tokens = prompt_ids, max_new_tokens
+        self.size, self.lengths = len(prompt_ids), [len(p) for p in prompt_ids]
+        seq = torch.zeros(self.size, max(self.lengths) + max_new_tokens, dtype=torch.long)  # row b's token t at [b, t]
+        seen = torch.zeros(self.size, vocab_size, dtype=torch.bool)  # tokens in each sequence so far
         for b, ids in enumerate(prompt_ids):
             seq[b, : len(ids)] = torch.tensor(ids)
             seen[b, ids] = True
-        seq, seen = seq.to(self.device), seen.to(self.device)
+        self.seq, self.seen = seq.to(device), seen.to(device)
         seed = torch.randint(2**62, ()).item() if seed is None else seed
-        uniforms = torch.stack([
-            torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(seed + b)) for b in range(B)
-        ]).to(self.device)  # (B, max_new_tokens): row b's n-th generated token uses uniforms[b, n]
-        prompt_len = torch.tensor(lengths, device=self.device)
-        eot = self.tokenizer.eot_id if stop_at_eot else None
-        streams = [TextStream(self.tokenizer, stop) for _ in range(B)]
-        results = [None] * B
+        self.uniforms = torch.stack([
+            torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(seed + b)) for b in range(self.size)
+        ]).to(device)  # (B, max_new_tokens): row b's n-th generated token uses uniforms[b, n]
+        self.prompt_len = torch.tensor(self.lengths, device=device)
 
-        cache = KVCache(cfg, B, self.device, self.dtype)
-        t = min(lengths)  # index of the next token; tokens 0 .. t - 1 exist in every row
-        logits = self.forward(seq[:, :t], cache)  # prefill
-        cache.pos = t
-        while True:
-            if repetition_penalty != 1.0:
-                logits = penalize_repetition(logits, seen, repetition_penalty)
-            if temperature == 0:
-                next_ids = logits.argmax(dim=-1)
-            else:
-                values, ids = candidates(logits / temperature, top_k, top_p)
-                n = (t - prompt_len).clamp(0, max_new_tokens - 1)  # how many tokens each row has generated
-                next_ids = sample_from(values, ids, uniforms.gather(1, n.unsqueeze(1)).squeeze(1))
-            next_ids = torch.where(prompt_len > t, seq[:, t], next_ids)  # rows still reading their prompt
-            seq[:, t] = next_ids
-            seen.scatter_(1, next_ids.unsqueeze(1), True)
+    def append(self, t, next_ids):
+        self.seq[:, t] = next_ids
+        self.seen.scatter_(1, next_ids.unsqueeze(1), True)
+        self.last_ids = next_ids.tolist()  # the one host sync per step
 
-            for b, token in enumerate(next_ids.tolist()):
-                if results[b] is not None or t < lengths[b]:
-                    continue
-                generated = t - lengths[b] + 1
-                text, reason = "", "eot" if token == eot else None
-                if reason is None:
-                    text = streams[b].push(token)
-                    reason = "stop" if streams[b].stopped else "length" if generated == max_new_tokens else None
-                if reason:
-                    text += streams[b].finish()
-                    results[b] = Sample(prompt_ids[b], seq[b, lengths[b] : t + 1].tolist(), streams[b].text, reason)
-                if on_text and (text or reason):
-                    on_text(b, text, reason is not None)
-            if all(r is not None for r in results):
-                return results
 
-            t += 1  # token t - 1 is new: feed it
-            if cache.pos == cfg.block_size:  # no room for it: drop the oldest tokens, prefill the rest
-                keep = cfg.block_size - slide + 1
-                cache.pos = 0
-                logits = self.forward(seq[:, t - keep : t], cache)
-                cache.pos = keep
-            else:
-                logits = self.decode_step(seq[:, t - 1 : t], cache)
-                cache.pos += 1
+class RowFinisher:
+    """Streams each row's new text and decides when it is done: end-of-text, a stop string, or
+    max_new_tokens. results[b] is row b's Sample once it has finished, None before."""
 
+    def __init__(self, batch, tokenizer, stop, eot, on_text):
+        self.batch, self.eot, self.on_text = batch, eot, on_text
+        self.streams = [TextStream(tokenizer, stop) for _ in range(batch.size)]
+        self.results = [None] * batch.size
+
+    def after_token(self, t):
+        """Handle token t of every row (just appended); returns True when every row has finished."""
+        batch = self.batch
+        for b, token in enumerate(batch.last_ids):
+            if self.results[b] is not None or t < batch.lengths[b]:
+                continue
+            generated = t - batch.lengths[b] + 1
+            stream = self.streams[b]
+            text, reason = "", "eot" if token == self.eot else None
+            if reason is None:
+                text = stream.push(token)
+                reason = "stop" if stream.stopped else "length" if generated == batch.max_new_tokens else None
+            if reason:
+                text += stream.finish()
+                ids = batch.seq[b, batch.lengths[b] : t + 1].tolist()
+                self.results[b] = Sample(batch.prompt_ids[b], ids, stream.text, reason)
+            if self.on_text and (text or reason):
+                self.on_text(b, text, reason is not None)
+        return all(r is not None for r in self.results)

@@ -20,7 +20,6 @@ Our module and parameter names are GPT-2's, so the mapping is short:
 import dataclasses
 import glob
 import json
-import math
 import os
 import sys
 
@@ -28,15 +27,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model import GPT, GPTConfig
-from tokenizer import BPETokenizer, gpt2_tokenizer
+from model import GPT, GPTConfig, padded_vocab_size
+from tokenizer import EOT, BPETokenizer, gpt2_tokenizer
 
 NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # Conv1D layers: Hugging Face stores their weights as (in, out), nn.Linear as (out, in).
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # GPT-2's pre-tokenization regex, written as tiktoken writes it for its "gpt2" encoding.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-ENDOFTEXT = "<|endoftext|>"
 
 
 class GPT2Error(ValueError):
@@ -239,7 +237,7 @@ def read_hf_tokenizer_files(model_dir):
             vocab = json.load(f)
         with open(merges_path, encoding="utf-8") as f:
             lines = [line for line in f.read().split("\n") if line and not line.startswith("#version")]
-        return vocab, [tuple(line.split(" ")) for line in lines], {ENDOFTEXT} & set(vocab)
+        return vocab, [tuple(line.split(" ")) for line in lines], {EOT} & set(vocab)
     path = os.path.join(model_dir, "tokenizer.json")
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
@@ -311,7 +309,7 @@ def write_tokenizer_files(tokenizer, out_dir, model_max_length):
         json.dump(vocab, f, ensure_ascii=False)
     with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    eot = ENDOFTEXT if ENDOFTEXT in tokenizer.special_tokens else None
+    eot = EOT if EOT in tokenizer.special_tokens else None
     config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length, "add_prefix_space": False,
               "bos_token": eot, "eos_token": eot, "unk_token": eot}
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
@@ -373,6 +371,6 @@ def init_for_training(cfg, data_tokenizer):
     replaced = [f"{k}={v!r} (config had {getattr(cfg, k)!r})" for k, v in from_weights.items() if getattr(cfg, k) != v]
     if replaced:
         print(f"init_from {cfg.init_from}: the weights set {', '.join(replaced)}", file=sys.stderr)
-    vocab_size = math.ceil(pretrained.vocab_size / cfg.vocab_multiple) * cfg.vocab_multiple
+    vocab_size = padded_vocab_size(pretrained.vocab_size, cfg.vocab_multiple)
     model = from_pretrained(model_dir, cfg.block_size, cfg.dropout, vocab_size)
     return model, dataclasses.replace(cfg, **from_weights)

@@ -37,6 +37,11 @@ class GPTConfig:
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2 has them
 
 
+def padded_vocab_size(vocab_size, multiple):
+    """vocab_size rounded up to a multiple (64 makes the embedding and lm_head matmuls faster on GPUs)."""
+    return math.ceil(vocab_size / multiple) * multiple
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's own cannot drop just the bias)."""
 

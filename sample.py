@@ -17,7 +17,6 @@ Face cache, or a Hugging Face GPT-2 directory).
 """
 
 import argparse
-import os
 import re
 import sys
 
@@ -25,39 +24,11 @@ import torch
 
 import checkpoint
 import gpt2
+from checkpoint import load_model
 from config import ConfigError
+from device import resolve_device
 from generate import Generator, SettingError
-from model import GPT, GPTConfig
-from tokenizer import TokenizerError, tokenizer_from_dict
-from train import load_model_state, resolve_device
-
-
-def checkpoint_path(ckpt):
-    if os.path.isdir(ckpt):
-        for name in ("best.safetensors", "latest.safetensors"):
-            if os.path.isfile(os.path.join(ckpt, name)):
-                return os.path.join(ckpt, name)
-        raise checkpoint.CheckpointError(
-            f"'{ckpt}' holds no checkpoint (best.safetensors or latest.safetensors): train one with train.py first"
-        )
-    if os.path.isfile(ckpt):
-        return ckpt
-    raise checkpoint.CheckpointError(f"checkpoint '{ckpt}' does not exist: pass a run directory or a .safetensors file")
-
-
-def load_model(ckpt, device):
-    """Model (in eval mode, on device) and tokenizer from a checkpoint directory or file.
-
-    Training may pad the vocabulary (vocab_multiple) with ids no text maps to; the model is
-    rebuilt with the tokenizer's true vocabulary so those ids can never be sampled."""
-    loaded = checkpoint.load(checkpoint_path(ckpt), device="cpu")
-    tokenizer = tokenizer_from_dict(loaded.info["tokenizer"])
-    model_cfg = GPTConfig(**{**loaded.info["model"], "vocab_size": tokenizer.vocab_size, "dropout": 0.0})
-    state = dict(loaded.model_state)
-    state["transformer.wte.weight"] = state["transformer.wte.weight"][: tokenizer.vocab_size]
-    model = GPT(model_cfg)
-    load_model_state(model, state)
-    return model.to(device).eval(), tokenizer
+from tokenizer import TokenizerError
 
 
 def unescape(text):

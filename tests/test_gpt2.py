@@ -14,6 +14,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import gpt2
+from tokenizer import EOT
 from conftest import TINY_TEXT, run_cli
 
 
@@ -39,7 +40,7 @@ def tiny_bpe(directory):
     trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator([TINY_TEXT], trainer)
-    tok.add_special_tokens([gpt2.ENDOFTEXT])
+    tok.add_special_tokens([EOT])
     tok.model.save(str(directory))  # merges.txt (and vocab.json without the special token, rewritten next)
     (directory / "vocab.json").write_text(json.dumps(tok.get_vocab()), encoding="utf-8")
     return tok
@@ -208,14 +209,14 @@ def test_tokenizer_from_hf_files_encodes_like_transformers_and_exports_back(hf, 
     ids = ours.encode(TEXT)
     assert ids == theirs.encode(TEXT) and len(ids) < len(TEXT.encode()) / 2  # real merges happen
     assert ours.decode(ids) == TEXT
-    assert ours.eot_id == theirs.convert_tokens_to_ids(gpt2.ENDOFTEXT) == ours.vocab_size - 1
+    assert ours.eot_id == theirs.convert_tokens_to_ids(EOT) == ours.vocab_size - 1
 
     # tokenizer.json alone gives the same tokenizer
     alone = tmp_path / "tokenizer_json"
     alone.mkdir()
     hf_tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(directory / "vocab.json"),
                                                                   str(directory / "merges.txt")))
-    hf_tok.add_special_tokens([gpt2.ENDOFTEXT])
+    hf_tok.add_special_tokens([EOT])
     hf_tok.save(str(alone / "tokenizer.json"))
     assert gpt2.tokenizer_from_hf(str(alone)).to_dict() == ours.to_dict()
 
@@ -244,7 +245,7 @@ def test_finetune_sample_export_end_to_end(hf, tmp_path, corpus):
     sample.py from the checkpoint and from the HF directory, export.py, load with transformers."""
     import checkpoint
     from prepare import prepare
-    from sample import load_model
+    from checkpoint import load_model
 
     _, directory = hf
     data, run = tmp_path / "data", tmp_path / "run"
@@ -295,6 +296,6 @@ def test_export_writes_gpt2_tokenizer_files_from_a_checkpoint(hf, tmp_path):
     gpt2.export(model, str(tmp_path / "out"), tokenizer)
     theirs = transformers.GPT2TokenizerFast.from_pretrained(tmp_path / "out")
     assert theirs.encode(TEXT) == tokenizer.encode(TEXT)
-    assert theirs.eos_token == gpt2.ENDOFTEXT
+    assert theirs.eos_token == EOT
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["vocab_size"] == tokenizer.vocab_size == 334 and config["eos_token_id"] == 333
