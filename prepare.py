@@ -47,9 +47,10 @@ import urllib.request
 import numpy as np
 from tqdm import tqdm
 
+from data import META_VERSION
+from lock import DirectoryInUse, DirectoryLock
 from tokenizer import KINDS, TokenizerError, build_tokenizer, check_tokenizer_args, tokenizer_from_dict, utf8
 
-META_VERSION = 1  # bump when meta.json or the .bin layout changes
 
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -440,6 +441,14 @@ def prepare(name, tokenizer_kind=None, out_dir=None, val_fraction=0.1, source_pa
     tokenizer_kind = tokenizer_kind or BUILTINS.get(name, ("char",))[0]
     check_tokenizer_args(tokenizer_kind, vocab_size)
     out_dir = out_dir or default_out_dir(name)
+    with DirectoryLock(out_dir, "prepare.py", "wait for it to finish or stop it, or choose another --out"):
+        return prepare_locked(name, tokenizer_kind, out_dir, val_fraction, source_path, vocab_size, workers, seed,
+                              text_field, shards, chunk_size)
+
+
+def prepare_locked(name, tokenizer_kind, out_dir, val_fraction, source_path, vocab_size, workers, seed, text_field,
+                   shards, chunk_size):
+    """prepare(), in an output directory this process has locked."""
     source = open_source(name, source_path, out_dir, val_fraction, text_field, shards, chunk_size)
 
     if tokenizer_kind == "char":  # the vocabulary covers the whole corpus (and the "\n\n" separator)
@@ -560,7 +569,7 @@ def main(argv=None):
     try:
         meta = prepare(args.name, args.tokenizer, args.out, args.val_fraction, args.source, args.vocab_size,
                        args.workers, args.seed, args.text_field, args.shards, args.chunk_size)
-    except (PrepareError, TokenizerError, OSError) as e:
+    except (PrepareError, TokenizerError, DirectoryInUse, OSError) as e:
         sys.exit(f"prepare.py: error: {e}")
     except KeyboardInterrupt:
         sys.exit("prepare.py: interrupted: nothing was written (no meta.json); run the command again")

@@ -27,64 +27,19 @@ from tqdm import tqdm
 
 import checkpoint
 import gpt2
+from checkpoint import load_model_state
 from config import ConfigError, build_config, help_text, load_saved
 from data import DataError, Dataset
+from device import peak_flops, resolve_device, resolve_dtype
 from distributed import Distributed
-from model import GPT, GPTConfig
+from lock import DirectoryInUse, DirectoryLock
+from model import GPT, GPTConfig, padded_vocab_size
 
 # Keys that fix the model's shape: a checkpoint can only be resumed with the same values.
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_multiple")
 # Keys a resumed run may change without changing what it computes up to the old end.
 SAFE_TO_CHANGE = ("max_iters", "eval_interval", "eval_iters", "log_interval", "checkpoint_interval",
                   "keep_last_n", "max_bad_steps", "lr_decay_iters", "min_lr", "out_dir", "device", "compile")
-
-# Dense bf16/fp16 tensor-core peak FLOP/s, matched against torch.cuda.get_device_name().
-# Order matters: the first substring that matches wins ("H100 PCIe" before "H100").
-GPU_PEAK_FLOPS = [
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("V100", 125e12),
-    ("T4", 65e12),
-]
-
-
-def resolve_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device '{name}' is not a torch device: use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available: use --device=cpu or auto")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device 'mps' was asked for but MPS is not available: use --device=cpu or auto")
-    return device
-
-
-def resolve_dtype(name, device_type):
-    if name == "auto":
-        if device_type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def peak_flops(device, dtype):
-    """The device's peak FLOP/s for this dtype, or None when unknown (CPU, MPS, fp32, unlisted GPU)."""
-    if device.type != "cuda" or dtype == torch.float32:
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in GPU_PEAK_FLOPS if key in name), None)
-
 
 def get_lr(step, cfg):
     """Learning rate for the update that follows `step` completed updates: linear warmup, then cosine to min_lr."""
@@ -204,6 +159,179 @@ def save_failed(error, out_dir):
                            "intact: fix the problem, then continue with --resume", 1)
 
 
+@dataclasses.dataclass
+class RunState:
+    """Everything a checkpoint carries about the run besides the weights and the optimizer: where
+    it is, how it has gone, and the random streams. Created in start(), saved in to_checkpoint(),
+    restored in from_checkpoint(); nothing else holds this state."""
+
+    step: int  # optimizer updates done
+    best_val_loss: float
+    skipped_steps: int  # updates skipped by the NaN guard
+    # The running loss of the current log window: a resumed run logs the same averages.
+    window_steps: int
+    loss_sum: torch.Tensor
+    batches: torch.Generator  # this process's batch sampler
+
+    @classmethod
+    def start(cls, cfg, rank, device):
+        return cls(step=0, best_val_loss=float("inf"), skipped_steps=0, window_steps=0,
+                   loss_sum=torch.zeros((), device=device), batches=torch.Generator().manual_seed(cfg.seed + rank))
+
+    def to_checkpoint(self, ddp, device):
+        """(JSON-able info, tensors). Every process must call it: each contributes its RNG states."""
+        rng_tensors, rng_info = checkpoint.rng_state(device)
+        rng_tensors["rng_batches"] = self.batches.get_state()
+        everyone = ddp.gather((rng_tensors, rng_info))
+        info = {"step": self.step, "best_val_loss": self.best_val_loss, "skipped_steps": self.skipped_steps,
+                "window_steps": self.window_steps, "rng": [rank_info for _, rank_info in everyone]}
+        tensors = {f"rank{rank}.{name}": t for rank, (ts, _) in enumerate(everyone) for name, t in ts.items()}
+        tensors["loss_sum"] = self.loss_sum
+        return info, tensors
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, cfg, ddp, device):
+        """The state a checkpoint saved, with this process's random streams set back to where they were."""
+        info = ckpt.info
+        state = cls(step=info["step"], best_val_loss=info["best_val_loss"], skipped_steps=info["skipped_steps"],
+                    window_steps=info["window_steps"], loss_sum=ckpt.extra["loss_sum"].to(device),
+                    batches=torch.Generator())
+        if len(info["rng"]) == ddp.world_size:
+            prefix = f"rank{ddp.rank}."
+            rng = {k[len(prefix):]: v for k, v in ckpt.extra.items() if k.startswith(prefix)}
+            checkpoint.set_rng_state(rng, info["rng"][ddp.rank], device)
+            state.batches.set_state(rng["rng_batches"])
+        else:
+            print(f"resume: the run had {len(info['rng'])} processes, now {ddp.world_size}: batches and "
+                  "dropout will differ from an uninterrupted run", file=sys.stderr)
+            fresh_seed = cfg.seed + ddp.rank + 1_000_003 * state.step  # not the batches the run began with
+            torch.manual_seed(fresh_seed)
+            state.batches.manual_seed(fresh_seed)
+        return state
+
+
+def build_model(cfg, data, device):
+    """A new model from the config's keys, or pretrained GPT-2 (whose weights then fix cfg's shape keys)."""
+    if cfg.init_from == "scratch":
+        vocab_size = padded_vocab_size(data.vocab_size, cfg.vocab_multiple)
+        model_cfg = GPTConfig(cfg.block_size, vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout, cfg.bias)
+        return GPT(model_cfg).to(device), cfg
+    model, cfg = gpt2.init_for_training(cfg, data.tokenizer)
+    return model.to(device), cfg
+
+
+def start_run_directory(cfg, resume, ddp):
+    """Check out_dir can take this run; the master clears what a crashed run left behind."""
+    if not resume and os.path.exists(checkpoint.run_files(cfg.out_dir)["latest"]):
+        raise ConfigError(
+            f"out_dir '{cfg.out_dir}' already holds a run: continue it with --resume, "
+            "or choose a new --out_dir=PATH (or delete the old one)"
+        )
+    if ddp.is_master:
+        checkpoint.remove_stale_temporaries(cfg.out_dir)
+        log_path = os.path.join(cfg.out_dir, "log.jsonl")
+        if not resume and os.path.exists(log_path):
+            os.remove(log_path)  # left by a run that stopped before its first checkpoint
+
+
+def restore(cfg, data, model, optimizer, scaler, ddp, device):
+    """Load the newest intact checkpoint of out_dir into model, optimizer and scaler; returns its RunState."""
+    ckpt = checkpoint.load_for_resume(cfg.out_dir, device=device)
+    for note in resume_changes(ckpt.info["config"], cfg):
+        print(note, file=sys.stderr)
+    if ckpt.info["tokenizer"] != data.tokenizer.to_dict():
+        raise ConfigError(f"cannot resume: '{cfg.data_dir}' was prepared with another tokenizer than the "
+                          "checkpoint's: use the data the run was trained on")
+    load_model_state(model, ckpt.model_state)
+    optimizer.load_state_dict(ckpt.optimizer_state)
+    if ckpt.info["scaler"]:
+        scaler.load_state_dict(ckpt.info["scaler"])
+    state = RunState.from_checkpoint(ckpt, cfg, ddp, device)
+    if ddp.is_master:
+        truncate_log(os.path.join(cfg.out_dir, "log.jsonl"), state.step)
+        print(f"resumed from {ckpt.path} at step {state.step}", file=sys.stderr)
+    return state
+
+
+def save_checkpoint(path, cfg, model, optimizer, scaler, tokenizer, state, ddp, device):
+    """Write the whole training state to `path`, or to latest (keeping previous and step copies) when
+    path is None. Every process takes part; the master writes."""
+    run_info, tensors = state.to_checkpoint(ddp, device)
+    if not ddp.is_master:
+        return
+    info = {"config": dataclasses.asdict(cfg), "model": dataclasses.asdict(model.config),
+            "tokenizer": tokenizer.to_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            **run_info}
+    args = (model.state_dict(), info, optimizer.state_dict(), tensors)
+    try:
+        if path is None:
+            checkpoint.save_latest(cfg.out_dir, cfg.keep_last_n, state.step, *args)
+        else:
+            checkpoint.save(path, *args)
+    except OSError as e:
+        raise save_failed(e, cfg.out_dir) from None
+
+
+def train_step(runner, optimizer, scaler, next_batch, micro_steps, autocast, ddp):
+    """Forward and backward over micro_steps micro-batches; returns the step's mean loss (a 0-d tensor,
+    the same in every process). Gradients are left in the parameters, unscaled."""
+    step_loss = 0.0
+    x, y = next_batch()
+    for micro_step in range(micro_steps):
+        last = micro_step + 1 == micro_steps
+        # Across processes, gradients are averaged once per step: on the last micro-batch's backward.
+        with runner.no_sync() if ddp.enabled and not last else nullcontext():
+            with autocast:
+                _, loss = runner(x, y)
+                loss = loss / micro_steps  # the sum of micro-losses is the batch mean
+            if not last:  # fetch the next micro-batch while this one runs
+                x, y = next_batch()
+            scaler.scale(loss).backward()
+        step_loss = step_loss + loss.detach()
+    ddp.mean(step_loss)  # every process then takes the same decisions
+    scaler.unscale_(optimizer)
+    return step_loss
+
+
+def apply_update(model, optimizer, scaler, step_loss, cfg, state):
+    """Clip and step, unless the loss or gradient norm is non-finite (the NaN guard: such a step
+    never reaches the weights, costing one sync per step). Returns whether the update was applied."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+    # With float16, overflowing gradients are routine while the loss scale calibrates: GradScaler
+    # skips those steps itself, so only the loss is checked.
+    finite = torch.isfinite(step_loss) if scaler.is_enabled() else torch.isfinite(step_loss + grad_norm)
+    applied = bool(finite.item())
+    if applied:
+        scaler.step(optimizer)
+        scaler.update()
+        state.loss_sum += step_loss
+        state.window_steps += 1
+    else:
+        state.skipped_steps += 1
+    optimizer.zero_grad(set_to_none=True)
+    return applied
+
+
+class LogWindow:
+    """Times the steps between two log records, for tokens/s and MFU."""
+
+    def __init__(self, tokens_per_step, flops_per_token, peak):
+        self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak
+        self.reset()
+
+    def reset(self):
+        self.start, self.steps = time.perf_counter(), 0
+
+    def record(self, state, lr):
+        """The log record of the window that ends now (its losses) and its speed."""
+        tokens_per_sec = self.tokens_per_step * self.steps / (time.perf_counter() - self.start)
+        mfu = self.flops_per_token * tokens_per_sec / self.peak if self.peak else None
+        loss = state.loss_sum.item() / state.window_steps if state.window_steps else None
+        return {"step": state.step, "loss": round(loss, 6) if loss is not None else None, "lr": lr,
+                "tokens_per_sec": round(tokens_per_sec, 1), "mfu": round(mfu, 4) if mfu else None,
+                "skipped_steps": state.skipped_steps}
+
+
 def train(cfg, resume=False, ddp=None):
     ddp = ddp or Distributed()
     device = ddp.start(resolve_device(cfg.device))
@@ -216,210 +344,107 @@ def train(cfg, resume=False, ddp=None):
     micro_steps = cfg.gradient_accumulation_steps // ddp.world_size
     data = Dataset(cfg.data_dir, cfg.block_size)
     check_writable(cfg.out_dir)
-    files = checkpoint.run_files(cfg.out_dir)
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    if not resume and os.path.exists(files["latest"]):
-        raise ConfigError(
-            f"out_dir '{cfg.out_dir}' already holds a run: continue it with --resume, "
-            "or choose a new --out_dir=PATH (or delete the old one)"
-        )
-    if ddp.is_master:
-        checkpoint.remove_stale_temporaries(cfg.out_dir)
+    # Only the master holds the run directory's lock: under torchrun the other processes are its own.
+    lock = DirectoryLock(cfg.out_dir, "train.py", "wait for that run to finish or stop it, or choose another "
+                         "--out_dir=PATH") if ddp.is_master else nullcontext()
+    with lock:
+        return run_training(cfg, resume, ddp, device, dtype, micro_steps, data)
+
+
+def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
+    """The training run itself, in a run directory this process has locked."""
+    start_run_directory(cfg, resume, ddp)
     say = tqdm.write if ddp.is_master else (lambda *args, **kwargs: None)
 
-    # model and optimizer
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    if cfg.init_from == "scratch":
-        vocab_size = math.ceil(data.vocab_size / cfg.vocab_multiple) * cfg.vocab_multiple
-        model_cfg = GPTConfig(cfg.block_size, vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout, cfg.bias)
-        model = GPT(model_cfg).to(device)
-    else:  # pretrained GPT-2: its weights fix the model's shape, and cfg records the values they set
-        model, cfg = gpt2.init_for_training(cfg, data.tokenizer)
-        model_cfg = model.config
-        model = model.to(device)
-    torch.manual_seed(cfg.seed + ddp.rank)  # but each process its own dropout masks ...
+    model, cfg = build_model(cfg, data, device)
+    torch.manual_seed(cfg.seed + ddp.rank)  # but each process its own dropout masks (and batches: RunState)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
     # Loss scaling only for float16 on CUDA: bfloat16 and float32 have float32's exponent range.
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16 and device.type == "cuda"))
-    batch_generator = torch.Generator().manual_seed(cfg.seed + ddp.rank)  # ... and its own batches
-    step, best_val_loss, skipped_steps = 0, float("inf"), 0
-    # The running loss of the current log window is part of the state: a resumed run logs the same averages.
-    loss_sum, window_steps = torch.zeros((), device=device), 0
-
+    state = RunState.start(cfg, ddp.rank, device)
     if resume:
-        ckpt = checkpoint.load_for_resume(cfg.out_dir, device=device)
-        for note in resume_changes(ckpt.info["config"], cfg):
-            print(note, file=sys.stderr)
-        if ckpt.info["tokenizer"] != data.tokenizer.to_dict():
-            raise ConfigError(f"cannot resume: '{cfg.data_dir}' was prepared with another tokenizer than the "
-                              "checkpoint's: use the data the run was trained on")
-        load_model_state(model, ckpt.model_state)
-        optimizer.load_state_dict(ckpt.optimizer_state)
-        if ckpt.info["scaler"]:
-            scaler.load_state_dict(ckpt.info["scaler"])
-        step, best_val_loss = ckpt.info["step"], ckpt.info["best_val_loss"]
-        skipped_steps, window_steps = ckpt.info["skipped_steps"], ckpt.info["window_steps"]
-        loss_sum = ckpt.extra["loss_sum"].to(device)
-        if len(ckpt.info["rng"]) == ddp.world_size:
-            prefix = f"rank{ddp.rank}."
-            rng = {k[len(prefix):]: v for k, v in ckpt.extra.items() if k.startswith(prefix)}
-            checkpoint.set_rng_state(rng, ckpt.info["rng"][ddp.rank], device)
-            batch_generator.set_state(rng["rng_batches"])
-        else:
-            print(f"resume: the run had {len(ckpt.info['rng'])} processes, now {ddp.world_size}: batches and "
-                  "dropout will differ from an uninterrupted run", file=sys.stderr)
-            fresh_seed = cfg.seed + ddp.rank + 1_000_003 * step  # not the batches the run began with
-            torch.manual_seed(fresh_seed)
-            batch_generator.manual_seed(fresh_seed)
-        if ddp.is_master:
-            truncate_log(log_path, step)
-            print(f"resumed from {ckpt.path} at step {step}", file=sys.stderr)
-    elif ddp.is_master and os.path.exists(log_path):
-        os.remove(log_path)  # left by a run that stopped before its first checkpoint
-
+        state = restore(cfg, data, model, optimizer, scaler, ddp, device)
     if ddp.is_master:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
-
-    def save(path=None):
-        """Write the whole training state: latest (default) or the given file. Every process takes
-        part (each contributes its RNG states); the master writes."""
-        rng_tensors, rng_info = checkpoint.rng_state(device)
-        rng_tensors["rng_batches"] = batch_generator.get_state()
-        everyone = ddp.gather((rng_tensors, rng_info))
-        if not ddp.is_master:
-            return
-        info = {
-            "config": dataclasses.asdict(cfg),
-            "model": dataclasses.asdict(model_cfg),
-            "tokenizer": data.tokenizer.to_dict(),
-            "step": step,
-            "best_val_loss": best_val_loss,
-            "skipped_steps": skipped_steps,
-            "window_steps": window_steps,
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "rng": [rank_info for _, rank_info in everyone],
-        }
-        extra = {f"rank{rank}.{name}": t for rank, (tensors, _) in enumerate(everyone) for name, t in tensors.items()}
-        extra["loss_sum"] = loss_sum
-        args = (model.state_dict(), info, optimizer.state_dict(), extra)
-        try:
-            if path is None:
-                checkpoint.save_latest(cfg.out_dir, cfg.keep_last_n, step, *args)
-            else:
-                checkpoint.save(path, *args)
-        except OSError as e:
-            raise save_failed(e, cfg.out_dir) from None
 
     runner = torch.compile(model) if cfg.compile else model  # `model` stays uncompiled: plain state-dict names
     if ddp.enabled:
         runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    pin = device.type == "cuda"  # pinned host memory lets the copy to the GPU overlap compute
 
-    def to_device(x, y):
-        if pin:
+    def next_batch():
+        x, y = data.get_batch("train", cfg.batch_size, state.batches)
+        if device.type == "cuda":  # pinned host memory lets the copy to the GPU overlap compute
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         return x.to(device), y.to(device)
 
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps  # all processes
+    def save(path=None):
+        save_checkpoint(path, cfg, model, optimizer, scaler, data.tokenizer, state, ddp, device)
+
     peak = peak_flops(device, dtype)
-    peak = peak * ddp.world_size if peak else None
-    flops_per_token = model.flops_per_token()
-    log = open(log_path if ddp.is_master else os.devnull, "a")
+    window = LogWindow(cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps,  # all processes
+                       model.flops_per_token(), peak * ddp.world_size if peak else None)
+    log = open(os.path.join(cfg.out_dir, "log.jsonl") if ddp.is_master else os.devnull, "a")
     # Off a terminal (a log file, CI) a redraw every 30 s keeps the log readable.
-    bar = tqdm(total=cfg.max_iters, initial=step, desc="train", unit="step", dynamic_ncols=True,
+    bar = tqdm(total=cfg.max_iters, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30, disable=not ddp.is_master)
-    window_start, window_timed_steps = time.perf_counter(), 0
     bad_streak = 0
 
     with StopSignals() as stop, log, bar:
-        while step < cfg.max_iters:
-            lr = get_lr(step, cfg)
+        while state.step < cfg.max_iters:
+            lr = get_lr(state.step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            step_loss = torch.zeros((), device=device)
-            x, y = to_device(*data.get_batch("train", cfg.batch_size, batch_generator))
-            for micro_step in range(micro_steps):
-                last = micro_step + 1 == micro_steps
-                # Across processes, gradients are averaged once per step: on the last micro-batch's backward.
-                with runner.no_sync() if ddp.enabled and not last else nullcontext():
-                    with autocast:
-                        _, loss = runner(x, y)
-                        loss = loss / micro_steps  # the sum of micro-losses is the batch mean
-                    if not last:  # fetch the next micro-batch while this one runs
-                        x, y = to_device(*data.get_batch("train", cfg.batch_size, batch_generator))
-                    scaler.scale(loss).backward()
-                step_loss += loss.detach()
-            ddp.mean(step_loss)  # every process then takes the same decisions below
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            # NaN guard: a non-finite loss or gradient never reaches the weights. This costs one sync per step.
-            # With float16, overflowing gradients are routine while the loss scale calibrates: GradScaler
-            # skips those steps itself, so only the loss is checked.
-            finite = torch.isfinite(step_loss) if scaler.is_enabled() else torch.isfinite(step_loss + grad_norm)
-            if finite.item():
-                scaler.step(optimizer)
-                scaler.update()
-                bad_streak = 0
-                loss_sum += step_loss
-                window_steps += 1
-            else:
-                bad_streak += 1
-                skipped_steps += 1
-                say(f"step {step + 1}: non-finite loss or gradient norm, update skipped ({bad_streak} in a row)",
-                    file=sys.stderr)
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            window_timed_steps += 1
+            step_loss = train_step(runner, optimizer, scaler, next_batch, micro_steps, autocast, ddp)
+            bad_streak = 0 if apply_update(model, optimizer, scaler, step_loss, cfg, state) else bad_streak + 1
+            state.step += 1
+            window.steps += 1
             bar.update(1)
+            if bad_streak:
+                say(f"step {state.step}: non-finite loss or gradient norm, update skipped ({bad_streak} in a row)",
+                    file=sys.stderr)
             if bad_streak >= cfg.max_bad_steps:
                 raise TrainingStopped(
-                    f"stopped at step {step}: {bad_streak} steps in a row had a non-finite loss or gradient norm "
-                    f"(none reached the weights; the checkpoints in '{cfg.out_dir}' are untouched): lower "
+                    f"stopped at step {state.step}: {bad_streak} steps in a row had a non-finite loss or gradient "
+                    f"norm (none reached the weights; the checkpoints in '{cfg.out_dir}' are untouched): lower "
                     "learning_rate or check the data, then continue with --resume", 1)
 
-            is_eval = step % cfg.eval_interval == 0 or step == cfg.max_iters
+            is_eval = state.step % cfg.eval_interval == 0 or state.step == cfg.max_iters
             improved = False
-            if step % cfg.log_interval == 0 or is_eval:
-                train_loss = loss_sum.item() / window_steps if window_steps else float("nan")
-                elapsed = time.perf_counter() - window_start
-                tokens_per_sec = tokens_per_step * window_timed_steps / elapsed
-                mfu = flops_per_token * tokens_per_sec / peak if peak else None
-                record = {"step": step, "loss": round(train_loss, 6) if window_steps else None, "lr": lr,
-                          "tokens_per_sec": round(tokens_per_sec, 1), "mfu": round(mfu, 4) if mfu else None,
-                          "skipped_steps": skipped_steps}
+            if state.step % cfg.log_interval == 0 or is_eval:
+                record = window.record(state, lr)
                 if is_eval:
                     losses = estimate_loss(runner, data, cfg, autocast, device, ddp)
                     record.update(train_loss=round(losses["train"], 6), val_loss=round(losses["val"], 6))
-                    say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                    improved = losses["val"] < best_val_loss
-                    best_val_loss = min(best_val_loss, losses["val"])
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}",
-                                mfu=f"{mfu:.1%}" if mfu else "n/a", refresh=False)
-                loss_sum.zero_()
-                window_steps = 0
-                window_start, window_timed_steps = time.perf_counter(), 0
+                    say(f"step {state.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                    improved = losses["val"] < state.best_val_loss
+                    state.best_val_loss = min(state.best_val_loss, losses["val"])
+                write_record(log, bar, record)
+                state.loss_sum.zero_()
+                state.window_steps = 0
+                window.reset()
             if improved:  # saved after the log window closes, so a run resumed from it logs the same losses
-                save(files["best"])
+                save(checkpoint.run_files(cfg.out_dir)["best"])
             stopping = ddp.any(stop.received is not None)  # all processes stop at the same step
-            if step % cfg.checkpoint_interval == 0 or step == cfg.max_iters or stopping:
+            if state.step % cfg.checkpoint_interval == 0 or state.step == cfg.max_iters or stopping:
                 save()
-            if stopping and step < cfg.max_iters:
+            if stopping and state.step < cfg.max_iters:
                 signum = stop.received or signal.SIGTERM
                 raise TrainingStopped(
-                    f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint written to "
-                    f"{files['latest']}: continue with the same command plus --resume", 128 + signum)
-    return best_val_loss
+                    f"stopped by {signal.Signals(signum).name} at step {state.step}; checkpoint written to "
+                    f"{checkpoint.run_files(cfg.out_dir)['latest']}: continue with the same command plus --resume",
+                    128 + signum)
+    return state.best_val_loss
 
 
-def load_model_state(model, state):
-    """Load a checkpoint's weights; the tied lm_head is stored once, as the token embedding."""
-    state = dict(state)
-    state.setdefault("lm_head.weight", state["transformer.wte.weight"])
-    model.load_state_dict(state)
+def write_record(log, bar, record):
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+    mfu = record["mfu"]
+    bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None else "nan",
+                    tok_s=f"{record['tokens_per_sec']:,.0f}", mfu=f"{mfu:.1%}" if mfu else "n/a", refresh=False)
 
 
 def main(argv=None):
@@ -442,7 +467,7 @@ def main(argv=None):
         base = load_saved(args) if resume and path is None else None
         cfg = build_config(path, args, base)
         best = train(cfg, resume=resume, ddp=ddp)
-    except (ConfigError, DataError, checkpoint.CheckpointError, gpt2.GPT2Error) as e:
+    except (ConfigError, DataError, checkpoint.CheckpointError, gpt2.GPT2Error, DirectoryInUse) as e:
         sys.exit(f"train.py: error: {e}")
     except TrainingStopped as e:
         print(f"train.py: {e}", file=sys.stderr)
