@@ -55,7 +55,7 @@ class TrainConfig:
     beta2: float = _key(0.99, "AdamW beta2")
     grad_clip: float = _key(1.0, "clip the gradient norm to this (0 disables)")
     # evaluation, logging, checkpoints
-    eval_interval: int = _key(250, "evaluate train/val loss and checkpoint every this many steps")
+    eval_interval: int = _key(250, "evaluate train/val loss every this many steps (and at the end)")
     eval_iters: int = _key(20, "batches averaged per evaluation")
     log_interval: int = _key(10, "write a log.jsonl record every this many steps")
     checkpoint_interval: int = _key(250, "write latest.safetensors every this many steps (and at the end)")
@@ -180,7 +180,3 @@ def help_text():
         default = json.dumps(f.default)
         lines.append(f"  --{f.name:<28} {TYPES[f.type]:<5} default {default:<18} {f.metadata['help']}")
     return "\n".join(lines)
-
-
-def to_json(cfg):
-    return json.dumps(dataclasses.asdict(cfg), indent=2)

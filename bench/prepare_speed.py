@@ -7,7 +7,7 @@ Benchmark data preparation on this machine, in one run:
   1 and N workers, against a plain single-process tiktoken loop (encode each document with the
   same tokenizer, append the ids to a .bin file): nanoGPT's way.
 
-    python bench_prepare.py [--quick] [--mb 200] [--workers N] [--shakespeare input.txt] [--work DIR]
+    python -m bench.prepare_speed [--quick] [--mb 200] [--workers N] [--shakespeare input.txt] [--work DIR]
 
 --quick uses a 20 MB corpus. The machine's load average is printed before and after: the figures
 are only as good as the machine was idle.

@@ -3,9 +3,9 @@ Generation speed: the cache-free reference (GPT.generate), our engine (generate.
 when transformers is installed, Hugging Face's generate on the same weights, side by side in
 one run, so the ratios hold even on a busy machine.
 
-    python bench_sample.py            # both model sizes, batch 1 and 8, 256 and 1024 new tokens
-    python bench_sample.py --quick    # 64 and 256 new tokens, fewer reference probes
-    python bench_sample.py --threads 1   # on a machine shared with other jobs (see README)
+    python -m bench.sample_speed            # both model sizes, batch 1 and 8, 256 and 1024 new tokens
+    python -m bench.sample_speed --quick    # 64 and 256 new tokens, fewer reference probes
+    python -m bench.sample_speed --threads 1   # on a machine shared with other jobs (see README)
 
 Models have random weights: (a) the shakespeare_char config (6 layers, 6 heads, 384 wide,
 block_size 256, 65 tokens) and (b) GPT-2 124M (12, 12, 768, block_size 1024, 50257 tokens).
