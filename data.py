@@ -4,6 +4,16 @@ Prepared data on disk, and random batches drawn from it.
 A prepared data directory holds train.bin and val.bin (token ids as a flat array of
 uint16 or uint32) and meta.json (the tokenizer, vocab size, dtype and token counts).
 The .bin files are memory-mapped, never read whole into RAM.
+
+Chat data (meta.json has "chat": true) holds conversations rendered by chat.py, one after another,
+and beside each split's .bin two more files:
+    {split}_mask.bin    uint8, one per token: 1 where the token is one the model learns to say
+    {split}_starts.bin  int64, one per conversation: the index of its first token (<|bos|>)
+A batch of chat data holds one conversation per row, from its start, so a conversation never attends
+to another; rows are padded on the right to the longest in the batch (causal attention means no real
+token ever sees the padding), and targets the loss must ignore are -1: padding and every token whose
+mask is 0. A conversation longer than block_size + 1 tokens is cut to that length, and one left with
+nothing to learn by the cut is never drawn; Dataset.notes counts both.
 """
 
 import json
@@ -38,20 +48,49 @@ def read_meta(data_dir):
     return meta
 
 
-def open_split(data_dir, split, meta):
-    """Memory-map train.bin or val.bin and check it against meta.json."""
-    path = os.path.join(data_dir, f"{split}.bin")
+def open_array(data_dir, name, dtype, count):
+    """Memory-map DIR/name, checking that it holds count items of dtype as meta.json says."""
+    path = os.path.join(data_dir, name)
     if not os.path.isfile(path):
         raise DataError(f"'{path}' is missing: run `python prepare.py SOURCE --out {data_dir}` again")
-    dtype = np.dtype(meta["dtype"])
+    dtype = np.dtype(dtype)
     size = os.path.getsize(path)
-    expected = meta[f"{split}_tokens"] * dtype.itemsize
-    if size != expected:
+    if size != count * dtype.itemsize:
         raise DataError(
-            f"'{path}' holds {size} bytes but meta.json says {meta[f'{split}_tokens']} tokens of {dtype.name} "
-            f"({expected} bytes): the file is truncated or from another preparation; prepare the data again"
+            f"'{path}' holds {size} bytes but meta.json says {count} items of {dtype.name} "
+            f"({count * dtype.itemsize} bytes): the file is truncated or from another preparation; prepare the data again"
         )
-    return np.memmap(path, dtype=dtype, mode="r")
+    return np.memmap(path, dtype=dtype, mode="r") if count else np.empty(0, dtype)
+
+
+def open_split(data_dir, split, meta):
+    """Memory-map train.bin or val.bin and check it against meta.json."""
+    return open_array(data_dir, f"{split}.bin", meta["dtype"], meta[f"{split}_tokens"])
+
+
+class ChatSplit:
+    """One split of chat data: its tokens, loss mask and conversation starts, and which conversations
+    batches may draw (those with something to learn within block_size + 1 tokens)."""
+
+    def __init__(self, data_dir, split, meta, tokens, block_size):
+        self.tokens = tokens
+        self.mask = open_array(data_dir, f"{split}_mask.bin", np.uint8, len(tokens))
+        self.starts = open_array(data_dir, f"{split}_starts.bin", np.int64, meta[f"{split}_conversations"])
+        lengths = np.diff(np.append(self.starts, len(tokens)))
+        position = np.arange(len(tokens)) - np.repeat(self.starts, lengths)  # of each token in its conversation
+        # A token can be a target when it is masked in and within the first block_size + 1 of its conversation.
+        target = (self.mask.astype(bool) & (position >= 1) & (position <= block_size)).astype(np.int64)
+        learnable = np.add.reduceat(target, self.starts) > 0 if len(self.starts) else np.zeros(0, bool)
+        self.drawable = np.flatnonzero(learnable)  # conversation indices batches draw from
+        self.ends = self.starts + lengths
+        self.truncated = int((lengths > block_size + 1).sum())
+        self.skipped = int((~learnable).sum())
+
+    def row(self, i, block_size):
+        """Conversation i's tokens and mask, cut to block_size + 1."""
+        start = self.starts[i]
+        end = min(self.ends[i], start + block_size + 1)
+        return self.tokens[start:end], self.mask[start:end]
 
 
 class Dataset:
@@ -62,8 +101,14 @@ class Dataset:
         self.tokenizer = tokenizer_from_dict(self.meta["tokenizer"])
         self.vocab_size = self.meta["vocab_size"]
         self.splits = {split: open_split(data_dir, split, self.meta) for split in ("train", "val")}
+        self.chat = {}  # split -> ChatSplit, for chat data
+        self.notes = []  # what the reader should know about how the data is used
+        if self.meta.get("chat"):
+            for split, tokens in self.splits.items():
+                self.chat[split] = ChatSplit(data_dir, split, self.meta, tokens, block_size)
+                self.check_chat_split(data_dir, split, block_size)
         for split, tokens in self.splits.items():
-            if len(tokens) < block_size + 1:
+            if len(tokens) < block_size + 1 and not self.chat:
                 raise DataError(
                     f"{split}.bin in '{data_dir}' has {len(tokens)} tokens, fewer than block_size + 1 = "
                     f"{block_size + 1}: use a smaller block_size or more text"
@@ -77,15 +122,43 @@ class Dataset:
                 )
         self.block_size = block_size
 
+    def check_chat_split(self, data_dir, split, block_size):
+        chat = self.chat[split]
+        if not len(chat.drawable):
+            raise DataError(f"no conversation in {split} of '{data_dir}' has an assistant token within block_size + 1 "
+                            f"= {block_size + 1} tokens: use a larger block_size or shorter conversations")
+        if chat.truncated:
+            self.notes.append(f"{split}: {chat.truncated} of {len(chat.starts)} conversations are longer than "
+                              f"block_size + 1 = {block_size + 1} tokens and are cut to it; {chat.skipped} of them "
+                              "keep nothing to learn and are left out")
+
     def get_batch(self, split, batch_size, generator):
-        """Random contiguous windows: x (B, T) and y = x shifted by one (B, T), int64 on the CPU."""
+        """Random contiguous windows: x (B, T) and y = x shifted by one (B, T), int64 on the CPU.
+        For chat data: random whole conversations, x (B, L) and y (B, L) with L <= T (see the top)."""
         # torch is imported here rather than at the top: prepare.py's worker processes import this module
         # for its format constants, and importing torch would add seconds to each worker's start.
         import torch
 
+        if self.chat:
+            return self.get_chat_batch(split, batch_size, generator)
         tokens = self.splits[split]
         T = self.block_size
         starts = torch.randint(len(tokens) - T, (batch_size,), generator=generator).tolist()
         windows = np.stack([tokens[s : s + T + 1] for s in starts]).astype(np.int64)  # (B, T + 1)
         windows = torch.from_numpy(windows)
         return windows[:, :-1], windows[:, 1:]
+
+    def get_chat_batch(self, split, batch_size, generator):
+        import torch
+
+        chat = self.chat[split]
+        picks = torch.randint(len(chat.drawable), (batch_size,), generator=generator).tolist()
+        rows = [chat.row(chat.drawable[p], self.block_size) for p in picks]
+        L = max(len(ids) for ids, _ in rows) - 1
+        x = np.zeros((batch_size, L), dtype=np.int64)  # padding: any id does, nothing real attends to it
+        y = np.full((batch_size, L), -1, dtype=np.int64)
+        for b, (ids, mask) in enumerate(rows):
+            n = len(ids) - 1
+            x[b, :n] = ids[:-1]
+            y[b, :n] = np.where(mask[1:] == 1, ids[1:].astype(np.int64), -1)
+        return torch.from_numpy(x), torch.from_numpy(y)

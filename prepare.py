@@ -47,9 +47,11 @@ import urllib.request
 import numpy as np
 from tqdm import tqdm
 
+import chat
 from data import META_VERSION
 from lock import DirectoryInUse, DirectoryLock
-from tokenizer import KINDS, TokenizerError, build_tokenizer, check_tokenizer_args, tokenizer_from_dict, utf8
+from tokenizer import (KINDS, TokenizerError, build_tokenizer, check_tokenizer_args, tokenizer_from_dict, utf8,
+                       with_chat_tokens)
 
 
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -64,7 +66,9 @@ BUILTINS = {
     "shakespeare_char": ("char", "tinyshakespeare, character-level"),
     "shakespeare": ("gpt2", "tinyshakespeare, GPT-2 BPE"),
     "fineweb_edu": ("gpt2", "FineWeb-Edu 10BT sample, GPT-2 BPE"),
+    "chat_tasks": ("char", "small generated tasks for chat fine-tuning (offline)"),
 }
+CHAT_TASKS_TRAIN, CHAT_TASKS_VAL = 20000, 500  # conversations of the built-in task set
 CHUNK_SIZE = 1 << 20  # characters of text per task sent to a worker
 TRAIN, VAL = 0, 1
 
@@ -449,6 +453,9 @@ def prepare(name, tokenizer_kind=None, out_dir=None, val_fraction=0.1, source_pa
 def prepare_locked(name, tokenizer_kind, out_dir, val_fraction, source_path, vocab_size, workers, seed, text_field,
                    shards, chunk_size):
     """prepare(), in an output directory this process has locked."""
+    conversations = chat_conversations(name, val_fraction, seed)
+    if conversations is not None:
+        return prepare_chat(name, conversations, tokenizer_kind, vocab_size, out_dir, seed)
     source = open_source(name, source_path, out_dir, val_fraction, text_field, shards, chunk_size)
 
     if tokenizer_kind == "char":  # the vocabulary covers the whole corpus (and the "\n\n" separator)
@@ -529,6 +536,97 @@ def write_splits(source, tokenizer, out_dir, val_fraction, seed, workers, chunk_
         "seed": seed,
         "source": {**source.description, "bytes": nbytes, "sha256": digest.hexdigest()},
     }
+    with open(meta_path + ".tmp", "wb") as f:
+        f.write(json.dumps(meta, indent=2, ensure_ascii=False).encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(meta_path + ".tmp", meta_path)
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat data: conversations rendered in the chat format, with a loss mask and conversation starts
+
+def chat_conversations(name, val_fraction, seed):
+    """[(split, messages)] for a chat source (the built-in tasks, or a JSONL file of chat records), else None."""
+    if name == "chat_tasks":
+        train, val = chat.chat_tasks(CHAT_TASKS_TRAIN, CHAT_TASKS_VAL, seed)
+        return [(TRAIN, m) for m in train] + [(VAL, m) for m in val]
+    if not (os.path.isfile(name) and name.endswith(".jsonl") and chat.is_chat_record(first_jsonl_record(name))):
+        return None
+    rng = random.Random(seed)  # conversations are split by seed, as documents are
+    conversations = []
+    with open(name, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                messages = chat.conversation_from_record(json.loads(line))
+                chat.check_conversation(messages)
+            except (json.JSONDecodeError, chat.ChatError) as e:
+                raise PrepareError(f"'{name}' line {n}: {e}") from None
+            conversations.append((VAL if rng.random() < val_fraction else TRAIN, messages))
+    return conversations
+
+
+def first_jsonl_record(path):
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    return json.loads(line)
+                except json.JSONDecodeError:
+                    return None
+    return None
+
+
+def prepare_chat(name, conversations, tokenizer_kind, vocab_size, out_dir, seed):
+    """Render [(split, messages)] with a tokenizer of the given kind plus the chat tokens, and write them."""
+    texts = (m["content"] for _, messages in conversations for m in messages)
+    tokenizer = with_chat_tokens(build_tokenizer(tokenizer_kind, texts, vocab_size))
+    rendered = ([], [])
+    for split, messages in conversations:
+        rendered[split].append(chat.render_conversation(tokenizer, messages))
+    description = {"name": name if name in BUILTINS else os.path.abspath(name)}
+    return write_chat_splits(rendered, tokenizer, out_dir, description, seed)
+
+
+def write_chat_splits(rendered, tokenizer, out_dir, description, seed):
+    """rendered: (train, val), each a list of (ids, mask). Writes {split}.bin, {split}_mask.bin and
+    {split}_starts.bin for each split (temporary names, renamed when complete), then meta.json last."""
+    for split, label in ((TRAIN, "train"), (VAL, "val")):
+        if not rendered[split]:
+            raise PrepareError(f"{label} split is empty: '{description['name']}' has {sum(map(len, rendered))} "
+                               f"conversations and none went to {label}; choose another --val-fraction or --seed")
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    os.makedirs(out_dir, exist_ok=True)
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(meta_path):
+        os.remove(meta_path)  # nothing complete-looking stays while we work
+    meta = {"version": META_VERSION, "tokenizer": tokenizer.to_dict(), "vocab_size": tokenizer.vocab_size,
+            "dtype": np.dtype(dtype).name, "chat": True, "seed": seed, "source": description}
+    files = []
+    for split, label in ((TRAIN, "train"), (VAL, "val")):
+        pairs = rendered[split]
+        lengths = np.array([len(ids) for ids, _ in pairs], dtype=np.int64)
+        arrays = {f"{label}.bin": np.concatenate([np.asarray(ids, dtype) for ids, _ in pairs]),
+                  f"{label}_mask.bin": np.concatenate([np.asarray(mask, np.uint8) for _, mask in pairs]),
+                  f"{label}_starts.bin": np.cumsum(lengths) - lengths}
+        files += arrays.items()
+        meta.update({f"{label}_tokens": int(lengths.sum()), f"{label}_conversations": len(pairs),
+                     f"{label}_documents": len(pairs)})
+    try:
+        for filename, array in files:
+            with open(os.path.join(out_dir, filename + ".tmp"), "wb") as f:
+                f.write(array.tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+        for filename, _ in files:
+            os.replace(os.path.join(out_dir, filename + ".tmp"), os.path.join(out_dir, filename))
+    finally:
+        for filename, _ in files:
+            if os.path.exists(os.path.join(out_dir, filename + ".tmp")):
+                os.remove(os.path.join(out_dir, filename + ".tmp"))
     with open(meta_path + ".tmp", "wb") as f:
         f.write(json.dumps(meta, indent=2, ensure_ascii=False).encode("utf-8"))
         f.flush()

@@ -28,6 +28,9 @@ GPT4_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
 EOT = "<|endoftext|>"
+# The chat format's tokens (chat.py places them): a conversation starts with <|bos|>, and each turn sits
+# between its role's start and end tokens. System text is merged into the first user turn, as nanochat does.
+CHAT_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>")
 
 
 def replace_surrogates(text):
@@ -178,6 +181,45 @@ class BPETokenizer:
                 "special_tokens": self.special_tokens}
 
 
+class ChatTokenizer:
+    """A tokenizer plus CHAT_TOKENS, as ids right after its own vocabulary, so a model trained with the
+    base tokenizer keeps its ids and only grows by these rows. Text goes through the base tokenizer
+    alone: a message holding the literal text "<|user_start|>" encodes as ordinary characters, and only
+    the chat format (chat.py) ever places a chat token."""
+
+    def __init__(self, base):
+        self.base = base
+        self.kind = base.kind
+        self.chat_ids = {name: base.vocab_size + i for i, name in enumerate(CHAT_TOKENS)}
+        self.vocab_size = base.vocab_size + len(CHAT_TOKENS)
+        self.eot_id = base.eot_id
+
+    def encode(self, text):
+        return self.base.encode(text)
+
+    def encode_array(self, text, dtype=np.int64):
+        return self.base.encode_array(text, dtype)
+
+    def decode(self, ids):
+        """Chat tokens decode to their names, so a transcript shows the conversation's structure."""
+        pieces, run = [], []
+        for i in ids:
+            if i >= self.base.vocab_size:
+                pieces += [self.base.decode(run), CHAT_TOKENS[i - self.base.vocab_size]]
+                run = []
+            else:
+                run.append(i)
+        return "".join(pieces) + self.base.decode(run)
+
+    def to_dict(self):
+        return {**self.base.to_dict(), "chat_tokens": list(CHAT_TOKENS)}
+
+
+def with_chat_tokens(tokenizer):
+    """tokenizer extended by the chat tokens (itself when it has them already)."""
+    return tokenizer if isinstance(tokenizer, ChatTokenizer) else ChatTokenizer(tokenizer)
+
+
 def gpt2_tokenizer():
     """OpenAI's GPT-2 BPE (50257 tokens, <|endoftext|> = 50256) from tiktoken's files."""
     import tiktoken
@@ -224,6 +266,11 @@ def build_tokenizer(kind, texts=None, vocab_size=None):
 
 def tokenizer_from_dict(d):
     """Rebuild a tokenizer from its JSON description (meta.json or a checkpoint)."""
+    if "chat_tokens" in d:
+        if d["chat_tokens"] != list(CHAT_TOKENS):
+            raise TokenizerError(f"saved chat tokens {d['chat_tokens']} are not this version's {list(CHAT_TOKENS)}: "
+                                 "use the version of this project that wrote them")
+        return ChatTokenizer(tokenizer_from_dict({k: v for k, v in d.items() if k != "chat_tokens"}))
     kind = d.get("type")
     if kind == "char":
         return CharTokenizer(d["chars"])

@@ -1,0 +1,157 @@
+"""
+Conversations for chat fine-tuning (SFT) and chat: the format that turns messages into tokens, the
+records it reads them from, and a built-in set of small tasks to fine-tune on offline.
+
+The format (tokenizer.CHAT_TOKENS, as nanochat's):
+
+    <|bos|> <|user_start|> question <|user_end|> <|assistant_start|> answer <|assistant_end|> <|user_start|> ...
+
+A system message is merged into the first user turn. Roles alternate user, assistant, user, ...
+after an optional system message. Training learns to produce the assistant turns only: the loss
+mask is 1 on the tokens of each assistant reply and on its <|assistant_end|> (so the model learns
+to stop), 0 on everything else, <|assistant_start|> included (the format, not the model, places it).
+"""
+
+import random
+
+ROLES = ("system", "user", "assistant")
+
+
+class ChatError(ValueError):
+    """A conversation that breaks the format; the message names the problem."""
+
+
+def check_conversation(messages, for_reply=False):
+    """messages: a list of {"role", "content"} -> [(role, content), ...] with the system message merged
+    into the first user turn. A conversation for training ends with an assistant turn; one for a reply
+    (for_reply) ends with a user turn."""
+    if not isinstance(messages, list) or not messages:
+        raise ChatError("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
+    turns = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ChatError(f"message {i + 1} is missing its 'role' or 'content' field")
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise ChatError(f"message {i + 1} has unknown role {role!r}: use one of {', '.join(ROLES)}")
+        if not isinstance(content, str) or not content.strip():
+            raise ChatError(f"message {i + 1} ({role}) has empty content")
+        if role == "system" and i > 0:
+            raise ChatError(f"message {i + 1} is a system message: only the first message may be one")
+        turns.append((role, content))
+    if turns[0][0] == "system":
+        if len(turns) < 2 or turns[1][0] != "user":
+            raise ChatError("a system message must be followed by a user message")
+        turns = [("user", turns[0][1] + "\n\n" + turns[1][1])] + turns[2:]
+    for i, (role, _) in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            raise ChatError(f"roles must alternate user, assistant, ...: turn {i + 1} is {role}, expected {expected}")
+    if for_reply and turns[-1][0] != "user":
+        raise ChatError("the conversation must end with a user message to be answered")
+    if not for_reply and turns[-1][0] != "assistant":
+        raise ChatError("the conversation has no assistant turn to learn from" if len(turns) == 1
+                        else "the conversation ends with a user turn: its last message must be the assistant's")
+    return turns
+
+
+def render_conversation(tokenizer, messages):
+    """Token ids of a whole conversation and its loss mask (1 on what the model learns to say).
+    Returns (ids, mask), two lists of equal length. tokenizer must have the chat tokens."""
+    ids, mask = render_turns(tokenizer, check_conversation(messages))
+    return ids, mask
+
+
+def render_for_reply(tokenizer, messages):
+    """Token ids that ask for the next assistant turn: the conversation (ending with a user turn)
+    followed by <|assistant_start|>."""
+    ids, _ = render_turns(tokenizer, check_conversation(messages, for_reply=True))
+    return ids + [tokenizer.chat_ids["<|assistant_start|>"]]
+
+
+def render_turns(tokenizer, turns):
+    chat = tokenizer.chat_ids
+    ids, mask = [chat["<|bos|>"]], [0]
+    for role, content in turns:
+        text = tokenizer.encode(content)
+        if role == "user":
+            part = [chat["<|user_start|>"], *text, chat["<|user_end|>"]]
+            ids += part
+            mask += [0] * len(part)
+        else:
+            ids += [chat["<|assistant_start|>"], *text, chat["<|assistant_end|>"]]
+            mask += [0] + [1] * (len(text) + 1)
+    return ids, mask
+
+
+def conversation_from_record(record):
+    """A record of a chat dataset -> messages. Two shapes are read: {"messages": [...]} and Alpaca's
+    {"instruction", "input" (optional), "output"}, which becomes one user and one assistant turn."""
+    if not isinstance(record, dict):
+        raise ChatError("a record must be a JSON object with 'messages', or 'instruction' and 'output'")
+    if "messages" in record:
+        return record["messages"]
+    if "instruction" in record:
+        if "output" not in record:
+            raise ChatError("an Alpaca-style record needs an 'output' field beside 'instruction'")
+        instruction, extra = record["instruction"], record.get("input") or ""
+        if not isinstance(instruction, str) or not isinstance(extra, str):
+            raise ChatError("'instruction' and 'input' must be strings")
+        user = instruction + ("\n\n" + extra if extra.strip() else "")
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+    raise ChatError(f"a chat record needs 'messages', or 'instruction' and 'output'; it has {sorted(record)}")
+
+
+def is_chat_record(record):
+    """Whether a JSONL/Parquet record is a conversation (rather than a document under a text field)."""
+    return isinstance(record, dict) and ("messages" in record or "instruction" in record)
+
+
+# ---------------------------------------------------------------------------------------------
+# The built-in tasks (`python prepare.py chat_tasks`): small, exactly checkable skills that a small
+# model can learn in minutes on a CPU, so SFT can be seen working offline.
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def random_word(rng):
+    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
+
+
+def task_reverse(rng):
+    word = random_word(rng)
+    return f"reverse {word}", word[::-1]
+
+
+def task_add(rng):
+    a, b = rng.randint(10, 999), rng.randint(10, 999)
+    return f"add {a} {b}", str(a + b)
+
+
+def task_count(rng):
+    word = random_word(rng) + random_word(rng)
+    letter = rng.choice(word)
+    return f"count {letter} in {word}", str(word.count(letter))
+
+
+def task_spell(rng):
+    word = random_word(rng)
+    return f"spell {word}", " ".join(word)
+
+
+TASKS = (task_reverse, task_add, task_count, task_spell)
+
+
+def chat_tasks(n_train, n_val, seed):
+    """(train, val): lists of conversations, one question and its answer each, the kinds taken in turn.
+    No question is in both splits: val takes the first n_val distinct questions drawn, train the next."""
+    rng = random.Random(seed)
+    seen, splits = set(), ([], [])
+    for split, n in ((1, n_val), (0, n_train)):
+        while len(splits[split]) < n:
+            question, answer = TASKS[(len(splits[split])) % len(TASKS)](rng)
+            if question in seen:
+                continue
+            seen.add(question)
+            splits[split].append([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
+    return splits
