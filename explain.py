@@ -31,7 +31,7 @@ from device import resolve_device
 from inspect_model import explain, fit_prompt, trace
 from tokenizer import TokenizerError
 
-SHADES = " .:-=+*#%@"  # light to dark: weight 0 to 1
+SHADES = ".:-=+*#%@"  # light to dark: weight 0 to 1 (blank: masked, above the diagonal)
 
 
 def quoted(label, width=0):
@@ -61,15 +61,15 @@ def print_attention_summary(e):
     for layer in range(n_layer):
         for head in range(n_head):
             most = e.patterns[layer, head].argmax(dim=-1).tolist()
-            pairs = " ".join(f"{e.labels[q]}<-{e.labels[k]}" for q, k in enumerate(most))
+            pairs = " ".join(f"{quoted(e.labels[q])}<-{quoted(e.labels[k])}" for q, k in enumerate(most))
             print(f"L{layer} H{head}: {pairs}")
 
 
 def print_heatmap(e, layer, head):
     """The T x T pattern of one head, one character per weight (darker = more attention)."""
     pattern = e.patterns[layer, head]
-    width = max(len(s) for s in e.labels) + 2
-    print(f"\nlayer {layer} head {head}: rows are queries, columns the keys (in order), shades '{SHADES}' = 0..1")
+    width = max(len(s) for s in e.labels) + 3  # quotes and a space
+    print(f"\nlayer {layer} head {head}: rows are queries, columns the keys (in order); weights 0..1 shaded '{SHADES}'")
     # Column headers: each key's label written downwards, one character per row.
     depth = min(6, max(len(s) for s in e.labels))
     for r in range(depth):

@@ -67,9 +67,10 @@ canvas.cell { border: 1px solid #ccc; cursor: pointer; image-rendering: pixelate
 canvas.cell.selected { border: 2px solid #d33; }
 #readout { font-family: ui-monospace, monospace; min-height: 1.4em; }
 .panel { display: flex; gap: 2em; flex-wrap: wrap; align-items: flex-start; }
-table.preds td { padding: 1px 6px; vertical-align: middle; font-size: 12px; }
-.bar { display: inline-block; height: 12px; background: #58c; vertical-align: middle; }
-.barlabel { display: inline-block; min-width: 11em; font-family: ui-monospace, monospace; white-space: pre; }
+table.preds td { padding: 1px 6px; vertical-align: middle; font-size: 12px; white-space: nowrap; }
+.pred { display: inline-block; width: 10em; }
+.bar { display: inline-block; height: 10px; background: #58c; vertical-align: middle; margin: 0 3px; }
+.mono { font-family: ui-monospace, monospace; white-space: pre; }
 .lens { overflow-x: auto; max-width: 100%; }
 table.lens td, table.lens th { font-family: ui-monospace, monospace; font-size: 11px; white-space: pre; padding: 1px 3px; }
 .muted { color: #777; }
@@ -119,6 +120,7 @@ function el(tag, text, cls) {
   if (cls) e.className = cls;
   return e;
 }
+function shown(s) { return s.replace(/ /g, "\u2423"); }
 function shade(w) { const v = Math.round(255 * (1 - w)); return "rgb(" + v + "," + v + ",255)"; }
 
 document.getElementById("title").textContent = D.title;
@@ -155,7 +157,8 @@ for (let l = 0; l < L; l++) {
   grid.appendChild(row);
 }
 
-const big = document.getElementById("big"), LABEL = 90, CELL = Math.max(3, Math.min(24, Math.floor(640 / T)));
+const LONGEST = Math.min(10, Math.max.apply(null, D.labels.map(function (s) { return s.length; })));
+const big = document.getElementById("big"), LABEL = 16 + 8 * LONGEST, CELL = Math.max(3, Math.min(24, Math.floor(640 / T)));
 function drawBig() {
   big.width = LABEL + T * CELL; big.height = LABEL + T * CELL;
   const ctx = big.getContext("2d");
@@ -167,7 +170,7 @@ function drawBig() {
   if (CELL >= 7) {
     ctx.fillStyle = "#222"; ctx.font = Math.min(12, CELL) + "px monospace"; ctx.textBaseline = "middle";
     for (let i = 0; i < T; i++) {
-      const s = D.labels[i].slice(0, 10);
+      const s = shown(D.labels[i].slice(0, 10));
       ctx.textAlign = "right"; ctx.fillText(s, LABEL - 4, LABEL + (i + 0.5) * CELL);
       ctx.save(); ctx.translate(LABEL + (i + 0.5) * CELL, LABEL - 4); ctx.rotate(-Math.PI / 2);
       ctx.textAlign = "left"; ctx.fillText(s, 0, 0); ctx.restore();
@@ -179,7 +182,7 @@ big.addEventListener("mousemove", function (ev) {
   const k = Math.floor((ev.clientX - r.left - LABEL) / CELL), q = Math.floor((ev.clientY - r.top - LABEL) / CELL);
   const out = document.getElementById("readout");
   if (q < 0 || k < 0 || q >= T || k >= T) { out.textContent = ""; return; }
-  out.textContent = "query " + q + " '" + D.labels[q] + "' -> key " + k + " '" + D.labels[k] + "': weight " +
+  out.textContent = "query " + q + " '" + shown(D.labels[q]) + "' -> key " + k + " '" + shown(D.labels[k]) + "': weight " +
     weight(layer, head, q, k).toFixed(3);
 });
 
@@ -200,7 +203,7 @@ function drawLines() {
     }
   }
   for (let i = 0; i < T; i++) {
-    const s = D.labels[i].slice(0, 16);
+    const s = shown(D.labels[i].slice(0, 16));
     ctx.fillStyle = i === hover ? "#d33" : "#222";
     ctx.textAlign = "right"; ctx.fillText(s, COLW, (i + 0.5) * ROW + 2);
     ctx.fillStyle = hover >= 0 && i <= hover ? shade(weight(layer, head, hover, i)) : "#fff";
@@ -229,34 +232,36 @@ function select(l, h) {
 
 const preds = document.getElementById("preds");
 const ph = el("tr");
-["pos", "token", "next token: p, rank", "top predictions"].forEach(function (s) { ph.appendChild(el("th", s)); });
+["pos", "token", "actual next token: p, rank", "top predictions"].forEach(function (s) { ph.appendChild(el("th", s)); });
 preds.appendChild(ph);
 D.predictions.forEach(function (p, t) {
-  const tr = el("tr");
-  tr.appendChild(el("td", String(t))); tr.appendChild(el("td", D.labels[t], "tok"));
-  tr.appendChild(el("td", p.next ? "'" + p.next[0] + "' " + p.next[1].toFixed(4) + ", #" + p.next[2] : "", p.next ? "" : "muted"));
+  const tr = el("tr"), token = el("td");
+  token.appendChild(el("span", shown(D.labels[t]), "tok"));
+  tr.appendChild(el("td", String(t))); tr.appendChild(token);
+  tr.appendChild(el("td", p.next ? "'" + shown(p.next[0]) + "' " + p.next[1].toFixed(4) + ", #" + p.next[2] : "", "mono"));
   const td = el("td");
   p.top.forEach(function (c) {
-    const line = el("div"), bar = el("span", undefined, "bar");
-    bar.style.width = Math.max(1, Math.round(200 * c[1])) + "px";
-    line.appendChild(el("span", c[0], "barlabel")); line.appendChild(bar);
-    line.appendChild(el("span", " " + c[1].toFixed(4)));
-    td.appendChild(line);
+    const item = el("span", undefined, "pred"), bar = el("span", undefined, "bar");
+    bar.style.width = Math.max(1, Math.round(60 * c[1])) + "px";
+    item.title = c[1].toFixed(4);
+    item.appendChild(el("span", shown(c[0]), "mono")); item.appendChild(bar);
+    item.appendChild(el("span", c[1].toFixed(2)));
+    td.appendChild(item);
   });
   tr.appendChild(td); preds.appendChild(tr);
 });
 
 const lens = document.getElementById("lens");
 const lh = el("tr"); lh.appendChild(el("th", ""));
-D.labels.forEach(function (s) { lh.appendChild(el("th", s)); });
+D.labels.forEach(function (s) { lh.appendChild(el("th", shown(s))); });
 lens.appendChild(lh);
 D.lens.forEach(function (layerTop, i) {
   const tr = el("tr");
   tr.appendChild(el("th", i === 0 ? "embeddings" : "after block " + (i - 1)));
   layerTop.forEach(function (top) {
-    const td = el("td", top[0][0]);
-    td.style.background = shade(top[0][1]);
-    td.title = top.map(function (c) { return "'" + c[0] + "' " + c[1].toFixed(4); }).join("  ");
+    const td = el("td", shown(top[0][0]));
+    td.style.background = shade(0.6 * top[0][1]);
+    td.title = top.map(function (c) { return "'" + shown(c[0]) + "' " + c[1].toFixed(4); }).join("  ");
     tr.appendChild(td);
   });
   lens.appendChild(tr);
