@@ -25,7 +25,6 @@ import torch
 import checkpoint
 import gpt2
 import inspect_html
-from checkpoint import load_model
 from config import ConfigError
 from device import resolve_device
 from inspect_model import explain, fit_prompt, trace
@@ -151,10 +150,7 @@ def check_args(args, n_layer, n_head):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt", help="run directory or checkpoint file")
-    source.add_argument("--init-from", metavar="NAME|PATH",
-                        help="pretrained GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face directory")
+    checkpoint.add_model_arguments(parser)
     parser.add_argument("--prompt", required=True, help="the text to look at")
     parser.add_argument("--top-k", type=int, default=5, help="predictions shown per position")
     parser.add_argument("--layer", type=int, help="with --head: print this layer's pattern as a text heatmap")
@@ -167,11 +163,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         device = resolve_device(args.device)
-        if args.ckpt:
-            model, tokenizer = load_model(args.ckpt, device)
-        else:
-            model, tokenizer = gpt2.model_and_tokenizer(args.init_from)
-            model = model.to(device)
+        model, tokenizer = checkpoint.load_model_from_args(args, device)
         cfg = model.config
         check_args(args, cfg.n_layer, cfg.n_head)
         ids, dropped = fit_prompt(tokenizer.encode(args.prompt), args.max_tokens, cfg.block_size)
