@@ -180,8 +180,9 @@ def main(argv=None):
             print_trace(model, ids, device)
         if args.html:
             page = inspect_html.render(e, f"explain.py: {args.ckpt or args.init_from}", args.top_k)
-            with open(args.html, "w", encoding="utf-8") as f:
+            with open(args.html + ".tmp", "w", encoding="utf-8") as f:
                 f.write(page)
+            os.replace(args.html + ".tmp", args.html)  # never a half-written page
             print(f"wrote {args.html} ({len(page.encode()) / 1e6:.2f} MB)")
         if args.png:
             paths = write_pngs(e, args.png)

@@ -66,6 +66,7 @@ table.grid td { padding: 2px; text-align: center; font-size: 12px; }
 canvas.cell { border: 1px solid #ccc; cursor: pointer; image-rendering: pixelated; }
 canvas.cell.selected { border: 2px solid #d33; }
 #readout { font-family: ui-monospace, monospace; min-height: 1.4em; }
+#enlarged p { margin: 0.3em 0; max-width: 40em; }
 .panel { display: flex; gap: 2em; flex-wrap: wrap; align-items: flex-start; }
 table.preds td { padding: 1px 6px; vertical-align: middle; font-size: 12px; white-space: nowrap; }
 .pred { display: inline-block; width: 10em; }
@@ -82,18 +83,16 @@ table.lens td, table.lens th { font-family: ui-monospace, monospace; font-size: 
 <div id="tokens"></div>
 
 <h2>Attention patterns: one cell per layer (rows) and head (columns); click one to enlarge it</h2>
-<table class="grid" id="grid"></table>
 <div class="panel">
+  <table class="grid" id="grid"></table>
   <div id="enlarged" hidden>
     <p id="enlarged-title"></p>
     <canvas id="big"></canvas>
     <p id="readout"></p>
   </div>
-  <div>
-    <p>Token view: hover a token on the left to see which earlier tokens it attends to (the selected head).</p>
-    <canvas id="lines"></canvas>
-  </div>
 </div>
+<h2>Token view: hover a token on the left to see which earlier tokens it attends to (the selected head)</h2>
+<canvas id="lines"></canvas>
 
 <h2>Next-token predictions at each position</h2>
 <table class="preds" id="preds"></table>
@@ -144,7 +143,7 @@ const grid = document.getElementById("grid");
 const header = el("tr"); header.appendChild(el("td"));
 for (let h = 0; h < H; h++) header.appendChild(el("td", "head " + h));
 grid.appendChild(header);
-const cellSize = Math.max(48, Math.min(110, Math.floor(900 / H)));
+const cellSize = Math.max(40, Math.min(100, Math.floor(560 / H)));
 for (let l = 0; l < L; l++) {
   const row = el("tr"); row.appendChild(el("td", "layer " + l));
   for (let h = 0; h < H; h++) {
@@ -158,7 +157,7 @@ for (let l = 0; l < L; l++) {
 }
 
 const LONGEST = Math.min(10, Math.max.apply(null, D.labels.map(function (s) { return s.length; })));
-const big = document.getElementById("big"), LABEL = 16 + 8 * LONGEST, CELL = Math.max(3, Math.min(24, Math.floor(640 / T)));
+const big = document.getElementById("big"), LABEL = 16 + 8 * LONGEST, CELL = Math.max(3, Math.min(20, Math.floor(600 / T)));
 function drawBig() {
   big.width = LABEL + T * CELL; big.height = LABEL + T * CELL;
   const ctx = big.getContext("2d");
