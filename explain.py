@@ -118,7 +118,7 @@ def write_pngs(e, directory):
     n_layer, n_head, T, _ = e.patterns.shape
     step = max(1, T // 48)  # at most ~48 labelled ticks per axis
     ticks = list(range(0, T, step))
-    labels = [e.labels[i][:12] for i in ticks]
+    labels = [e.labels[i][:12].replace(" ", "\u2423") for i in ticks]  # spaces made visible, as in the page
     size = min(6, 2 + T / 12)
     paths = []
     for layer in range(n_layer):
