@@ -17,15 +17,16 @@ from tokenizer import EOT
 
 
 def token_bytes(tokenizer, i):
-    """The text of token i: a str for the char tokenizer, bytes for byte and BPE tokenizers
-    (a BPE token may hold part of a UTF-8 character)."""
-    if tokenizer.kind == "char":
-        return tokenizer.chars[i]
+    """The text of token i: bytes for a byte-level token (byte tokenizer, BPE), which may hold part of
+    a UTF-8 character; otherwise (char tokens, special tokens) the str the tokenizer decodes it to."""
     if i == tokenizer.eot_id:
-        return EOT.encode()
-    if tokenizer.kind == "byte":
+        return EOT
+    if tokenizer.kind == "byte" and i < 256:
         return bytes([i])
-    return tokenizer.enc.decode_single_token_bytes(i)
+    enc = getattr(tokenizer, "enc", None)  # BPE: tiktoken knows each token's bytes
+    if enc is not None and i < enc.n_vocab:
+        return enc.decode_single_token_bytes(i)
+    return tokenizer.decode([i])
 
 
 def token_label(tokenizer, i):

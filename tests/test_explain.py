@@ -234,3 +234,4 @@ def test_init_from_a_hugging_face_gpt2_directory(tmp_path):
     tiny_bpe(directory)
     out = explain_main("--init-from", directory, "--prompt", "Speak, speak. 日本", "--html", tmp_path / "p.html")
     assert "(bpe tokenizer)" in out and "L1 H3: " in out
+    assert "'Speak' ',' ' speak' '.' ' ' '\\xe6' '\\x97' '\\xa5'" in out  # 日 is three byte tokens here
