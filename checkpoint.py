@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import gpt2
 from model import GPT, GPTConfig
 from tokenizer import tokenizer_from_dict
 
@@ -193,6 +194,22 @@ def load_model(ckpt, device):
     model = GPT(model_cfg)
     load_model_state(model, state)
     return model.to(device).eval(), tokenizer
+
+
+def add_model_arguments(parser):
+    """--ckpt or --init-from: where the scripts that run a trained model (sample.py, explain.py) get it."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="run directory or checkpoint file")
+    source.add_argument("--init-from", metavar="NAME|PATH",
+                        help="pretrained GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face directory")
+
+
+def load_model_from_args(args, device):
+    """Model (eval mode, on device) and tokenizer from add_model_arguments' --ckpt or --init-from."""
+    if args.ckpt:
+        return load_model(args.ckpt, device)
+    model, tokenizer = gpt2.model_and_tokenizer(args.init_from)
+    return model.to(device), tokenizer
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,6 +61,11 @@ class TrainConfig:
     checkpoint_interval: int = _key(250, "write latest.safetensors every this many steps (and at the end)")
     keep_last_n: int = _key(0, "also keep this many step-numbered checkpoints (step_NNNNNNN.safetensors)")
     max_bad_steps: int = _key(5, "stop after this many steps in a row with a non-finite loss or gradient")
+    wandb_log: bool = _key(False, "also send log.jsonl's records to Weights & Biases (pip install -e '.[wandb]')")
+    wandb_project: str = _key("nanoforge", "Weights & Biases project of the run")
+    wandb_run_name: str = _key("", "Weights & Biases name of the run ('' uses the name of out_dir)")
+    tensorboard_dir: str = _key("", "also write log.jsonl's records as TensorBoard scalars to this directory "
+                                "('' is off; pip install -e '.[tensorboard]')")
     # system
     device: str = _key("auto", "'auto' (cuda, then mps, then cpu), or a torch device such as cpu, cuda, cuda:1, mps")
     dtype: str = _key("auto", "'auto' (bfloat16 on CUDA that has it, else float16; float32 elsewhere), float32, bfloat16, float16")

@@ -96,15 +96,20 @@ class CausalSelfAttention(nn.Module):
         y = self.resid_dropout(self.c_proj(y))
         return (y, weights) if return_weights else y
 
-    def attention_math(self, q, k, v):
+    def attention_math(self, q, k, v, steps=None):
         """softmax(QK^T / sqrt(d_head) + causal mask) V, written out step by step. The T queries
-        are the last T of the S key positions (S > T when earlier keys come from a cache)."""
+        are the last T of the S key positions (S > T when earlier keys come from a cache).
+        Given a dict as `steps`, the scores before scaling, after scaling and after masking are
+        stored in it (explain.py's --trace shows them)."""
         T, S = q.size(-2), k.size(-2)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, n_head, T, S)
+        raw = q @ k.transpose(-2, -1)  # (B, n_head, T, S)
+        scaled = raw / math.sqrt(self.head_dim)
         future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(diagonal=S - T + 1)
-        scores = scores.masked_fill(future, float("-inf"))  # mask before softmax: exp(-inf) = 0
-        weights = F.softmax(scores, dim=-1)  # each row sums to 1 over positions <= t
+        masked = scaled.masked_fill(future, float("-inf"))  # mask before softmax: exp(-inf) = 0
+        weights = F.softmax(masked, dim=-1)  # each row sums to 1 over positions <= t
         y = self.attn_dropout(weights) @ v  # (B, n_head, T, head_dim)
+        if steps is not None:
+            steps.update(scores=raw, scaled=scaled, masked=masked)
         return y, weights
 
 

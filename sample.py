@@ -24,7 +24,6 @@ import torch
 
 import checkpoint
 import gpt2
-from checkpoint import load_model
 from config import ConfigError
 from device import resolve_device
 from generate import Generator, SettingError
@@ -80,10 +79,7 @@ class SamplePrinter:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt", help="run directory or checkpoint file")
-    source.add_argument("--init-from", metavar="NAME|PATH",
-                        help="pretrained GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face directory")
+    checkpoint.add_model_arguments(parser)
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="text to continue (default: a newline, or end-of-text for byte/BPE)")
     prompt.add_argument("--prompt-file", help="file whose text to continue")
@@ -117,11 +113,7 @@ def main(argv=None):
         if args.num_samples < 1:
             raise ConfigError(f"--num-samples must be at least 1, got {args.num_samples}")
         device = resolve_device(args.device)
-        if args.ckpt:
-            model, tokenizer = load_model(args.ckpt, device)
-        else:
-            model, tokenizer = gpt2.model_and_tokenizer(args.init_from)
-            model = model.to(device)
+        model, tokenizer = checkpoint.load_model_from_args(args, device)
         generator = Generator(model.to(getattr(torch, args.dtype)), tokenizer, compile=args.compile)
         if args.interactive:
             prompts = read_prompts()

@@ -34,12 +34,14 @@ from device import peak_flops, resolve_device, resolve_dtype
 from distributed import Distributed
 from lock import DirectoryInUse, DirectoryLock
 from model import GPT, GPTConfig, padded_vocab_size
+from tracking import Trackers
 
 # Keys that fix the model's shape: a checkpoint can only be resumed with the same values.
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_multiple")
 # Keys a resumed run may change without changing what it computes up to the old end.
 SAFE_TO_CHANGE = ("max_iters", "eval_interval", "eval_iters", "log_interval", "checkpoint_interval",
-                  "keep_last_n", "max_bad_steps", "lr_decay_iters", "min_lr", "out_dir", "device", "compile")
+                  "keep_last_n", "max_bad_steps", "lr_decay_iters", "min_lr", "out_dir", "device", "compile",
+                  "wandb_log", "wandb_project", "wandb_run_name", "tensorboard_dir")
 
 def get_lr(step, cfg):
     """Learning rate for the update that follows `step` completed updates: linear warmup, then cosine to min_lr."""
@@ -354,6 +356,7 @@ def train(cfg, resume=False, ddp=None):
 def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
     """The training run itself, in a run directory this process has locked."""
     start_run_directory(cfg, resume, ddp)
+    trackers = Trackers(cfg, enabled=ddp.is_master)  # W&B, TensorBoard: only the master logs
     say = tqdm.write if ddp.is_master else (lambda *args, **kwargs: None)
 
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
@@ -392,7 +395,7 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
                mininterval=0.5 if sys.stderr.isatty() else 30, disable=not ddp.is_master)
     bad_streak = 0
 
-    with StopSignals() as stop, log, bar:
+    with StopSignals() as stop, log, bar, trackers:
         while state.step < cfg.max_iters:
             lr = get_lr(state.step, cfg)
             for group in optimizer.param_groups:
@@ -421,7 +424,7 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
                     say(f"step {state.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                     improved = losses["val"] < state.best_val_loss
                     state.best_val_loss = min(state.best_val_loss, losses["val"])
-                write_record(log, bar, record)
+                write_record(log, bar, trackers, record)
                 state.loss_sum.zero_()
                 state.window_steps = 0
                 window.reset()
@@ -439,9 +442,10 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
     return state.best_val_loss
 
 
-def write_record(log, bar, record):
+def write_record(log, bar, trackers, record):
     log.write(json.dumps(record) + "\n")
     log.flush()
+    trackers.log(record)
     mfu = record["mfu"]
     bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None else "nan",
                     tok_s=f"{record['tokens_per_sec']:,.0f}", mfu=f"{mfu:.1%}" if mfu else "n/a", refresh=False)

@@ -1,0 +1,195 @@
+"""
+Look inside a model: what it predicts after each token of a prompt, where its attention heads
+look, and one forward pass told stage by stage. Nothing is trained or changed.
+
+    python explain.py (--ckpt out/quickstart | --init-from gpt2) --prompt TEXT [--top-k K]
+                      [--layer L --head H] [--trace] [--html FILE] [--png DIR] [--max-tokens N]
+
+By default it prints the prompt's tokens; at each position the top-k next-token predictions,
+and the probability and rank of the token that actually comes next; the prompt's loss; and for
+every layer and head a line of what each position attends to most. --layer/--head print that
+head's T x T attention pattern as a shaded text heatmap. --trace prints one forward pass, stage
+by stage (token ids -> embeddings -> each block's norm, Q/K/V, scores, mask, softmax, MLP,
+residual adds -> final norm -> logits -> softmax), with each tensor's shape and a few values.
+--html writes one self-contained page (opens offline) with every attention pattern, a token
+view, the predictions and the logit lens; --png writes one heatmap image per layer.
+A prompt longer than --max-tokens or the model's block_size keeps its end.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+import checkpoint
+import gpt2
+import inspect_html
+from config import ConfigError
+from device import resolve_device
+from inspect_model import explain, fit_prompt, trace
+from tokenizer import TokenizerError
+
+SHADES = ".:-=+*#%@"  # light to dark: weight 0 to 1 (blank: masked, above the diagonal)
+
+
+def quoted(label, width=0):
+    return f"'{label}'".ljust(width)
+
+
+def print_predictions(e, top_k):
+    width = max(len(s) for s in e.labels) + 2
+    print(f"\nnext-token predictions (top {top_k}); 'next' is the token that actually follows:")
+    for t, label in enumerate(e.labels):
+        top = torch.topk(e.probs[t], min(top_k, e.probs.size(-1)))
+        guesses = "  ".join(f"{quoted(e.label(i))} {p:.3f}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
+        if t + 1 < len(e.ids):
+            nxt = e.ids[t + 1]
+            actual = f"next {quoted(e.labels[t + 1], width)} p {e.probs[t, nxt].item():.3f} rank {e.rank(t, nxt):>5}"
+        else:
+            actual = " " * (width + 26)
+        print(f"{t:>4} {quoted(label, width)} {actual} | {guesses}")
+    loss = e.loss()
+    if loss is not None:
+        print(f"loss over the prompt: {loss:.4f} (mean over {len(e.ids) - 1} predictions)")
+
+
+def print_attention_summary(e):
+    print("\nattention: for each position, the token it attends to most (query<-key)")
+    n_layer, n_head = e.patterns.shape[:2]
+    for layer in range(n_layer):
+        for head in range(n_head):
+            most = e.patterns[layer, head].argmax(dim=-1).tolist()
+            pairs = " ".join(f"{quoted(e.labels[q])}<-{quoted(e.labels[k])}" for q, k in enumerate(most))
+            print(f"L{layer} H{head}: {pairs}")
+
+
+def print_heatmap(e, layer, head):
+    """The T x T pattern of one head, one character per weight (darker = more attention)."""
+    pattern = e.patterns[layer, head]
+    width = max(len(s) for s in e.labels) + 3  # quotes and a space
+    print(f"\nlayer {layer} head {head}: rows are queries, columns the keys (in order); weights 0..1 shaded '{SHADES}'")
+    # Column headers: each key's label written downwards, one character per row.
+    depth = min(6, max(len(s) for s in e.labels))
+    for r in range(depth):
+        print(" " * (width + 6) + "".join(s[r] if r < len(s) else " " for s in e.labels))
+    for q, label in enumerate(e.labels):
+        cells = "".join(SHADES[min(len(SHADES) - 1, int(w * len(SHADES)))] for w in pattern[q, : q + 1].tolist())
+        print(f"{q:>4}  {quoted(label, width)}{cells}")
+
+
+def format_values(value):
+    """A few values of a stage's output, from the place that shows the most: the last position
+    (the first query's row for score tensors, where the mask shows)."""
+    if value.dim() == 4:  # (B, n_head, T, T or head_dim): head 0
+        row = value[0, 0, 0] if value.size(-1) == value.size(-2) else value[0, 0, -1]
+    elif value.dim() == 3:
+        row = value[0, -1]
+    elif value.dim() == 2:
+        row = value[-1] if value.dtype.is_floating_point else value[0]
+    else:
+        row = value
+    shown = ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row[:6].tolist())
+    return f"[{shown}{', ...' if row.numel() > 6 else ''}]"
+
+
+def print_trace(model, ids, device):
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    print("\none forward pass, stage by stage (values: the last position; scores: head 0's first query row)")
+    block = None
+    for s in trace(model, idx):
+        if s.block != block and s.block is not None:
+            print(f"block {s.block}:")
+        block = s.block
+        indent = "    " if s.block is not None else "  "
+        print(f"{indent}{s.name:<52} {str(tuple(s.value.shape)):<20} {format_values(s.value)}")
+
+
+def write_pngs(e, directory):
+    """One image per layer: its heads' patterns side by side, with token labels."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        raise ConfigError("--png needs matplotlib: pip install -e '.[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(directory, exist_ok=True)
+    n_layer, n_head, T, _ = e.patterns.shape
+    step = max(1, T // 48)  # at most ~48 labelled ticks per axis
+    ticks = list(range(0, T, step))
+    labels = [e.labels[i][:12].replace(" ", "\u2423") for i in ticks]  # spaces made visible, as in the page
+    size = min(6, 2 + T / 12)
+    paths = []
+    for layer in range(n_layer):
+        fig, axes = plt.subplots(1, n_head, figsize=(size * n_head, size + 0.5), squeeze=False)
+        for head, ax in enumerate(axes[0]):
+            ax.imshow(e.patterns[layer, head].numpy(), cmap="Blues", vmin=0, vmax=1)
+            ax.set_title(f"layer {layer} head {head}")
+            ax.set_xticks(ticks, labels, rotation=90, fontsize=7, fontfamily="monospace")
+            ax.set_yticks(ticks, labels if head == 0 else [], fontsize=7, fontfamily="monospace")
+        fig.tight_layout()
+        path = os.path.join(directory, f"layer_{layer}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def check_args(args, n_layer, n_head):
+    if args.max_tokens < 1 or args.top_k < 1:
+        raise ConfigError("--max-tokens and --top-k must be at least 1")
+    if (args.layer is None) != (args.head is None):
+        raise ConfigError("--layer and --head go together: give both, e.g. --layer 0 --head 0")
+    if args.layer is not None and not (0 <= args.layer < n_layer and 0 <= args.head < n_head):
+        raise ConfigError(f"this model has layers 0..{n_layer - 1} and heads 0..{n_head - 1}; "
+                          f"got --layer {args.layer} --head {args.head}")
+    if not args.prompt:
+        raise ConfigError("--prompt is empty: give the text to look at, e.g. --prompt 'def main():'")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    checkpoint.add_model_arguments(parser)
+    parser.add_argument("--prompt", required=True, help="the text to look at")
+    parser.add_argument("--top-k", type=int, default=5, help="predictions shown per position")
+    parser.add_argument("--layer", type=int, help="with --head: print this layer's pattern as a text heatmap")
+    parser.add_argument("--head", type=int, help="with --layer: the head whose pattern to print")
+    parser.add_argument("--trace", action="store_true", help="print one forward pass stage by stage")
+    parser.add_argument("--html", metavar="FILE", help="write a self-contained HTML page")
+    parser.add_argument("--png", metavar="DIR", help="write a heatmap image per layer (needs matplotlib)")
+    parser.add_argument("--max-tokens", type=int, default=256, help="look at the last N tokens of the prompt at most")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        model, tokenizer = checkpoint.load_model_from_args(args, device)
+        cfg = model.config
+        check_args(args, cfg.n_layer, cfg.n_head)
+        ids, dropped = fit_prompt(tokenizer.encode(args.prompt), args.max_tokens, cfg.block_size)
+        if dropped:
+            print(f"the prompt is {len(ids) + dropped} tokens: kept its last {len(ids)} (--max-tokens "
+                  f"{args.max_tokens}, block_size {cfg.block_size})", file=sys.stderr)
+        e = explain(model, tokenizer, ids)
+        print(f"{len(ids)} tokens ({tokenizer.kind} tokenizer): " + " ".join(quoted(s) for s in e.labels))
+        print_predictions(e, args.top_k)
+        print_attention_summary(e)
+        if args.layer is not None:
+            print_heatmap(e, args.layer, args.head)
+        if args.trace:
+            print_trace(model, ids, device)
+        if args.html:
+            page = inspect_html.render(e, f"explain.py: {args.ckpt or args.init_from}", args.top_k)
+            with open(args.html + ".tmp", "w", encoding="utf-8") as f:
+                f.write(page)
+            os.replace(args.html + ".tmp", args.html)  # never a half-written page
+            print(f"wrote {args.html} ({len(page.encode()) / 1e6:.2f} MB)")
+        if args.png:
+            paths = write_pngs(e, args.png)
+            print(f"wrote {len(paths)} images to {args.png}")
+    except (ConfigError, checkpoint.CheckpointError, gpt2.GPT2Error, TokenizerError, OSError) as e:
+        sys.exit(f"explain.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

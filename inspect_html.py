@@ -1,0 +1,274 @@
+"""
+One self-contained HTML page showing an inspect_model.Explanation: the layer x head grid of
+attention patterns (click one to enlarge it, with token labels and the weight under the
+pointer), a token view in the manner of bertviz's head view, next-token probability bars at
+every position, and the logit lens.
+
+All script, style and data are inline and nothing is fetched, so the page opens offline. Token
+text reaches the page only as JSON (with <, >, & and / escaped) and is put into the document
+as text, never as markup: a prompt holding <script> shows as text. Attention weights are
+stored as one byte each (0-255, the lower triangle only), base64-encoded, so a 256-token
+page of a small model stays well under a megabyte.
+"""
+
+import base64
+import json
+
+import torch
+
+
+def page_data(explanation, title, top_k):
+    """The numbers the page draws, rounded (probabilities to 4 decimals, weights to 1/255)."""
+    e = explanation
+    n_layer, n_head, T, _ = e.patterns.shape
+    rows, cols = torch.tril_indices(T, T)
+    weights = (e.patterns[:, :, rows, cols] * 255).round().to(torch.uint8)  # (n_layer, n_head, T(T+1)/2)
+    top = torch.topk(e.probs, min(top_k, e.probs.size(-1)))
+    predictions = []
+    for t in range(T):
+        entry = {"top": [[e.label(i), round(p, 4)] for p, i in zip(top.values[t].tolist(), top.indices[t].tolist())]}
+        if t + 1 < T:
+            nxt = e.ids[t + 1]
+            entry["next"] = [e.labels[t + 1], round(e.probs[t, nxt].item(), 4), e.rank(t, nxt)]
+        predictions.append(entry)
+    lens = [[[[e.label(i), round(p, 4)] for i, p in zip(ids.tolist(), probs.tolist())]
+             for ids, probs in zip(layer_ids, layer_probs)] for layer_ids, layer_probs in zip(e.lens_ids, e.lens_probs)]
+    loss = e.loss()
+    return {"title": title, "labels": e.labels, "n_layer": n_layer, "n_head": n_head,
+            "weights": base64.b64encode(weights.numpy().tobytes()).decode("ascii"),
+            "predictions": predictions, "lens": lens, "loss": None if loss is None else round(loss, 4)}
+
+
+def script_json(data):
+    """JSON that is safe inside a <script> element and holds no '//' (so no text of the page can be
+    read as a protocol-relative address): <, >, & and / are written as JSON escapes."""
+    text = json.dumps(data, ensure_ascii=True, separators=(",", ":"))
+    for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("/", "\\/")):
+        text = text.replace(char, escape)
+    return text
+
+
+def render(explanation, title, top_k=5):
+    """The page as a string."""
+    return PAGE.replace("{{DATA}}", script_json(page_data(explanation, title, top_k)))
+
+
+PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>explain.py</title>
+<style>
+body { font: 14px system-ui, sans-serif; margin: 1.5em; color: #222; background: #fff; }
+h1 { font-size: 1.3em; } h2 { font-size: 1.1em; margin-top: 1.8em; }
+.tok { font-family: ui-monospace, monospace; white-space: pre; background: #eef; border-radius: 3px; padding: 0 2px; margin: 1px; display: inline-block; }
+table.grid td { padding: 2px; text-align: center; font-size: 12px; }
+canvas.cell { border: 1px solid #ccc; cursor: pointer; image-rendering: pixelated; }
+canvas.cell.selected { border: 2px solid #d33; }
+#readout { font-family: ui-monospace, monospace; min-height: 1.4em; }
+#enlarged p { margin: 0.3em 0; max-width: 40em; }
+.panel { display: flex; gap: 2em; flex-wrap: wrap; align-items: flex-start; }
+table.preds td { padding: 1px 6px; vertical-align: middle; font-size: 12px; white-space: nowrap; }
+.pred { display: inline-block; width: 10em; }
+.bar { display: inline-block; height: 10px; background: #58c; vertical-align: middle; margin: 0 3px; }
+.mono { font-family: ui-monospace, monospace; white-space: pre; }
+.lens { overflow-x: auto; max-width: 100%; }
+table.lens td, table.lens th { font-family: ui-monospace, monospace; font-size: 11px; white-space: pre; padding: 1px 3px; }
+.muted { color: #777; }
+</style>
+</head>
+<body>
+<h1 id="title"></h1>
+<p id="summary"></p>
+<div id="tokens"></div>
+
+<h2>Attention patterns: one cell per layer (rows) and head (columns); click one to enlarge it</h2>
+<div class="panel">
+  <table class="grid" id="grid"></table>
+  <div id="enlarged" hidden>
+    <p id="enlarged-title"></p>
+    <canvas id="big"></canvas>
+    <p id="readout"></p>
+  </div>
+</div>
+<h2>Token view: hover a token on the left to see which earlier tokens it attends to (the selected head)</h2>
+<canvas id="lines"></canvas>
+
+<h2>Next-token predictions at each position</h2>
+<table class="preds" id="preds"></table>
+
+<h2>Logit lens: each layer's residual stream through the final norm and the un-embedding (top prediction)</h2>
+<div class="lens"><table class="lens" id="lens"></table></div>
+
+<script id="data" type="application/json">{{DATA}}</script>
+<script>
+"use strict";
+const D = JSON.parse(document.getElementById("data").textContent);
+const T = D.labels.length, L = D.n_layer, H = D.n_head;
+const raw = atob(D.weights);
+const tri = T * (T + 1) / 2;
+let layer = 0, head = 0, hover = -1;
+
+function weight(l, h, q, k) {
+  if (k > q) return 0;
+  return raw.charCodeAt((l * H + h) * tri + q * (q + 1) / 2 + k) / 255;
+}
+function el(tag, text, cls) {
+  const e = document.createElement(tag);
+  if (text !== undefined) e.textContent = text;
+  if (cls) e.className = cls;
+  return e;
+}
+function shown(s) { return s.replace(/ /g, "\u2423"); }
+function shade(w) { const v = Math.round(255 * (1 - w)); return "rgb(" + v + "," + v + ",255)"; }
+
+document.getElementById("title").textContent = D.title;
+document.getElementById("summary").textContent = T + " tokens, " + L + " layers x " + H + " heads" +
+  (D.loss === null ? "" : "; loss over the prompt " + D.loss.toFixed(4));
+const tokens = document.getElementById("tokens");
+D.labels.forEach(function (s, i) { const t = el("span", s, "tok"); t.title = "position " + i; tokens.appendChild(t); });
+
+function drawPattern(canvas, l, h, size) {
+  canvas.width = T; canvas.height = T;
+  canvas.style.width = size + "px"; canvas.style.height = size + "px";
+  const ctx = canvas.getContext("2d"), img = ctx.createImageData(T, T);
+  for (let q = 0; q < T; q++) for (let k = 0; k < T; k++) {
+    const v = Math.round(255 * (1 - weight(l, h, q, k))), o = 4 * (q * T + k);
+    img.data[o] = v; img.data[o + 1] = v; img.data[o + 2] = 255; img.data[o + 3] = 255;
+  }
+  ctx.putImageData(img, 0, 0);
+}
+
+const grid = document.getElementById("grid");
+const header = el("tr"); header.appendChild(el("td"));
+for (let h = 0; h < H; h++) header.appendChild(el("td", "head " + h));
+grid.appendChild(header);
+const cellSize = Math.max(40, Math.min(100, Math.floor(560 / H)));
+for (let l = 0; l < L; l++) {
+  const row = el("tr"); row.appendChild(el("td", "layer " + l));
+  for (let h = 0; h < H; h++) {
+    const td = el("td"), c = el("canvas", undefined, "cell");
+    c.dataset.layer = l; c.dataset.head = h; c.title = "layer " + l + " head " + h;
+    drawPattern(c, l, h, cellSize);
+    c.addEventListener("click", function () { select(l, h); });
+    td.appendChild(c); row.appendChild(td);
+  }
+  grid.appendChild(row);
+}
+
+const LONGEST = Math.min(10, Math.max.apply(null, D.labels.map(function (s) { return s.length; })));
+const big = document.getElementById("big"), LABEL = 16 + 8 * LONGEST, CELL = Math.max(3, Math.min(20, Math.floor(600 / T)));
+function drawBig() {
+  big.width = LABEL + T * CELL; big.height = LABEL + T * CELL;
+  const ctx = big.getContext("2d");
+  ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, big.width, big.height);
+  for (let q = 0; q < T; q++) for (let k = 0; k <= q; k++) {
+    ctx.fillStyle = shade(weight(layer, head, q, k));
+    ctx.fillRect(LABEL + k * CELL, LABEL + q * CELL, CELL, CELL);
+  }
+  if (CELL >= 7) {
+    ctx.fillStyle = "#222"; ctx.font = Math.min(12, CELL) + "px monospace"; ctx.textBaseline = "middle";
+    for (let i = 0; i < T; i++) {
+      const s = shown(D.labels[i].slice(0, 10));
+      ctx.textAlign = "right"; ctx.fillText(s, LABEL - 4, LABEL + (i + 0.5) * CELL);
+      ctx.save(); ctx.translate(LABEL + (i + 0.5) * CELL, LABEL - 4); ctx.rotate(-Math.PI / 2);
+      ctx.textAlign = "left"; ctx.fillText(s, 0, 0); ctx.restore();
+    }
+  }
+}
+big.addEventListener("mousemove", function (ev) {
+  const r = big.getBoundingClientRect();
+  const k = Math.floor((ev.clientX - r.left - LABEL) / CELL), q = Math.floor((ev.clientY - r.top - LABEL) / CELL);
+  const out = document.getElementById("readout");
+  if (q < 0 || k < 0 || q >= T || k >= T) { out.textContent = ""; return; }
+  out.textContent = "query " + q + " '" + shown(D.labels[q]) + "' -> key " + k + " '" + shown(D.labels[k]) + "': weight " +
+    weight(layer, head, q, k).toFixed(3);
+});
+
+const lines = document.getElementById("lines"), ROW = 16, COLW = 150, GAP = 160;
+function drawLines() {
+  lines.width = 2 * COLW + GAP; lines.height = T * ROW + 4;
+  const ctx = lines.getContext("2d");
+  ctx.clearRect(0, 0, lines.width, lines.height);
+  ctx.font = "12px monospace"; ctx.textBaseline = "middle";
+  for (let q = 0; q < T; q++) {
+    if (hover >= 0 && q !== hover) continue;
+    for (let k = 0; k <= q; k++) {
+      const w = weight(layer, head, q, k);
+      if (w < 0.01) continue;
+      ctx.strokeStyle = "rgba(40,90,200," + (hover >= 0 ? w : w * 0.4) + ")";
+      ctx.lineWidth = hover >= 0 ? 1 + 3 * w : 1;
+      ctx.beginPath(); ctx.moveTo(COLW + 4, (q + 0.5) * ROW + 2); ctx.lineTo(COLW + GAP - 4, (k + 0.5) * ROW + 2); ctx.stroke();
+    }
+  }
+  for (let i = 0; i < T; i++) {
+    const s = shown(D.labels[i].slice(0, 16));
+    ctx.fillStyle = i === hover ? "#d33" : "#222";
+    ctx.textAlign = "right"; ctx.fillText(s, COLW, (i + 0.5) * ROW + 2);
+    ctx.fillStyle = hover >= 0 && i <= hover ? shade(weight(layer, head, hover, i)) : "#fff";
+    ctx.fillRect(COLW + GAP, i * ROW + 3, 2 + ctx.measureText(s).width, ROW - 2);
+    ctx.fillStyle = "#222"; ctx.textAlign = "left"; ctx.fillText(s, COLW + GAP + 1, (i + 0.5) * ROW + 2);
+  }
+}
+lines.addEventListener("mousemove", function (ev) {
+  const r = lines.getBoundingClientRect(), q = Math.floor((ev.clientY - r.top - 2) / ROW);
+  const h = ev.clientX - r.left < COLW + 4 && q >= 0 && q < T ? q : -1;
+  if (h !== hover) { hover = h; drawLines(); }
+});
+lines.addEventListener("mouseleave", function () { hover = -1; drawLines(); });
+
+function select(l, h) {
+  layer = l; head = h;
+  document.querySelectorAll("canvas.cell").forEach(function (c) {
+    c.classList.toggle("selected", +c.dataset.layer === l && +c.dataset.head === h);
+  });
+  const box = document.getElementById("enlarged");
+  box.hidden = false; box.dataset.layer = l; box.dataset.head = h;
+  document.getElementById("enlarged-title").textContent = "layer " + l + ", head " + h +
+    ": rows are queries, columns the keys they attend to; point at a square for its weight";
+  drawBig(); drawLines();
+}
+
+const preds = document.getElementById("preds");
+const ph = el("tr");
+["pos", "token", "actual next token: p, rank", "top predictions"].forEach(function (s) { ph.appendChild(el("th", s)); });
+preds.appendChild(ph);
+D.predictions.forEach(function (p, t) {
+  const tr = el("tr"), token = el("td");
+  token.appendChild(el("span", shown(D.labels[t]), "tok"));
+  tr.appendChild(el("td", String(t))); tr.appendChild(token);
+  tr.appendChild(el("td", p.next ? "'" + shown(p.next[0]) + "' " + p.next[1].toFixed(4) + ", #" + p.next[2] : "", "mono"));
+  const td = el("td");
+  p.top.forEach(function (c) {
+    const item = el("span", undefined, "pred"), bar = el("span", undefined, "bar");
+    bar.style.width = Math.max(1, Math.round(60 * c[1])) + "px";
+    item.title = c[1].toFixed(4);
+    item.appendChild(el("span", shown(c[0]), "mono")); item.appendChild(bar);
+    item.appendChild(el("span", c[1].toFixed(2)));
+    td.appendChild(item);
+  });
+  tr.appendChild(td); preds.appendChild(tr);
+});
+
+const lens = document.getElementById("lens");
+const lh = el("tr"); lh.appendChild(el("th", ""));
+D.labels.forEach(function (s) { lh.appendChild(el("th", shown(s))); });
+lens.appendChild(lh);
+D.lens.forEach(function (layerTop, i) {
+  const tr = el("tr");
+  tr.appendChild(el("th", i === 0 ? "embeddings" : "after block " + (i - 1)));
+  layerTop.forEach(function (top) {
+    const td = el("td", shown(top[0][0]));
+    td.style.background = shade(0.6 * top[0][1]);
+    td.title = top.map(function (c) { return "'" + shown(c[0]) + "' " + c[1].toFixed(4); }).join("  ");
+    tr.appendChild(td);
+  });
+  lens.appendChild(tr);
+});
+
+select(0, 0);
+document.getElementById("enlarged").hidden = true;
+</script>
+</body>
+</html>
+"""

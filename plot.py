@@ -1,0 +1,144 @@
+"""
+Plot training runs from their log.jsonl: training and validation loss of one or more runs on
+one figure (the legend names the runs), the learning rate and tokens/s beneath.
+
+    python plot.py out/quickstart [out/other ...] [--out loss.png] [--x step|tokens|time] [--smooth N]
+
+Works while a run is still writing its log (a half-written last line is left out). A resumed
+run appends to the same log, so it plots as one run; records written again after a resume
+replace the earlier ones of the same step. --x tokens counts batch_size * block_size *
+gradient_accumulation_steps tokens per step (from the run's config.json); --x time uses the
+records' elapsed_s (wall seconds since the run began, across resumes) and, for logs written
+before train.py recorded it, estimates time from tokens/s (training time only, no evaluation).
+--smooth N averages the training loss over N log records.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+X_LABELS = {"step": "step", "tokens": "tokens", "time": "wall time (minutes)"}
+
+
+class PlotError(ValueError):
+    """A run directory or option that cannot be plotted, phrased for the user."""
+
+
+def read_log(run_dir):
+    """The records of run_dir/log.jsonl in step order, the last one written for each step winning
+    (a resumed run writes the steps after its checkpoint again). A line that does not parse, such
+    as the last one while the run is writing it, is left out."""
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.exists(path):
+        raise PlotError(f"no log.jsonl in '{run_dir}': pass a run directory (train.py's out_dir)")
+    by_step = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            by_step[record["step"]] = record
+    if not by_step:
+        raise PlotError(f"'{path}' has no records yet: wait for the run's first log_interval steps")
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def tokens_per_step(run_dir):
+    try:
+        with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise PlotError(f"--x tokens needs '{run_dir}/config.json' (written by train.py): use --x step") from None
+    return cfg["batch_size"] * cfg["block_size"] * cfg.get("gradient_accumulation_steps", 1)
+
+
+def x_values(records, run_dir, x):
+    """The x coordinate of each record, and a note when time had to be estimated."""
+    if x == "step":
+        return [r["step"] for r in records], None
+    per_step = tokens_per_step(run_dir)
+    if x == "tokens":
+        return [r["step"] * per_step for r in records], None
+    if all("elapsed_s" in r for r in records):
+        return [r["elapsed_s"] / 60 for r in records], None
+    # Older logs have no elapsed_s: add up each window's steps at its measured speed.
+    minutes, previous, total = [], 0, 0.0
+    for r in records:
+        if r.get("tokens_per_sec"):
+            total += (r["step"] - previous) * per_step / r["tokens_per_sec"]
+        previous = r["step"]
+        minutes.append(total / 60)
+    return minutes, f"{run_dir}: no elapsed_s in log.jsonl, time estimated from tokens/s (training steps only)"
+
+
+def smoothed(values, n):
+    """Trailing mean over the last n values (the first ones average what there is)."""
+    out, window = [], []
+    for v in values:
+        window = (window + [v])[-n:]
+        out.append(sum(window) / len(window))
+    return out
+
+
+def plot(run_dirs, out, x="step", smooth=1):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_lr, ax_speed) = plt.subplots(3, 1, figsize=(9, 8), sharex=True,
+                                                   gridspec_kw={"height_ratios": [3, 1, 1]})
+    notes = []
+    for i, run_dir in enumerate(run_dirs):
+        records = read_log(run_dir)
+        xs, note = x_values(records, run_dir, x)
+        notes += [note] if note else []
+        name = os.path.basename(os.path.normpath(run_dir))
+        color = f"C{i}"
+        train = [(xv, r["loss"]) for xv, r in zip(xs, records) if r.get("loss") is not None]
+        if train:
+            ax_loss.plot([p[0] for p in train], smoothed([p[1] for p in train], smooth), color=color, alpha=0.8,
+                         label=f"{name} train")
+        evals = [(xv, r["val_loss"]) for xv, r in zip(xs, records) if r.get("val_loss") is not None]
+        if evals:
+            ax_loss.plot(*zip(*evals), color=color, linestyle="--", marker="o", markersize=4, label=f"{name} val")
+        ax_lr.plot(xs, [r.get("lr") for r in records], color=color)
+        ax_speed.plot(xs, [r.get("tokens_per_sec") for r in records], color=color)
+    ax_loss.set_ylabel("loss" + (f" (train: mean of {smooth} records)" if smooth > 1 else ""))
+    ax_loss.legend()
+    ax_lr.set_ylabel("learning rate")
+    ax_speed.set_ylabel("tokens/s")
+    ax_speed.set_xlabel(X_LABELS[x])
+    for ax in (ax_loss, ax_lr, ax_speed):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return notes
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (train.py's out_dir)")
+    parser.add_argument("--out", default="loss.png", help="image to write (default loss.png)")
+    parser.add_argument("--x", default="step", choices=list(X_LABELS), help="x axis (default step)")
+    parser.add_argument("--smooth", type=int, default=1, help="average the training loss over N log records")
+    args = parser.parse_args(argv)
+    try:
+        if args.smooth < 1:
+            raise PlotError(f"--smooth must be at least 1, got {args.smooth}")
+        try:
+            import matplotlib  # noqa: F401
+        except ModuleNotFoundError:
+            raise PlotError("plot.py needs matplotlib: pip install -e '.[plot]'") from None
+        for note in plot(args.run_dirs, args.out, args.x, args.smooth):
+            print(note, file=sys.stderr)
+    except (PlotError, OSError) as e:
+        sys.exit(f"plot.py: error: {e}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
