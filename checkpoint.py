@@ -195,6 +195,17 @@ def load_model(ckpt, device):
     return model.to(device).eval(), tokenizer
 
 
+def load_inference_model(ckpt, init_from, device):
+    """Model and tokenizer for sample.py and eval.py: from one of our checkpoints (ckpt), or from
+    pretrained GPT-2 weights (init_from: a model name or a Hugging Face directory)."""
+    if ckpt:
+        return load_model(ckpt, device)
+    import gpt2  # only this path needs it; gpt2 never imports checkpoint
+
+    model, tokenizer = gpt2.model_and_tokenizer(init_from)
+    return model.to(device), tokenizer
+
+
 # ---------------------------------------------------------------------------------------------
 # Training checkpoints in a run directory: latest (with the one before it kept as previous),
 # best, and optionally step_NNNNNNN copies.

@@ -68,7 +68,6 @@ BUILTINS = {
     "fineweb_edu": ("gpt2", "FineWeb-Edu 10BT sample, GPT-2 BPE"),
     "chat_tasks": ("char", "small generated tasks for chat fine-tuning (offline)"),
 }
-CHAT_TASKS_TRAIN, CHAT_TASKS_VAL = 20000, 500  # conversations of the built-in task set
 CHUNK_SIZE = 1 << 20  # characters of text per task sent to a worker
 TRAIN, VAL = 0, 1
 
@@ -550,7 +549,7 @@ def write_splits(source, tokenizer, out_dir, val_fraction, seed, workers, chunk_
 def chat_conversations(name, val_fraction, seed):
     """[(split, messages)] for a chat source (the built-in tasks, or a JSONL file of chat records), else None."""
     if name == "chat_tasks":
-        train, val = chat.chat_tasks(CHAT_TASKS_TRAIN, CHAT_TASKS_VAL, seed)
+        train, val = chat.chat_tasks(chat.CHAT_TASKS_TRAIN, chat.CHAT_TASKS_VAL, seed)
         return [(TRAIN, m) for m in train] + [(VAL, m) for m in val]
     if not (os.path.isfile(name) and name.endswith(".jsonl") and chat.is_chat_record(first_jsonl_record(name))):
         return None
