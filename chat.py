@@ -12,6 +12,7 @@ mask is 1 on the tokens of each assistant reply and on its <|assistant_end|> (so
 to stop), 0 on everything else, <|assistant_start|> included (the format, not the model, places it).
 """
 
+import json
 import random
 
 ROLES = ("system", "user", "assistant")
@@ -127,6 +128,21 @@ def conversation_from_record(record):
         user = instruction + ("\n\n" + extra if extra.strip() else "")
         return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
     raise ChatError(f"a chat record needs 'messages', or 'instruction' and 'output'; it has {sorted(record)}")
+
+
+def read_jsonl(path):
+    """The conversations of a chat JSONL file, one record per line (blank lines are skipped): yields
+    (messages, problem), problem being None, or for a bad record a one-line error naming the file and line."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                messages = conversation_from_record(json.loads(line))
+                check_conversation(messages)
+                yield messages, None
+            except (json.JSONDecodeError, ChatError) as e:
+                yield None, f"'{path}' line {n}: {e}"
 
 
 def is_chat_record(record):

@@ -195,6 +195,14 @@ def load_model(ckpt, device):
     return model.to(device).eval(), tokenizer
 
 
+def add_model_arguments(parser):
+    """--ckpt or --init-from, the model a command line (sample.py, eval.py) loads with load_inference_model."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="run directory or checkpoint file")
+    source.add_argument("--init-from", metavar="NAME|PATH",
+                        help="pretrained GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face directory")
+
+
 def load_inference_model(ckpt, init_from, device):
     """Model and tokenizer for sample.py and eval.py: from one of our checkpoints (ckpt), or from
     pretrained GPT-2 weights (init_from: a model name or a Hugging Face directory)."""

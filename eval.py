@@ -145,16 +145,10 @@ def read_conversations(path):
         _, val = chat.chat_tasks(0, chat.CHAT_TASKS_VAL, chat.CHAT_TASKS_SEED)  # val does not depend on n_train
         return [(m[:-1], m[-1]["content"]) for m in val]
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                messages = chat.conversation_from_record(json.loads(line))
-                chat.check_conversation(messages)
-            except (json.JSONDecodeError, chat.ChatError) as e:
-                raise EvalError(f"'{path}' line {n}: {e}") from None
-            examples.append((messages[:-1], messages[-1]["content"]))
+    for messages, problem in chat.read_jsonl(path):
+        if problem:
+            raise EvalError(problem)
+        examples.append((messages[:-1], messages[-1]["content"]))
     if not examples:
         raise EvalError(f"'{path}' holds no conversation")
     return examples
@@ -203,10 +197,7 @@ def show_examples(answers):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt", help="run directory or checkpoint file")
-    source.add_argument("--init-from", metavar="NAME|PATH",
-                        help="pretrained GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face directory")
+    checkpoint.add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="prepared data directory, chat JSONL file, or chat_tasks")
     parser.add_argument("--max", type=int, help="data directory: at most N batches; chat: the first N conversations")
     parser.add_argument("--batch-size", type=int, default=16, help="windows or conversations per forward pass")

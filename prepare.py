@@ -555,16 +555,10 @@ def chat_conversations(name, val_fraction, seed):
         return None
     rng = random.Random(seed)  # conversations are split by seed, as documents are
     conversations = []
-    with open(name, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                messages = chat.conversation_from_record(json.loads(line))
-                chat.check_conversation(messages)
-            except (json.JSONDecodeError, chat.ChatError) as e:
-                raise PrepareError(f"'{name}' line {n}: {e}") from None
-            conversations.append((VAL if rng.random() < val_fraction else TRAIN, messages))
+    for messages, problem in chat.read_jsonl(name):
+        if problem:
+            raise PrepareError(problem)
+        conversations.append((VAL if rng.random() < val_fraction else TRAIN, messages))
     return conversations
 
 

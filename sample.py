@@ -125,10 +125,7 @@ def chat_session(generator, lines, system, settings, interactive):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt", help="run directory or checkpoint file")
-    source.add_argument("--init-from", metavar="NAME|PATH",
-                        help="pretrained GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face directory")
+    checkpoint.add_model_arguments(parser)
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="text to continue (default: a newline, or end-of-text for byte/BPE)")
     prompt.add_argument("--prompt-file", help="file whose text to continue")

@@ -42,10 +42,20 @@ def save_model(path, tokenizer, block_size=16, seed=0):
     return checkpoint.load_model(str(path), "cpu")[0]
 
 
-def eval_json(*args):
-    result = run_cli("eval.py", *args, "--json", "--device", "cpu")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+def run_eval(capsys, *args):
+    """eval.py's main in this process (as the command line runs it, without a new interpreter): (out, error)."""
+    try:
+        eval_script.main([str(a) for a in args] + ["--device", "cpu"])
+        error = None
+    except SystemExit as e:
+        error = str(e.code)
+    return capsys.readouterr().out, error
+
+
+def eval_json(capsys, *args):
+    out, error = run_eval(capsys, *args, "--json")
+    assert error is None, error
+    return json.loads(out)
 
 
 def reference_loss(model, windows):
@@ -58,7 +68,7 @@ def reference_loss(model, windows):
     return nats / tokens, tokens
 
 
-def test_loss_on_plain_data_covers_every_val_token_once(tmp_path, data_dir):
+def test_loss_on_plain_data_covers_every_val_token_once(tmp_path, data_dir, capsys):
     meta = read_meta(str(data_dir))
     tokenizer = tokenizer_from_dict(meta["tokenizer"])
     model = save_model(tmp_path / "m.safetensors", tokenizer)  # a base model: no chat tokens needed
@@ -68,7 +78,7 @@ def test_loss_on_plain_data_covers_every_val_token_once(tmp_path, data_dir):
                for s in range(0, len(val) - 1, T)]
     expected_loss, tokens = reference_loss(model, windows)
     assert tokens == len(val) - 1
-    results = eval_json("--ckpt", tmp_path / "m.safetensors", "--data", data_dir, "--batch-size", "5")
+    results = eval_json(capsys, "--ckpt", tmp_path / "m.safetensors", "--data", data_dir, "--batch-size", "5")
     assert results["tokens"] == len(val) - 1
     assert results["bytes"] == len(tokenizer.decode(val[1:].tolist()).encode("utf-8"))
     assert results["loss"] == pytest.approx(expected_loss, rel=1e-5)
@@ -76,7 +86,7 @@ def test_loss_on_plain_data_covers_every_val_token_once(tmp_path, data_dir):
     assert results["bits_per_byte"] == pytest.approx(expected_loss * tokens / math.log(2) / results["bytes"], rel=1e-5)
     assert results["batches"] == math.ceil(len(windows) / 5)
     # --max N: the first N batches only; the same batches give the same numbers (deterministic)
-    first = eval_json("--ckpt", tmp_path / "m.safetensors", "--data", data_dir, "--batch-size", "5", "--max", "1")
+    first = eval_json(capsys, "--ckpt", tmp_path / "m.safetensors", "--data", data_dir, "--batch-size", "5", "--max", "1")
     assert first["batches"] == 1 and first["tokens"] == 5 * T
     assert first["loss"] == pytest.approx(reference_loss(model, windows[:5])[0], rel=1e-5)
 
@@ -119,7 +129,7 @@ def write_jsonl(path, conversations):
     return path
 
 
-def test_accuracy_is_exact_match_after_normalising_whitespace(chat_ckpt, tmp_path):
+def test_accuracy_is_exact_match_after_normalising_whitespace(chat_ckpt, tmp_path, capsys):
     path = write_jsonl(tmp_path / "test.jsonl", [
         conversation(("spell dog", " d  o\ng ")),  # right: whitespace differs only
         conversation(("add 2 3", "5")),  # right
@@ -128,9 +138,9 @@ def test_accuracy_is_exact_match_after_normalising_whitespace(chat_ckpt, tmp_pat
         conversation(("x" * 20, "y" * 20), ("spell dog", "d o g")),  # right, once the first exchange is dropped
         conversation(("z" * 40, "w")),  # wrong: longer than block_size 32 on its own
     ])
-    results = eval_json("--ckpt", chat_ckpt, "--data", path, "--batch-size", "4")
+    results = eval_json(capsys, "--ckpt", chat_ckpt, "--data", path, "--batch-size", "4")
     assert results == {"data": str(path), "accuracy": 4 / 6, "n": 6, "correct": 4, "trimmed": 1, "too_long": 1}
-    assert eval_json("--ckpt", chat_ckpt, "--data", path, "--max", "2")["n"] == 2
+    assert eval_json(capsys, "--ckpt", chat_ckpt, "--data", path, "--max", "2")["n"] == 2
     text = run_cli("eval.py", "--ckpt", chat_ckpt, "--data", path, "--device", "cpu")
     assert text.returncode == 0, text.stderr
     assert ("accuracy 66.7% (4/6 exact matches; 1 lost their oldest turns to fit the context; 1 had a last "
@@ -152,13 +162,13 @@ def test_chat_tasks_is_the_val_split_that_prepare_writes(tmp_path):
     assert rendered == val
 
 
-def test_chat_tasks_accuracy_runs_on_a_chat_model(chat_ckpt):
-    results = eval_json("--ckpt", chat_ckpt, "--data", "chat_tasks", "--max", "6")
+def test_chat_tasks_accuracy_runs_on_a_chat_model(chat_ckpt, capsys):
+    results = eval_json(capsys, "--ckpt", chat_ckpt, "--data", "chat_tasks", "--max", "6")
     assert results["n"] == 6 and 0 <= results["correct"] <= 6
     assert results["accuracy"] == results["correct"] / 6
 
 
-def test_errors_are_one_line_and_say_why(chat_ckpt, chat_dir, data_dir, tmp_path):
+def test_errors_are_one_line_and_say_why(chat_ckpt, chat_dir, data_dir, tmp_path, capsys):
     base = tmp_path / "base.safetensors"
     save_model(base, ByteTokenizer())
     bad = tmp_path / "bad.jsonl"
@@ -173,7 +183,8 @@ def test_errors_are_one_line_and_say_why(chat_ckpt, chat_dir, data_dir, tmp_path
         (["--ckpt", chat_ckpt, "--data", "chat_tasks", "--max", "0"], "--max must be at least 1, got 0"),
     ]
     for args, message in cases:
-        result = run_cli("eval.py", *args, "--device", "cpu")
-        assert result.returncode != 0 and result.stdout == ""
-        assert result.stderr.startswith("eval.py: error: ") and message in result.stderr, result.stderr
-        assert result.stderr.strip().count("\n") == 0
+        out, error = run_eval(capsys, *args)
+        assert out == "" and error.startswith("eval.py: error: ") and message in error, error
+        assert "\n" not in error
+    result = run_cli("eval.py", *cases[0][0], "--device", "cpu")  # and through the real command line
+    assert result.returncode == 1 and result.stderr.strip().count("\n") == 0 and cases[0][1] in result.stderr
