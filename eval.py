@@ -81,7 +81,8 @@ def val_windows(data_dir, tokenizer, block_size):
     if not same_ids(data_tokenizer, tokenizer):
         raise EvalError(f"'{data_dir}' was prepared with another tokenizer ({data_tokenizer.kind}, "
                         f"{data_tokenizer.vocab_size} tokens) than the model's ({tokenizer.kind}, "
-                        f"{tokenizer.vocab_size} tokens): prepare it with the model's tokenizer (--tokenizer-from CKPT)")
+                        f"{tokenizer.vocab_size} tokens): prepare it with the model's tokenizer "
+                        "(--tokenizer-from CKPT)")
     tokens = open_split(data_dir, "val", meta)
     if meta.get("chat"):
         mask = open_array(data_dir, "val_mask.bin", np.uint8, meta["val_tokens"])

@@ -239,9 +239,10 @@ class Generator:
         prompts: strings or lists of token ids. temperature 0 is greedy (argmax). top_k 0 or
         None keeps every token. seed: row i uses seed + i (None: a random seed). stop: strings
         that end a sample (not included in its text). stop_ids: token ids that end a sample (kept in
-        its ids, never in its text). stop_at_eot: end a sample at the tokenizer's end-of-text token. slide: see the module docstring (None: block_size // 4). on_text(row, text, done)
-        is called with each piece of text as soon as it is final (streaming), and once more with
-        done=True (and the rest of the text, maybe "") when the row's sample ends."""
+        its ids, never in its text). stop_at_eot: end a sample at the tokenizer's end-of-text token.
+        slide: see the module docstring (None: block_size // 4). on_text(row, text, done) is called
+        with each piece of text as soon as it is final (streaming), and once more with done=True (and
+        the rest of the text, maybe "") when the row's sample ends."""
         cfg = self.config
         if not prompts:
             return []

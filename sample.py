@@ -3,9 +3,9 @@ Generate text from a checkpoint. The checkpoint carries the model's config and t
 so nothing else is needed.
 
     python sample.py (--ckpt out/quickstart | --init-from gpt2) [--prompt TEXT | --prompt-file F | --interactive]
-                     [--chat [--system TEXT]] [--num-samples N] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
-                     [--repetition-penalty R] [--stop S ...] [--ignore-eot] [--slide N] [--seed S]
-                     [--no-stream] [--compile] [--dtype D] [--device D]
+                     [--chat [--system TEXT]] [--num-samples N] [--max-new-tokens N] [--temperature T]
+                     [--top-k K] [--top-p P] [--repetition-penalty R] [--stop S ...] [--ignore-eot]
+                     [--slide N] [--seed S] [--no-stream] [--compile] [--dtype D] [--device D]
 
 --ckpt takes a run directory (best.safetensors is used when present, else latest.safetensors)
 or a checkpoint file. Each sample is printed after its prompt and followed by a line of 40
@@ -162,7 +162,8 @@ def main(argv=None):
         if args.num_samples < 1:
             raise ConfigError(f"--num-samples must be at least 1, got {args.num_samples}")
         if args.chat and (args.interactive or args.prompt_file):
-            raise ConfigError("--chat reads messages from stdin (or one from --prompt): drop --interactive/--prompt-file")
+            raise ConfigError("--chat reads messages from stdin (or one from --prompt): "
+                              "drop --interactive/--prompt-file")
         if args.system is not None and not args.chat:
             raise ConfigError("--system only applies with --chat")
         model, tokenizer = checkpoint.load_inference_model(args.ckpt, args.init_from, resolve_device(args.device))

@@ -16,7 +16,8 @@ import prepare
 from conftest import CHAT_LESSONS, conversation, run_cli
 from data import open_array, open_split, read_meta
 from model import GPT, GPTConfig
-from tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, token_byte_counts, tokenizer_from_dict, with_chat_tokens
+from tokenizer import (BPETokenizer, ByteTokenizer, CharTokenizer, token_byte_counts, tokenizer_from_dict,
+                       with_chat_tokens)
 
 
 
@@ -86,7 +87,8 @@ def test_loss_on_plain_data_covers_every_val_token_once(tmp_path, data_dir, caps
     assert results["bits_per_byte"] == pytest.approx(expected_loss * tokens / math.log(2) / results["bytes"], rel=1e-5)
     assert results["batches"] == math.ceil(len(windows) / 5)
     # --max N: the first N batches only; the same batches give the same numbers (deterministic)
-    first = eval_json(capsys, "--ckpt", tmp_path / "m.safetensors", "--data", data_dir, "--batch-size", "5", "--max", "1")
+    first = eval_json(capsys, "--ckpt", tmp_path / "m.safetensors", "--data", data_dir, "--batch-size", "5",
+                      "--max", "1")
     assert first["batches"] == 1 and first["tokens"] == 5 * T
     assert first["loss"] == pytest.approx(reference_loss(model, windows[:5])[0], rel=1e-5)
 
