@@ -4,6 +4,7 @@ exact-match accuracy on conversations, the built-in tasks' val split, --json, an
 import dataclasses
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -190,3 +191,13 @@ def test_errors_are_one_line_and_say_why(chat_ckpt, chat_dir, data_dir, tmp_path
         assert "\n" not in error
     result = run_cli("eval.py", *cases[0][0], "--device", "cpu")  # and through the real command line
     assert result.returncode == 1 and result.stderr.strip().count("\n") == 0 and cases[0][1] in result.stderr
+
+
+def test_init_from_loads_a_hugging_face_gpt2_and_its_tokenizer(tmp_path, capsys):
+    from test_gpt2 import random_gpt2, tiny_bpe
+
+    random_gpt2().save_pretrained(tmp_path)
+    tiny_bpe(tmp_path)  # a base model: its BPE has no chat tokens
+    out, error = run_eval(capsys, "--init-from", tmp_path, "--data", "chat_tasks")
+    assert re.fullmatch(r"eval.py: error: this model's tokenizer \(bpe, \d+ tokens\) has no chat tokens, so it "
+                        r"cannot chat: fine-tune it on chat data first \(README: Fine-tuning for chat\)", error)
