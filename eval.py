@@ -37,6 +37,7 @@ prepared it.
 
 import argparse
 import json
+import itertools
 import math
 import os
 import sys
@@ -66,8 +67,10 @@ class EvalError(ValueError):
 
 def same_ids(a, b):
     """Whether two tokenizers give every id the same meaning (names and pre-split patterns aside)."""
-    strip = lambda d: {k: v for k, v in d.items() if k not in ("name", "pattern")}  # noqa: E731
-    return strip(a.to_dict()) == strip(b.to_dict())
+    def meaning(tokenizer):
+        return {k: v for k, v in tokenizer.to_dict().items() if k not in ("name", "pattern")}
+
+    return meaning(a) == meaning(b)
 
 
 def val_windows(data_dir, tokenizer, block_size):
@@ -102,22 +105,19 @@ def val_windows(data_dir, tokenizer, block_size):
 
 def batches(windows, batch_size):
     """Windows stacked into (x, y) batches (B, L), padded on the right (padding is never a target)."""
-    group = []
-    for window in [*windows, None]:
-        if window is not None:
-            group.append(window)
-        if group and (len(group) == batch_size or window is None):
-            L = max(len(x) for x, _ in group)
-            x = torch.zeros(len(group), L, dtype=torch.long)
-            y = torch.full((len(group), L), -1, dtype=torch.long)
-            for b, (xs, ys) in enumerate(group):
-                x[b, : len(xs)], y[b, : len(ys)] = torch.from_numpy(xs), torch.from_numpy(ys)
-            yield x, y
-            group = []
+    windows = iter(windows)
+    while group := list(itertools.islice(windows, batch_size)):  # one batch in memory at a time
+        L = max(len(x) for x, _ in group)
+        x = torch.zeros(len(group), L, dtype=torch.long)
+        y = torch.full((len(group), L), -1, dtype=torch.long)
+        for b, (xs, ys) in enumerate(group):
+            x[b, : len(xs)], y[b, : len(ys)] = torch.from_numpy(xs), torch.from_numpy(ys)
+        yield x, y
 
 
 @torch.no_grad()
 def evaluate_loss(model, tokenizer, data_dir, batch_size, max_batches=None):
+    """Loss, perplexity and bits per byte over the val split's windows (the first max_batches batches)."""
     device = next(model.parameters()).device
     byte_counts = torch.from_numpy(token_byte_counts(tokenizer))
     nats, tokens, nbytes, n = 0.0, 0, 0, 0
