@@ -1,6 +1,7 @@
 """Chat with a model: replies stop at <|assistant_end|> (a general stop-token mechanism of the engine),
 never show chat tokens, batch like single replies; the history fits the context; sample.py --chat end to end."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -9,10 +10,11 @@ import pytest
 import torch
 
 import chat
+import checkpoint
 from conftest import CHAT_LESSONS, REPO, conversation
 from generate import Generator
 from model import GPT, GPTConfig
-from test_generate import CHARS, char_generator
+from test_generate import CHARS, char_generator, small_model
 from tokenizer import CHAT_TOKENS, ByteTokenizer, with_chat_tokens
 
 
@@ -128,11 +130,6 @@ def test_sample_chat_prompt_answers_one_turn(chat_ckpt):
 
 
 def test_sample_chat_refuses_a_model_without_chat_tokens(tmp_path):
-    from test_generate import small_model
-    import dataclasses
-
-    import checkpoint
-
     model = small_model()
     path = tmp_path / "base.safetensors"
     checkpoint.save(str(path), model.state_dict(), {"model": dataclasses.asdict(model.config),
