@@ -200,9 +200,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     checkpoint.add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="prepared data directory, chat JSONL file, or chat_tasks")
-    parser.add_argument("--max", type=int, help="data directory: at most N batches; chat: the first N conversations")
-    parser.add_argument("--batch-size", type=int, default=16, help="windows or conversations per forward pass")
-    parser.add_argument("--max-new-tokens", type=int, help="chat: most tokens per reply "
+    parser.add_argument("--max", type=int, metavar="N", help="data directory: at most N batches; chat: the first N conversations")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="windows or conversations per forward pass")
+    parser.add_argument("--max-new-tokens", type=int, metavar="N", help="chat: most tokens per reply "
                         "(default: the batch's longest expected answer + 8)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with the results")
     parser.add_argument("--device", default="auto")
