@@ -12,6 +12,7 @@ mask is 1 on the tokens of each assistant reply and on its <|assistant_end|> (so
 to stop), 0 on everything else, <|assistant_start|> included (the format, not the model, places it).
 """
 
+import json
 import random
 
 ROLES = ("system", "user", "assistant")
@@ -84,6 +85,33 @@ def render_turns(tokenizer, turns):
     return ids, mask
 
 
+def require_chat_tokens(tokenizer):
+    """Raise ChatError unless the tokenizer has the chat tokens (a model trained on chat data has them)."""
+    if not hasattr(tokenizer, "chat_ids"):
+        raise ChatError(f"this model's tokenizer ({tokenizer.kind}, {tokenizer.vocab_size} tokens) has no chat "
+                        "tokens, so it cannot chat: fine-tune it on chat data first (README: Fine-tuning for chat)")
+
+
+def fit_to_context(tokenizer, messages, block_size, max_new_tokens):
+    """Drop the oldest user/assistant exchanges (a system message stays) until the prompt for the next
+    reply leaves room for it: at most block_size - min(max_new_tokens, block_size // 2) tokens. The last
+    user message is never dropped: alone, it may fill up to block_size (the reply then goes on past
+    block_size as generate.py's sliding window does). messages ends with a user message. Returns
+    (messages kept, number of messages dropped); ChatError when the last message alone is too long."""
+    budget = block_size - min(max_new_tokens, block_size // 2)
+    head = messages[:1] if messages and messages[0].get("role") == "system" else []
+    turns = messages[len(head):]
+    dropped = 0
+    while len(turns) - dropped > 1 and len(render_for_reply(tokenizer, head + turns[dropped:])) > budget:
+        dropped += 2  # a user turn and the assistant's answer to it
+    kept = head + turns[dropped:]
+    n = len(render_for_reply(tokenizer, kept))
+    if n > block_size:
+        raise ChatError(f"the message is too long: {n} tokens with the chat format, more than the model's "
+                        f"block_size {block_size}; shorten it")
+    return kept, dropped
+
+
 def conversation_from_record(record):
     """A record of a chat dataset -> messages. Two shapes are read: {"messages": [...]} and Alpaca's
     {"instruction", "input" (optional), "output"}, which becomes one user and one assistant turn."""
@@ -102,6 +130,21 @@ def conversation_from_record(record):
     raise ChatError(f"a chat record needs 'messages', or 'instruction' and 'output'; it has {sorted(record)}")
 
 
+def read_jsonl(path):
+    """The conversations of a chat JSONL file, one record per line (blank lines are skipped): yields
+    (messages, problem), problem being None, or for a bad record a one-line error naming the file and line."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                messages = conversation_from_record(json.loads(line))
+                check_conversation(messages)
+                yield messages, None
+            except (json.JSONDecodeError, ChatError) as e:
+                yield None, f"'{path}' line {n}: {e}"
+
+
 def is_chat_record(record):
     """Whether a JSONL/Parquet record is a conversation (rather than a document under a text field)."""
     return isinstance(record, dict) and ("messages" in record or "instruction" in record)
@@ -111,6 +154,8 @@ def is_chat_record(record):
 # The built-in tasks (`python prepare.py chat_tasks`): small, exactly checkable skills that a small
 # model can learn in minutes on a CPU, so SFT can be seen working offline.
 
+CHAT_TASKS_TRAIN, CHAT_TASKS_VAL = 20000, 500  # conversations of the built-in task set
+CHAT_TASKS_SEED = 1337  # prepare.py's default --seed: eval.py's `--data chat_tasks` is the val split it makes
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 

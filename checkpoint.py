@@ -197,7 +197,7 @@ def load_model(ckpt, device):
 
 
 def add_model_arguments(parser):
-    """--ckpt or --init-from: where the scripts that run a trained model (sample.py, explain.py) get it."""
+    """--ckpt or --init-from: where the scripts that run a trained model (sample.py, explain.py, eval.py) get it."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="run directory or checkpoint file")
     source.add_argument("--init-from", metavar="NAME|PATH",

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from chat import ChatError, render_for_reply, require_chat_tokens
 from checkpoint import load_model
 from device import resolve_device
 
@@ -158,8 +159,9 @@ class TextStream:
 @dataclass
 class Sample:
     """One generated continuation. ids are the generated token ids (ending with the
-    end-of-text token when that stopped it); text is their decoding, cut before a stop
-    string. finish_reason: "length" (max_new_tokens), "eot" or "stop" (a stop string)."""
+    end-of-text or stop token when that stopped it); text is their decoding, cut before a stop
+    string. finish_reason: "length" (max_new_tokens), "eot", "stop" (a stop string) or "end"
+    (a token of stop_ids, such as a chat reply's <|assistant_end|>)."""
 
     prompt_ids: list
     ids: list
@@ -230,15 +232,17 @@ class Generator:
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens=256, temperature=1.0, top_k=None, top_p=1.0,
-                 repetition_penalty=1.0, seed=None, stop=(), stop_at_eot=True, slide=None, on_text=None):
+                 repetition_penalty=1.0, seed=None, stop=(), stop_ids=(), stop_at_eot=True, slide=None,
+                 on_text=None):
         """Generate one continuation per prompt, all as one batch; returns a list of Sample.
 
         prompts: strings or lists of token ids. temperature 0 is greedy (argmax). top_k 0 or
         None keeps every token. seed: row i uses seed + i (None: a random seed). stop: strings
-        that end a sample (not included in its text). stop_at_eot: end a sample at the
-        tokenizer's end-of-text token. slide: see the module docstring (None: block_size // 4). on_text(row, text, done)
-        is called with each piece of text as soon as it is final (streaming), and once more with
-        done=True (and the rest of the text, maybe "") when the row's sample ends."""
+        that end a sample (not included in its text). stop_ids: token ids that end a sample (kept in
+        its ids, never in its text). stop_at_eot: end a sample at the tokenizer's end-of-text token.
+        slide: see the module docstring (None: block_size // 4). on_text(row, text, done) is called
+        with each piece of text as soon as it is final (streaming), and once more with done=True (and
+        the rest of the text, maybe "") when the row's sample ends."""
         cfg = self.config
         if not prompts:
             return []
@@ -248,7 +252,10 @@ class Generator:
         batch = Batch([self.encode(p)[-cfg.block_size :] for p in prompts], max_new_tokens, cfg.vocab_size,
                       self.device, seed)
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
-        finisher = RowFinisher(batch, self.tokenizer, stop, self.tokenizer.eot_id if stop_at_eot else None, on_text)
+        end_ids = {i: "end" for i in stop_ids}
+        if stop_at_eot and self.tokenizer.eot_id is not None:
+            end_ids[self.tokenizer.eot_id] = "eot"
+        finisher = RowFinisher(batch, self.tokenizer, stop, end_ids, on_text)
 
         cache = KVCache(cfg, batch.size, self.device, self.dtype)
         t = min(batch.lengths)  # index of the next token; tokens 0 .. t - 1 exist in every row
@@ -262,6 +269,23 @@ class Generator:
                 logits = self.slide_window(batch.seq, t, slide, cache)
             else:
                 logits = self.decode_one_token(batch.seq[:, t - 1 : t], cache)
+
+    def chat(self, messages, **settings):
+        """The next assistant turn of one conversation (a list of {"role", "content"} ending with a
+        user message): a Sample whose text is the reply. settings: generate()'s keyword arguments."""
+        return self.replies([messages], **settings)[0]
+
+    def replies(self, conversations, **settings):
+        """The next assistant turn of each conversation, generated as one batch; a list of Sample.
+        A reply ends at <|assistant_end|> (finish reason "end"), or at any other chat token, since
+        none can be part of a reply; chat tokens are kept in ids, never in text."""
+        require_chat_tokens(self.tokenizer)
+        prompts = [render_for_reply(self.tokenizer, messages) for messages in conversations]
+        for i, ids in enumerate(prompts):
+            if len(ids) > self.config.block_size:  # cutting its start would lose <|bos|> and the first turns
+                raise ChatError(f"conversation {i + 1} is {len(ids)} tokens, more than the model's block_size "
+                                f"{self.config.block_size}: drop its oldest turns first (chat.fit_to_context)")
+        return self.generate(prompts, stop_ids=self.tokenizer.chat_ids.values(), **settings)
 
     def prefill(self, idx, cache):
         """Run the prompts' common part idx (B, T) through the model from position 0, filling the
@@ -322,11 +346,12 @@ class Batch:
 
 
 class RowFinisher:
-    """Streams each row's new text and decides when it is done: end-of-text, a stop string, or
-    max_new_tokens. results[b] is row b's Sample once it has finished, None before."""
+    """Streams each row's new text and decides when it is done: a token of end_ids ({id: finish
+    reason}, end-of-text among them), a stop string, or max_new_tokens. results[b] is row b's Sample
+    once it has finished, None before."""
 
-    def __init__(self, batch, tokenizer, stop, eot, on_text):
-        self.batch, self.eot, self.on_text = batch, eot, on_text
+    def __init__(self, batch, tokenizer, stop, end_ids, on_text):
+        self.batch, self.end_ids, self.on_text = batch, end_ids, on_text
         self.streams = [TextStream(tokenizer, stop) for _ in range(batch.size)]
         self.results = [None] * batch.size
 
@@ -338,7 +363,7 @@ class RowFinisher:
                 continue
             generated = t - batch.lengths[b] + 1
             stream = self.streams[b]
-            text, reason = "", "eot" if token == self.eot else None
+            text, reason = "", self.end_ids.get(token)
             if reason is None:
                 text = stream.push(token)
                 reason = "stop" if stream.stopped else "length" if generated == batch.max_new_tokens else None

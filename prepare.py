@@ -68,7 +68,6 @@ BUILTINS = {
     "fineweb_edu": ("gpt2", "FineWeb-Edu 10BT sample, GPT-2 BPE"),
     "chat_tasks": ("char", "small generated tasks for chat fine-tuning (offline)"),
 }
-CHAT_TASKS_TRAIN, CHAT_TASKS_VAL = 20000, 500  # conversations of the built-in task set
 CHUNK_SIZE = 1 << 20  # characters of text per task sent to a worker
 TRAIN, VAL = 0, 1
 
@@ -550,22 +549,16 @@ def write_splits(source, tokenizer, out_dir, val_fraction, seed, workers, chunk_
 def chat_conversations(name, val_fraction, seed):
     """[(split, messages)] for a chat source (the built-in tasks, or a JSONL file of chat records), else None."""
     if name == "chat_tasks":
-        train, val = chat.chat_tasks(CHAT_TASKS_TRAIN, CHAT_TASKS_VAL, seed)
+        train, val = chat.chat_tasks(chat.CHAT_TASKS_TRAIN, chat.CHAT_TASKS_VAL, seed)
         return [(TRAIN, m) for m in train] + [(VAL, m) for m in val]
     if not (os.path.isfile(name) and name.endswith(".jsonl") and chat.is_chat_record(first_jsonl_record(name))):
         return None
     rng = random.Random(seed)  # conversations are split by seed, as documents are
     conversations = []
-    with open(name, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                messages = chat.conversation_from_record(json.loads(line))
-                chat.check_conversation(messages)
-            except (json.JSONDecodeError, chat.ChatError) as e:
-                raise PrepareError(f"'{name}' line {n}: {e}") from None
-            conversations.append((VAL if rng.random() < val_fraction else TRAIN, messages))
+    for messages, problem in chat.read_jsonl(name):
+        if problem:
+            raise PrepareError(problem)
+        conversations.append((VAL if rng.random() < val_fraction else TRAIN, messages))
     return conversations
 
 

@@ -3,9 +3,9 @@ Generate text from a checkpoint. The checkpoint carries the model's config and t
 so nothing else is needed.
 
     python sample.py (--ckpt out/quickstart | --init-from gpt2) [--prompt TEXT | --prompt-file F | --interactive]
-                     [--num-samples N] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
-                     [--repetition-penalty R] [--stop S ...] [--ignore-eot] [--slide N] [--seed S]
-                     [--no-stream] [--compile] [--dtype D] [--device D]
+                     [--chat [--system TEXT]] [--num-samples N] [--max-new-tokens N] [--temperature T]
+                     [--top-k K] [--top-p P] [--repetition-penalty R] [--stop S ...] [--ignore-eot]
+                     [--slide N] [--seed S] [--no-stream] [--compile] [--dtype D] [--device D]
 
 --ckpt takes a run directory (best.safetensors is used when present, else latest.safetensors)
 or a checkpoint file. Each sample is printed after its prompt and followed by a line of 40
@@ -14,6 +14,14 @@ tokens arrive (--no-stream prints each sample whole). --interactive reads one pr
 line from stdin and prints the continuations (without the prompt) until end of input.
 --init-from samples straight from pretrained GPT-2 weights (a model name found in the Hugging
 Face cache, or a Hugging Face GPT-2 directory).
+
+--chat talks with a model fine-tuned on chat data (its tokenizer has the chat tokens): each line of
+stdin is a user message, and the reply streams back, ending at <|assistant_end|>. The conversation
+so far is the context of each reply; when it no longer fits in block_size (with room for the
+reply), its oldest turns are dropped, which is said once. "/clear" starts a new conversation; end
+of input ends it. --chat --prompt TEXT answers one message and exits. --system TEXT starts the
+conversation with a system message. Notes go to stderr, replies to stdout; one reply per message
+(--num-samples does not apply).
 """
 
 import argparse
@@ -24,6 +32,7 @@ import torch
 
 import checkpoint
 import gpt2
+from chat import ChatError, fit_to_context, require_chat_tokens
 from config import ConfigError
 from device import resolve_device
 from generate import Generator, SettingError
@@ -45,6 +54,11 @@ def read_prompts():
             return
 
 
+def write(text):
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 class SamplePrinter:
     """Prints a batch's samples in order, each after its heading (the prompt) and followed by a
     line of dashes. With stream, the sample whose turn it is prints as its text arrives; the
@@ -60,21 +74,53 @@ class SamplePrinter:
         self.parts[row].append(text)
         self.done[row] = done
         while self.stream and self.turn < len(self.parts):
-            self.write("".join(self.parts[self.turn]))
+            write("".join(self.parts[self.turn]))
             self.parts[self.turn] = []
             if not self.done[self.turn]:
                 break
-            self.write("\n" + "-" * 40 + "\n")
+            write("\n" + "-" * 40 + "\n")
             self.turn += 1
 
     def finish(self):
         if not self.stream:
             for parts in self.parts:
-                self.write("".join(parts) + "\n" + "-" * 40 + "\n")
+                write("".join(parts) + "\n" + "-" * 40 + "\n")
 
-    def write(self, text):
-        sys.stdout.write(text)
-        sys.stdout.flush()
+
+def note(text):
+    print(text, file=sys.stderr, flush=True)
+
+
+def chat_session(generator, lines, system, settings, interactive):
+    """A conversation: each line is a user message; each reply streams to stdout, one line after it."""
+    start = [{"role": "system", "content": system}] if system else []
+    messages, said_dropping = list(start), False
+    for line in lines:
+        if line.strip() == "/clear":
+            messages, said_dropping = list(start), False
+            note("(new conversation)")
+            continue
+        if not line.strip():
+            continue
+        try:
+            messages, dropped = fit_to_context(generator.tokenizer, messages + [{"role": "user", "content": line}],
+                                               generator.config.block_size, settings["max_new_tokens"])
+        except ChatError as e:
+            if not interactive:
+                raise
+            note(f"sample.py: error: {e}")  # the message is not kept; the conversation goes on
+            continue
+        if dropped and not said_dropping:
+            note(f"(the conversation no longer fits in the model's context of {generator.config.block_size} "
+                 "tokens: its oldest turns are dropped from now on)")
+            said_dropping = True
+        reply = generator.chat(messages, on_text=lambda row, text, done: write(text), **settings)
+        write("\n")
+        if reply.text.strip():
+            messages.append({"role": "assistant", "content": reply.text})
+        else:  # an empty turn breaks the chat format: leave the exchange out
+            messages.pop()
+            note("(empty reply: this exchange is left out of the conversation)")
 
 
 def main(argv=None):
@@ -84,6 +130,9 @@ def main(argv=None):
     prompt.add_argument("--prompt", help="text to continue (default: a newline, or end-of-text for byte/BPE)")
     prompt.add_argument("--prompt-file", help="file whose text to continue")
     prompt.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line")
+    parser.add_argument("--chat", action="store_true", help="talk with a chat model: one message per line of "
+                        "stdin (/clear starts over), or one turn with --prompt")
+    parser.add_argument("--system", help="with --chat: a system message that starts the conversation")
     parser.add_argument("--num-samples", type=int, default=3, help="samples per prompt, generated as one batch")
     parser.add_argument("--max-new-tokens", type=int, default=500)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token (greedy)")
@@ -112,9 +161,17 @@ def main(argv=None):
     try:
         if args.num_samples < 1:
             raise ConfigError(f"--num-samples must be at least 1, got {args.num_samples}")
-        device = resolve_device(args.device)
-        model, tokenizer = checkpoint.load_model_from_args(args, device)
+        if args.chat and (args.interactive or args.prompt_file):
+            raise ConfigError("--chat reads messages from stdin (or one from --prompt): "
+                              "drop --interactive/--prompt-file")
+        if args.system is not None and not args.chat:
+            raise ConfigError("--system only applies with --chat")
+        model, tokenizer = checkpoint.load_model_from_args(args, resolve_device(args.device))
         generator = Generator(model.to(getattr(torch, args.dtype)), tokenizer, compile=args.compile)
+        if args.chat:
+            require_chat_tokens(tokenizer)
+            lines = [args.prompt] if args.prompt is not None else read_prompts()
+            return chat_session(generator, lines, args.system, settings, interactive=args.prompt is None)
         if args.interactive:
             prompts = read_prompts()
         elif args.prompt_file:
@@ -136,7 +193,7 @@ def main(argv=None):
             printer.finish()
     except SettingError as e:
         sys.exit(f"sample.py: error: --{e.name.replace('_', '-')} must be {e.expected}, got {e.value}")
-    except (ConfigError, checkpoint.CheckpointError, gpt2.GPT2Error, TokenizerError, OSError) as e:
+    except (ConfigError, checkpoint.CheckpointError, gpt2.GPT2Error, TokenizerError, ChatError, OSError) as e:
         sys.exit(f"sample.py: error: {e}")
 
 

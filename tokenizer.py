@@ -279,3 +279,20 @@ def tokenizer_from_dict(d):
     if kind == "bpe":
         return BPETokenizer.from_dict(d)
     raise TokenizerError(f"unknown tokenizer type {kind!r} in saved description: expected char, byte or bpe")
+
+
+def token_byte_counts(tokenizer):
+    """How many UTF-8 bytes of text each token id stands for: an int64 array of vocab_size. End-of-text
+    and chat tokens stand for no text (0). Byte-level tokens that split a character count the bytes
+    they hold, so the counts of a token sequence add up to the bytes of its text (bits per byte)."""
+    if isinstance(tokenizer, ChatTokenizer):
+        return np.concatenate([token_byte_counts(tokenizer.base), np.zeros(len(CHAT_TOKENS), np.int64)])
+    counts = np.zeros(tokenizer.vocab_size, np.int64)
+    if tokenizer.kind == "char":
+        counts[:] = [len(utf8(c)) for c in tokenizer.chars]
+    elif tokenizer.kind == "byte":
+        counts[:256] = 1
+    else:
+        for token, rank in tokenizer.ranks.items():  # the special tokens keep 0
+            counts[rank] = len(token)
+    return counts

@@ -53,3 +53,54 @@ def tiny_config(data_dir, out_dir, **overrides):
     cfg = TrainConfig(**values)
     cfg.validate()
     return cfg
+
+
+# A tiny chat model that has learned a few conversations by heart, so that chat and eval tests see real
+# replies ending at <|assistant_end|>. Trained once per test session (0.2 s of CPU).
+CHAT_LESSONS = [
+    [("hi", "yo")], [("reverse abc", "cba")], [("add 2 3", "5")], [("spell dog", "d o g")],
+    [("hi", "yo"), ("bye", "ok")],
+]
+
+
+def conversation(*pairs):
+    """[(user text, assistant text or None), ...] -> messages (a None reply ends the list at that user turn)."""
+    messages = []
+    for user, assistant in pairs:
+        messages.append({"role": "user", "content": user})
+        if assistant is not None:
+            messages.append({"role": "assistant", "content": assistant})
+    return messages
+
+
+@pytest.fixture(scope="session")
+def chat_ckpt(tmp_path_factory):
+    import dataclasses
+
+    import torch
+
+    import chat
+    import checkpoint
+    from model import GPT, GPTConfig
+    from tokenizer import ByteTokenizer, with_chat_tokens
+
+    tokenizer = with_chat_tokens(ByteTokenizer())
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=32,
+                          dropout=0.0, bias=True))
+    rows = [chat.render_conversation(tokenizer, conversation(*pairs)) for pairs in CHAT_LESSONS]
+    x = torch.zeros(len(rows), 31, dtype=torch.long)
+    y = torch.full((len(rows), 31), -1, dtype=torch.long)
+    for b, (ids, mask) in enumerate(rows):
+        x[b, : len(ids) - 1] = torch.tensor(ids[:-1])
+        y[b, : len(ids) - 1] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    for _ in range(60):
+        _, loss = model(x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    path = tmp_path_factory.mktemp("chat") / "model.safetensors"
+    info = {"model": dataclasses.asdict(model.config), "tokenizer": tokenizer.to_dict()}
+    checkpoint.save(str(path), model.state_dict(), info)
+    return path
