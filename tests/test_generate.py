@@ -284,3 +284,10 @@ def test_int8_generator_stays_close_to_float32():
     assert [s.ids for s in int8.generate(prompts, max_new_tokens=20, temperature=0)] == \
         [s.ids for s in fp32.generate(prompts, max_new_tokens=20, temperature=0)]
     assert next(model.parameters()).dtype == torch.float32  # the model itself is left alone
+
+
+def test_cli_quantize_int8_prints_the_int8_generators_text(char_ckpt, capsys, monkeypatch):
+    out = run_sample(capsys, monkeypatch, "--ckpt", char_ckpt, "--prompt", "First", "--num-samples", "1",
+                     "--max-new-tokens", "20", "--temperature", "0", "--quantize", "int8", "--no-stream").out
+    gen = Generator.from_checkpoint(char_ckpt, "cpu", quantize="int8")
+    assert out == "First" + gen.generate(["First"], max_new_tokens=20, temperature=0)[0].text + "\n" + "-" * 40 + "\n"
