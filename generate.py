@@ -218,6 +218,20 @@ class TextStream:
         return out
 
 
+def lookup_draft(tokens, k, max_ngram=3):
+    """Prompt lookup decoding (Saxena 2023): the up to k tokens that followed the latest earlier
+    occurrence of the sequence's last n tokens, trying n = max_ngram first; [] when none. Free to
+    compute and often right on text that repeats itself (code, quotes, lists, names)."""
+    if k < 1:
+        return []
+    for n in range(min(max_ngram, len(tokens) - 1), 0, -1):
+        tail = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start : start + n] == tail:
+                return tokens[start + n : start + n + k]
+    return []
+
+
 @dataclass
 class Sample:
     """One generated continuation. ids are the generated token ids (ending with the
@@ -301,7 +315,7 @@ class Generator:
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens=256, temperature=1.0, top_k=None, top_p=1.0,
-                 repetition_penalty=1.0, seed=None, stop=(), stop_at_eot=True, slide=None, on_text=None):
+                 repetition_penalty=1.0, seed=None, stop=(), stop_at_eot=True, slide=None, on_text=None, lookup=0):
         """Generate one continuation per prompt, all as one batch; returns a list of Sample.
 
         prompts: strings or lists of token ids. temperature 0 is greedy (argmax). top_k 0 or
@@ -309,12 +323,17 @@ class Generator:
         that end a sample (not included in its text). stop_at_eot: end a sample at the
         tokenizer's end-of-text token. slide: see the module docstring (None: block_size // 4). on_text(row, text, done)
         is called with each piece of text as soon as it is final (streaming), and once more with
-        done=True (and the rest of the text, maybe "") when the row's sample ends."""
+        done=True (and the rest of the text, maybe "") when the row's sample ends. lookup: draft up
+        to this many tokens per step by prompt lookup and check them in one forward pass (greedy
+        decoding of one prompt only; the output is greedy decoding's, faster on repetitive text)."""
         cfg = self.config
         if not prompts:
             return []
         slide = max(1, cfg.block_size // 4) if slide is None else slide
         check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, slide, cfg.block_size)
+        if lookup and not (lookup > 0 and temperature == 0 and repetition_penalty == 1.0 and len(prompts) == 1):
+            raise SettingError("lookup", "0, or above 0 with one prompt, temperature 0 and repetition_penalty 1",
+                               lookup)
         # The model sees at most block_size tokens, so a longer prompt keeps its end (as in GPT.generate).
         batch = Batch([self.encode(p)[-cfg.block_size :] for p in prompts], max_new_tokens, cfg.vocab_size,
                       self.device, seed)
@@ -329,8 +348,17 @@ class Generator:
             if finisher.after_token(t):
                 return finisher.results
             t += 1  # token t - 1 is new: feed it
+            room = min(cfg.block_size - cache.pos - 1, max_new_tokens - (t - batch.lengths[0]) - 1)
+            draft = lookup_draft(batch.seq[0, :t].tolist(), min(lookup, room)) if lookup else []
             if cache.pos == cfg.block_size:  # no room for it: drop the oldest tokens, prefill the rest
                 logits = self.slide_window(batch.seq, t, slide, cache)
+            elif draft:
+                logits, accepted = self.verify_draft(batch.seq[:, t - 1 : t], draft, cache)
+                for token in accepted:  # each is the token greedy decoding picks at t
+                    batch.append(t, torch.tensor([token], device=self.device))
+                    if finisher.after_token(t):
+                        return finisher.results
+                    t += 1
             else:
                 logits = self.decode_one_token(batch.seq[:, t - 1 : t], cache)
 
@@ -347,6 +375,24 @@ class Generator:
         logits = self.decode_step(idx, cache)
         cache.pos += 1
         return logits
+
+    def verify_draft(self, last, draft, cache):
+        """Feed the newest token last (1, 1) and the drafted tokens in one forward pass and keep the
+        longest start of the draft that greedy decoding picks. Returns the logits after the last
+        kept token (1, V) and the kept tokens; the cache keeps only their positions (the rejected
+        ones are overwritten later)."""
+        idx = torch.cat([last, torch.tensor([draft], device=self.device)], dim=1)  # (1, 1 + k)
+        self.decoder.lm_head.keep = idx.size(1)
+        try:
+            logits = self.decoder(idx, kv_cache=cache)[0].float()  # (1, 1 + k, V)
+        finally:
+            self.decoder.lm_head.keep = 1
+        predicted = logits[0].argmax(dim=-1).tolist()  # the one host sync of the step
+        kept = 0
+        while kept < len(draft) and predicted[kept] == draft[kept]:
+            kept += 1
+        cache.pos += 1 + kept
+        return logits[:, kept], draft[:kept]
 
     def slide_window(self, seq, t, slide, cache):
         """The cache is full: keep the last block_size - slide + 1 of the t tokens and prefill them again

@@ -12,7 +12,8 @@ import torch
 import checkpoint
 import sample
 from conftest import TINY_TEXT, run_cli
-from generate import Generator, KVCache, TextStream, candidates, penalize_repetition, sample_from
+from generate import (Generator, KVCache, SettingError, TextStream, candidates, lookup_draft, penalize_repetition,
+                      sample_from)
 from model import GPT, GPTConfig
 from quantize import Int8Linear
 from tokenizer import ByteTokenizer, CharTokenizer
@@ -291,3 +292,34 @@ def test_cli_quantize_int8_prints_the_int8_generators_text(char_ckpt, capsys, mo
                      "--max-new-tokens", "20", "--temperature", "0", "--quantize", "int8", "--no-stream").out
     gen = Generator.from_checkpoint(char_ckpt, "cpu", quantize="int8")
     assert out == "First" + gen.generate(["First"], max_new_tokens=20, temperature=0)[0].text + "\n" + "-" * 40 + "\n"
+
+
+def test_lookup_draft_takes_what_followed_the_latest_match():
+    assert lookup_draft([5, 1, 2, 3, 9, 1, 2, 3, 7, 1, 2], k=2) == [3, 7]  # longest n first, latest match
+    assert lookup_draft([4, 8, 6], k=3) == [] and lookup_draft([1, 1], k=0) == []
+
+
+@pytest.mark.parametrize("sharpen, prompt", [(20, "First Citizen"), (3, "All: All: All:")])
+def test_prompt_lookup_gives_plain_greedy_tokens(sharpen, prompt):
+    gen = char_generator(sharpen=sharpen)
+    accepted, verify = [], gen.verify_draft
+
+    def counting_verify(*args):
+        logits, kept = verify(*args)
+        accepted.append(len(kept))
+        return logits, kept
+
+    gen.verify_draft = counting_verify
+    for max_new in (5, 40):  # 40 passes block_size 16: the window slides between verifications
+        plain = gen.generate([prompt], max_new_tokens=max_new, temperature=0)
+        assert gen.generate([prompt], max_new_tokens=max_new, temperature=0, lookup=4) == plain
+    assert sum(accepted) > 0  # drafts were verified and kept, not only rejected
+
+
+def test_prompt_lookup_refuses_sampling_and_batches():
+    gen = char_generator()
+    for settings in (dict(temperature=1.0), dict(temperature=0, repetition_penalty=1.2)):
+        with pytest.raises(SettingError, match="lookup must be 0, or above 0 with one prompt"):
+            gen.generate(["First"], lookup=2, **settings)
+    with pytest.raises(SettingError):
+        gen.generate(["First", "All"], temperature=0, lookup=2)
