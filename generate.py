@@ -78,7 +78,7 @@ class PackedLinear(nn.Module):
 
     def __init__(self, linear):
         super().__init__()
-        self.out_features = linear.out_features
+        self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)  # tuned for 1 row
         self.bias = linear.bias
 

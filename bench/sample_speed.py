@@ -28,6 +28,9 @@ What is timed, exactly:
   row group. The bound for batch-1 decoding is bandwidth / bytes the engine's decoder reads per
   token (every matrix once, in its own dtype: 4, 2 or 1 byte per weight, plus one row of each
   embedding table); "of bound" is the engine's batch-1 speed as a fraction of it.
+- matrix multiplies alone: one step's Linear layers run back to back on a 1-row input, nothing
+  else; its tok/s is the ceiling the matrix kernels set, and its fraction of the bound says how
+  close those kernels stream to the measured bandwidth.
 - past block_size (shakespeare_char, 1024 tokens) the engine uses its default slide of
   block_size / 4; with slide=1 it would do the reference's work (a full forward per token).
 """
@@ -41,6 +44,7 @@ import torch
 
 from generate import Generator, PackedLinear
 from model import GPT, GPTConfig
+from quantize import Int8Linear
 
 MODELS = {
     "shakespeare_char": GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, dropout=0.0),
@@ -87,6 +91,22 @@ def bytes_per_token(decoder):
         if isinstance(module, torch.nn.Embedding):
             tensors.pop(id(module.weight), None)
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def matrices_alone_seconds(decoder, device):
+    """Seconds for one pass of a batch-1 step's matrix multiplies alone: every Linear of the
+    decoder once, in order, on a 1-row input (each read from memory, as in a real step). The
+    engine's speed over 1 / this is how much of its time goes to anything but the matrices."""
+    layers = [m for m in decoder.modules() if isinstance(m, (torch.nn.Linear, PackedLinear, Int8Linear))]
+    dtype = next(decoder.parameters()).dtype
+    inputs = [torch.randn(1, in_features(m), device=device, dtype=dtype) for m in layers]
+    run = lambda: [m(x) for m, x in zip(layers, inputs)]  # noqa: E731
+    run()
+    return min(timed(run, device)[0] for _ in range(5))
+
+
+def in_features(layer):
+    return layer.weight.size(1) if isinstance(layer, (torch.nn.Linear, Int8Linear)) else layer.in_features
 
 
 def hf_model(model):
@@ -188,12 +208,14 @@ def bench_rows(name, model, runners, device, batch, n, budget, probes, bandwidth
             hf_cell = f"{tokens / hf_s:.1f}" + ("" if same else " (tokens differ)")
             ratio_hf = f"{hf_s / eng_s:.2f}×"
         ref_cells = f"{mark}{tokens / ref_s:.1f} | {mark}{ref_s / eng_s:.1f}×" if precision == "float32" else " | "
-        bound_cell = ""
+        bound_cell = matrices_cell = ""
         if batch == 1:
             bound = bandwidth / bytes_per_token(gen.decoder)
             bound_cell = f"{tokens / eng_s / bound:.0%} of {bound:.0f} tok/s"
+            alone = 1 / matrices_alone_seconds(gen.decoder, device)
+            matrices_cell = f"{alone:.0f} tok/s, {alone / bound:.0%} of bound"
         print(f"| {name} | {batch} | {n} | {precision} | {ref_cells} | {tokens / eng_s:.1f} | {hf_cell} | "
-              f"{ratio_hf} | {latency} | {bound_cell} |", flush=True)
+              f"{ratio_hf} | {latency} | {bound_cell} | {matrices_cell} |", flush=True)
 
 
 def main():
@@ -225,8 +247,8 @@ def main():
         print(f"\n{device_name}: read bandwidth {read_bandwidth(device) / 1e9:.1f} GB/s at the start")
         print("| model | batch | new tokens | precision (both sides) | reference tok/s | engine / reference "
               "| engine tok/s | HF generate tok/s | engine / HF | engine ms/token, first → last 10% of steps "
-              "| engine, of bandwidth bound |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+              "| engine, of bandwidth bound | matrix multiplies alone |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name, cfg in MODELS.items():
             torch.manual_seed(0)
             model = GPT(cfg).to(device).eval()
