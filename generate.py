@@ -71,10 +71,10 @@ class LayerKVCache:
 class PackedLinear(nn.Module):
     """nn.Linear's function for decoding on a CPU, with the weight reordered once into the blocked
     layout oneDNN's matrix kernels stream fastest. At batch 1 a step is one vector times every
-    weight matrix, so its speed is how fast the weights are read: whole-model decode steps of the
-    GPT-2 124M shape ran 18 tok/s with packed weights against 11-14 with nn.Linear's [out, in] and
-    17 with a pre-transposed [in, out] copy in float32, and 34 against 28-32 and 17-23 in bfloat16
-    (issue 13; one thread, loaded machine). The result equals F.linear's to float32 round-off."""
+    weight matrix, so its speed is how fast the weights are read: whole decode steps of the GPT-2
+    124M shape ran 16-18 tok/s packed against 9-14 with nn.Linear's [out, in] and 14-18 with a
+    pre-transposed [in, out] copy in float32, and 24-35 against 19-32 and 17-23 in bfloat16 (issue
+    13; one thread, loaded machine). The result equals F.linear's to float32 round-off."""
 
     def __init__(self, linear):
         super().__init__()
