@@ -270,7 +270,8 @@ def check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty
 class Generator:
     """A model and its tokenizer, ready to generate. Decoding runs self.decoder, a copy of the
     model with its matrices in the layout this device reads fastest (decoder_for); the model is
-    left as it is. quantize="int8" stores the matrices as int8 with one scale per output channel
+    left as it is. The decoder is a snapshot of the matrices: after changing the model's weights
+    (training), make a new Generator. quantize="int8" stores the matrices as int8 with one scale per output channel
     (quantize.py) and decodes in bfloat16. compile=True compiles the one-position decode step with
     torch.compile; the cache length is a dynamic dimension, so it compiles once (and once more for
     the cache's last position, a size dynamo specialises), not per step."""
