@@ -29,9 +29,11 @@ How it works:
   tokens other rows need.
 """
 
+import copy
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 from torch.nn import functional as F
 
 from chat import ChatError, render_for_reply, require_chat_tokens
@@ -65,6 +67,67 @@ class LayerKVCache:
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class PackedLinear(nn.Module):
+    """nn.Linear's function for decoding on a CPU, with the weight reordered once into the blocked
+    layout oneDNN's matrix kernels stream fastest. At batch 1 a step is one vector times every
+    weight matrix, so its speed is how fast the weights are read: whole decode steps of the GPT-2
+    124M shape ran 16-18 tok/s packed against 9-14 with nn.Linear's [out, in] and 14-18 with a
+    pre-transposed [in, out] copy in float32, and 24-35 against 19-32 and 17-23 in bfloat16 (issue
+    13; one thread, loaded machine). The result equals F.linear's to float32 round-off."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)  # tuned for 1 row
+        self.bias = linear.bias
+
+    def forward(self, x):
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.size(-1)), self.packed, self.bias, "none", [], "")
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class LastPositions(nn.Module):
+    """The decoder's lm_head: logits for the last `keep` positions only. Prefill needs only the
+    next token's logits, and the un-embedding is the biggest matrix: for a 256-token prompt of
+    GPT-2 124M, all positions' logits would cost 256 x 50257 x 768 multiply-adds."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head, self.keep = head, 1
+
+    def forward(self, x):
+        return self.head(x[:, -self.keep :])  # (B, keep, vocab_size)
+
+
+def fast_linear(device, dtype, quantize=None):
+    """The Linear replacement decoding uses on this device and dtype (None: nn.Linear itself,
+    which on CUDA already runs cuBLAS on the layout it streams fastest)."""
+    if quantize == "int8":
+        from quantize import Int8Linear  # imported here: plain decoding does not need it
+
+        return Int8Linear
+    cpu_packs = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+    return PackedLinear if cpu_packs else None
+
+
+def decoder_for(model, linear, dtype):
+    """A copy of model for decoding in dtype: every nn.Linear replaced by linear(it) (None: kept),
+    and an lm_head that computes the last position's logits only. The model's own forward runs
+    it, so architecture options in model.py apply unchanged. In the model's dtype the copy shares
+    every other parameter with it (embeddings, norms, biases) and costs one re-laid-out copy of the
+    matrices; in another dtype (int8 decodes in bfloat16) it owns its converted parameters."""
+    same_dtype = next(model.parameters()).dtype == dtype
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]} if same_dtype else {}
+    decoder = copy.deepcopy(model, memo=shared).eval()
+    if linear is not None:
+        for module in list(decoder.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(module, name, linear(child))
+    decoder.lm_head = LastPositions(decoder.lm_head)
+    return decoder if same_dtype else decoder.to(dtype)  # .to converts in place: never on shared parameters
 
 
 def candidates(logits, top_k=None, top_p=1.0):
@@ -156,6 +219,20 @@ class TextStream:
         return out
 
 
+def lookup_draft(tokens, k, max_ngram=3):
+    """Prompt lookup decoding (Saxena 2023): the up to k tokens that followed the latest earlier
+    occurrence of the sequence's last n tokens, trying n = max_ngram first; [] when none. Free to
+    compute and often right on text that repeats itself (code, quotes, lists, names)."""
+    if k < 1:
+        return []
+    for n in range(min(max_ngram, len(tokens) - 1), 0, -1):
+        tail = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start : start + n] == tail:
+                return tokens[start + n : start + n + k]
+    return []
+
+
 @dataclass
 class Sample:
     """One generated continuation. ids are the generated token ids (ending with the
@@ -193,24 +270,33 @@ def check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty
 
 
 class Generator:
-    """A model and its tokenizer, ready to generate. compile=True compiles the one-position
-    decode step with torch.compile; the cache length is a dynamic dimension, so it compiles once
-    (and once more for the cache's last position, a size dynamo specialises), not per step."""
+    """A model and its tokenizer, ready to generate. Decoding runs self.decoder, a copy of the
+    model with its matrices in the layout this device reads fastest (decoder_for); the model is
+    left as it is. The decoder is a snapshot of the matrices: after changing the model's weights
+    (training), make a new Generator. quantize="int8" stores the matrices as int8 with one scale per output channel
+    (quantize.py) and decodes in bfloat16. compile=True compiles the one-position decode step with
+    torch.compile; the cache length is a dynamic dimension, so it compiles once (and once more for
+    the cache's last position, a size dynamo specialises), not per step."""
 
-    def __init__(self, model, tokenizer, compile=False):
-        self.model = model.eval()
+    def __init__(self, model, tokenizer, compile=False, quantize=None):
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+        param = next(model.parameters())
+        self.device = param.device
+        self.dtype = torch.bfloat16 if quantize else param.dtype
+        # torch.compile traces the model's plain Linear layers (it lays weights out itself).
+        linear = None if compile and not quantize else fast_linear(self.device, self.dtype, quantize)
+        self.decoder = decoder_for(model.eval(), linear, self.dtype)
         self.tokenizer = tokenizer
         self.config = model.config
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
         self.decode_step = torch.compile(self.forward, dynamic=True) if compile else self.forward
 
     @classmethod
-    def from_checkpoint(cls, ckpt, device="auto", dtype=torch.float32, compile=False):
+    def from_checkpoint(cls, ckpt, device="auto", dtype=torch.float32, compile=False, quantize=None):
         """ckpt: a run directory or checkpoint file. dtype: the weights' dtype for decoding
         (torch.bfloat16 halves the bytes read per token; the logits are sampled in float32)."""
         model, tokenizer = load_model(ckpt, resolve_device(device) if isinstance(device, str) else device)
-        return cls(model.to(dtype), tokenizer, compile=compile)
+        return cls(model.to(dtype), tokenizer, compile=compile, quantize=quantize)
 
     def encode(self, prompt):
         """A prompt (text, or a list of token ids) -> token ids. An empty prompt starts from the
@@ -227,13 +313,13 @@ class Generator:
 
     def forward(self, idx, cache):
         """Run idx (B, T) at the cache's next positions; returns the last position's logits (B, V)."""
-        logits, _ = self.model(idx, kv_cache=cache)
+        logits, _ = self.decoder(idx, kv_cache=cache)
         return logits[:, -1].float()
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens=256, temperature=1.0, top_k=None, top_p=1.0,
                  repetition_penalty=1.0, seed=None, stop=(), stop_ids=(), stop_at_eot=True, slide=None,
-                 on_text=None):
+                 on_text=None, lookup=0):
         """Generate one continuation per prompt, all as one batch; returns a list of Sample.
 
         prompts: strings or lists of token ids. temperature 0 is greedy (argmax). top_k 0 or
@@ -242,12 +328,17 @@ class Generator:
         its ids, never in its text). stop_at_eot: end a sample at the tokenizer's end-of-text token.
         slide: see the module docstring (None: block_size // 4). on_text(row, text, done) is called
         with each piece of text as soon as it is final (streaming), and once more with done=True (and
-        the rest of the text, maybe "") when the row's sample ends."""
+        the rest of the text, maybe "") when the row's sample ends. lookup: draft up to this many tokens per step by
+        prompt lookup and check them in one forward pass (greedy decoding of one prompt only; the output
+        is greedy decoding's, faster on repetitive text)."""
         cfg = self.config
         if not prompts:
             return []
         slide = max(1, cfg.block_size // 4) if slide is None else slide
         check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, slide, cfg.block_size)
+        if lookup and not (lookup > 0 and temperature == 0 and repetition_penalty == 1.0 and len(prompts) == 1):
+            raise SettingError("lookup", "0, or above 0 with one prompt, temperature 0 and repetition_penalty 1",
+                               lookup)
         # The model sees at most block_size tokens, so a longer prompt keeps its end (as in GPT.generate).
         batch = Batch([self.encode(p)[-cfg.block_size :] for p in prompts], max_new_tokens, cfg.vocab_size,
                       self.device, seed)
@@ -265,8 +356,17 @@ class Generator:
             if finisher.after_token(t):
                 return finisher.results
             t += 1  # token t - 1 is new: feed it
+            room = min(cfg.block_size - cache.pos - 1, max_new_tokens - (t - batch.lengths[0]) - 1)
+            draft = lookup_draft(batch.seq[0, :t].tolist(), min(lookup, room)) if lookup else []
             if cache.pos == cfg.block_size:  # no room for it: drop the oldest tokens, prefill the rest
                 logits = self.slide_window(batch.seq, t, slide, cache)
+            elif draft:
+                logits, accepted = self.verify_draft(batch.seq[:, t - 1 : t], draft, cache)
+                for token in accepted:  # each is the token greedy decoding picks at t
+                    batch.append(t, torch.tensor([token], device=self.device))
+                    if finisher.after_token(t):
+                        return finisher.results
+                    t += 1
             else:
                 logits = self.decode_one_token(batch.seq[:, t - 1 : t], cache)
 
@@ -300,6 +400,24 @@ class Generator:
         logits = self.decode_step(idx, cache)
         cache.pos += 1
         return logits
+
+    def verify_draft(self, last, draft, cache):
+        """Feed the newest token last (1, 1) and the drafted tokens in one forward pass and keep the
+        longest start of the draft that greedy decoding picks. Returns the logits after the last
+        kept token (1, V) and the kept tokens; the cache keeps only their positions (the rejected
+        ones are overwritten later)."""
+        idx = torch.cat([last, torch.tensor([draft], device=self.device)], dim=1)  # (1, 1 + k)
+        self.decoder.lm_head.keep = idx.size(1)
+        try:
+            logits = self.decoder(idx, kv_cache=cache)[0].float()  # (1, 1 + k, V)
+        finally:
+            self.decoder.lm_head.keep = 1
+        predicted = logits[0].argmax(dim=-1).tolist()  # the one host sync of the step
+        kept = 0
+        while kept < len(draft) and predicted[kept] == draft[kept]:
+            kept += 1
+        cache.pos += 1 + kept
+        return logits[:, kept], draft[:kept]
 
     def slide_window(self, seq, t, slide, cache):
         """The cache is full: keep the last block_size - slide + 1 of the t tokens and prefill them again

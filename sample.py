@@ -5,7 +5,7 @@ so nothing else is needed.
     python sample.py (--ckpt out/quickstart | --init-from gpt2) [--prompt TEXT | --prompt-file F | --interactive]
                      [--chat [--system TEXT]] [--num-samples N] [--max-new-tokens N] [--temperature T]
                      [--top-k K] [--top-p P] [--repetition-penalty R] [--stop S ...] [--ignore-eot]
-                     [--slide N] [--seed S] [--no-stream] [--compile] [--dtype D] [--device D]
+                     [--slide N] [--seed S] [--no-stream] [--compile] [--dtype D] [--quantize int8] [--device D]
 
 --ckpt takes a run directory (best.safetensors is used when present, else latest.safetensors)
 or a checkpoint file. Each sample is printed after its prompt and followed by a line of 40
@@ -152,6 +152,8 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="weights' dtype for generation (bfloat16 reads half the bytes per token)")
+    parser.add_argument("--quantize", choices=["int8"], default=None, help="int8: weight-only int8 matrices with "
+                        "one scale per output channel, decoded in bfloat16 (a quarter of float32's bytes per token)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
 
@@ -167,7 +169,9 @@ def main(argv=None):
         if args.system is not None and not args.chat:
             raise ConfigError("--system only applies with --chat")
         model, tokenizer = checkpoint.load_model_from_args(args, resolve_device(args.device))
-        generator = Generator(model.to(getattr(torch, args.dtype)), tokenizer, compile=args.compile)
+        generator = Generator(model.to(getattr(torch, args.dtype)), tokenizer, compile=args.compile,
+                              quantize=args.quantize)
+        del model  # the generator decodes with its own copy of the matrices: let the originals go
         if args.chat:
             require_chat_tokens(tokenizer)
             lines = [args.prompt] if args.prompt is not None else read_prompts()

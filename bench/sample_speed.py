@@ -1,27 +1,36 @@
 """
 Generation speed: the cache-free reference (GPT.generate), our engine (generate.py) and,
 when transformers is installed, Hugging Face's generate on the same weights, side by side in
-one run, so the ratios hold even on a busy machine.
+one run and at equal precision, so the ratios hold even on a busy machine.
 
     python -m bench.sample_speed            # both model sizes, batch 1 and 8, 256 and 1024 new tokens
     python -m bench.sample_speed --quick    # 64 and 256 new tokens, fewer reference probes
-    python -m bench.sample_speed --threads 1   # on a machine shared with other jobs (see README)
+    python -m bench.sample_speed --threads 1 --batches 1 --new-tokens 256   # the README's rows
 
 Models have random weights: (a) the shakespeare_char config (6 layers, 6 heads, 384 wide,
 block_size 256, 65 tokens) and (b) GPT-2 124M (12, 12, 768, block_size 1024, 50257 tokens).
 Every method decodes greedily from the same 1-token prompt for exactly the given number of
 tokens. Tokens/s counts new tokens of all rows: batch * new tokens / seconds.
 
+Each row is one precision, on both sides: float32 (engine and HF in float32), bfloat16 (both
+with bfloat16 weights and cache), int8 (the engine's weight-only int8 with bfloat16
+activations; HF has no int8 without extra packages, so that row has no HF cell). The reference
+is timed in float32 only.
+
 What is timed, exactly:
-- engine and Hugging Face: one whole generation each, after a short warm-up.
+- engine and Hugging Face: one whole generation each, after a short warm-up; the precisions
+  run one after another within a row group, so they see the same load.
 - reference: a whole generation when its estimate fits the time budget; otherwise single
   reference steps (one GPT.generate call for one token) at a few context lengths, and the
   total time estimated by summing the interpolated step time over every step: such numbers
   are marked "~".
 - bandwidth: summing a 1 GiB float32 tensor (bytes read / s), measured next to each batch-1
-  row. The bound for batch-1 decoding is bandwidth / bytes of weights (each weight is read
-  once per step), and "of bound" is the engine's batch-1 speed as a fraction of it. bf16: the
-  engine with the weights (and cache) in bfloat16, against the bound for half the bytes.
+  row group. The bound for batch-1 decoding is bandwidth / bytes the engine's decoder reads per
+  token (every matrix once, in its own dtype: 4, 2 or 1 byte per weight, plus one row of each
+  embedding table); "of bound" is the engine's batch-1 speed as a fraction of it.
+- matrix multiplies alone: one step's Linear layers run back to back on a 1-row input, nothing
+  else; its tok/s is the ceiling the matrix kernels set, and its fraction of the bound says how
+  close those kernels stream to the measured bandwidth.
 - past block_size (shakespeare_char, 1024 tokens) the engine uses its default slide of
   block_size / 4; with slide=1 it would do the reference's work (a full forward per token).
 """
@@ -33,8 +42,9 @@ import time
 import numpy as np
 import torch
 
-from generate import Generator
+from generate import Generator, PackedLinear
 from model import GPT, GPTConfig
+from quantize import Int8Linear
 
 MODELS = {
     "shakespeare_char": GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, dropout=0.0),
@@ -71,11 +81,32 @@ def read_bandwidth(device, gib=1):
     return x.numel() * 4 / seconds
 
 
-def weight_bytes(model):
-    """Bytes read per decode step: every parameter once (the tied embedding once, as lm_head),
-    less the position table, of which a step reads one row."""
-    wpe = model.transformer.wpe.weight
-    return sum(p.numel() * p.element_size() for p in model.parameters()) - wpe.numel() * wpe.element_size()
+def bytes_per_token(decoder):
+    """Bytes a batch-1 decode step reads: every tensor of the engine's decoder once (packed and
+    int8 matrices included), except the embedding tables, of which it reads one row each."""
+    tensors = {id(t): t for t in [*decoder.parameters(), *decoder.buffers()]}
+    for module in decoder.modules():
+        if isinstance(module, PackedLinear):
+            tensors[id(module.packed)] = module.packed
+        if isinstance(module, torch.nn.Embedding):
+            tensors.pop(id(module.weight), None)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def matrices_alone_seconds(decoder, device):
+    """Seconds for one pass of a batch-1 step's matrix multiplies alone: every Linear of the
+    decoder once, in order, on a 1-row input (each read from memory, as in a real step). The
+    engine's speed over 1 / this is how much of its time goes to anything but the matrices."""
+    layers = [m for m in decoder.modules() if isinstance(m, (torch.nn.Linear, PackedLinear, Int8Linear))]
+    dtype = next(decoder.parameters()).dtype
+    inputs = [torch.randn(1, in_features(m), device=device, dtype=dtype) for m in layers]
+    run = lambda: [m(x) for m, x in zip(layers, inputs)]  # noqa: E731
+    run()
+    return min(timed(run, device)[0] for _ in range(5))
+
+
+def in_features(layer):
+    return layer.weight.size(1) if isinstance(layer, (torch.nn.Linear, Int8Linear)) else layer.in_features
 
 
 def hf_model(model):
@@ -122,9 +153,9 @@ def reference_seconds(model, prompt, n, budget, probes):
     return estimate, False
 
 
-def timed_generator(model, device):
+def timed_generator(model, device, quantize=None):
     """A Generator whose decode steps record their finishing times in .step_times."""
-    gen = Generator(model, NoTokenizer())
+    gen = Generator(model, NoTokenizer(), quantize=quantize)
     gen.step_times = []
     decode = gen.decode_step
 
@@ -148,17 +179,59 @@ def run_engine(gen, prompt, n, device):
     return seconds, samples, f"{gaps[:tenth].mean():.1f} → {gaps[-tenth:].mean():.1f}"
 
 
+PRECISIONS = ("float32", "bfloat16", "int8")
+
+
+def engines_and_hf(model, device, with_hf):
+    """{precision: (engine Generator, HF model or None)} on the same weights."""
+    model16 = copy.deepcopy(model).to(torch.bfloat16)
+    hf = hf_model(model) if with_hf else None
+    return {
+        "float32": (timed_generator(model, device), hf),
+        "bfloat16": (timed_generator(model16, device), hf and copy.deepcopy(hf).to(torch.bfloat16)),
+        "int8": (timed_generator(model, device, quantize="int8"), None),
+    }
+
+
+def bench_rows(name, model, runners, device, batch, n, budget, probes, bandwidth):
+    """Print one row per precision for this batch size and number of new tokens."""
+    prompt = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    tokens = batch * n
+    ref_s, measured = reference_seconds(model, prompt, n, budget, probes)
+    mark = "" if measured else "~"
+    for precision, (gen, hf) in runners.items():
+        eng_s, samples, latency = run_engine(gen, prompt, n, device)
+        hf_cell = ratio_hf = "n/a (no int8)" if hf is None else "n/a (past block_size)"
+        if hf is not None and n <= model.config.block_size:  # the last new token is fed at position n - 1
+            hf_s, hf_out = timed(lambda: hf_generate(hf, prompt, n), device)
+            same = hf_out[:, 1:].tolist() == [s.ids for s in samples]
+            hf_cell = f"{tokens / hf_s:.1f}" + ("" if same else " (tokens differ)")
+            ratio_hf = f"{hf_s / eng_s:.2f}×"
+        ref_cells = f"{mark}{tokens / ref_s:.1f} | {mark}{ref_s / eng_s:.1f}×" if precision == "float32" else " | "
+        bound_cell = matrices_cell = ""
+        if batch == 1:
+            bound = bandwidth / bytes_per_token(gen.decoder)
+            bound_cell = f"{tokens / eng_s / bound:.0%} of {bound:.0f} tok/s"
+            alone = 1 / matrices_alone_seconds(gen.decoder, device)
+            matrices_cell = f"{alone:.0f} tok/s, {alone / bound:.0%} of bound"
+        print(f"| {name} | {batch} | {n} | {precision} | {ref_cells} | {tokens / eng_s:.1f} | {hf_cell} | "
+              f"{ratio_hf} | {latency} | {bound_cell} | {matrices_cell} |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="64 and 256 new tokens, fewer reference probes")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cpu, and cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
+    parser.add_argument("--new-tokens", type=int, nargs="+", default=None,
+                        help="numbers of new tokens (default 256 1024; quick 64 256)")
     parser.add_argument("--reference-budget", type=float, default=None,
                         help="longest whole reference run in seconds; longer ones are estimated (default 60, quick 10)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    lengths = (64, 256) if args.quick else (256, 1024)
+    lengths = args.new_tokens or ((64, 256) if args.quick else (256, 1024))
     budget = args.reference_budget or (10.0 if args.quick else 60.0)
     probes = 4 if args.quick else 6
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -172,42 +245,24 @@ def main():
     for device_name in devices:
         device = torch.device(device_name)
         print(f"\n{device_name}: read bandwidth {read_bandwidth(device) / 1e9:.1f} GB/s at the start")
-        print("| model | batch | new tokens | reference tok/s | engine tok/s | engine / reference | HF generate tok/s "
-              "| engine / HF | engine ms/token, first → last 10% of steps | engine, of bandwidth bound "
-              "| engine bf16 tok/s, of bound |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| model | batch | new tokens | precision (both sides) | reference tok/s | engine / reference "
+              "| engine tok/s | HF generate tok/s | engine / HF | engine ms/token, first → last 10% of steps "
+              "| engine, of bandwidth bound | matrix multiplies alone |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name, cfg in MODELS.items():
             torch.manual_seed(0)
             model = GPT(cfg).to(device).eval()
-            gen = timed_generator(model, device)
-            gen16 = timed_generator(copy.deepcopy(model).to(torch.bfloat16), device)
-            hf = hf_model(model) if transformers else None
-            for batch in (1, 8):
-                prompt = torch.zeros(batch, 1, dtype=torch.long, device=device)
-                for warm in (gen, gen16):
-                    warm.generate(prompt.tolist(), max_new_tokens=8, temperature=0)
-                if hf is not None:
-                    hf_generate(hf, prompt, 8)
+            runners = engines_and_hf(model, device, transformers is not None)
+            for batch in args.batches:
+                warm_prompt = torch.zeros(batch, 1, dtype=torch.long, device=device)
+                for gen, hf in runners.values():
+                    gen.generate(warm_prompt.tolist(), max_new_tokens=8, temperature=0)
+                    if hf is not None:
+                        hf_generate(hf, warm_prompt, 8)
                 for n in lengths:
-                    tokens = batch * n
-                    ref_s, measured = reference_seconds(model, prompt, n, budget, probes)
-                    ref_cell = f"{'' if measured else '~'}{tokens / ref_s:.1f}"
-                    eng_s, samples, latency = run_engine(gen, prompt, n, device)
-                    hf_cell = ratio_hf = "n/a (past block_size)"
-                    if hf is not None and n <= cfg.block_size:  # the last new token is fed at position n - 1
-                        hf_s, hf_out = timed(lambda: hf_generate(hf, prompt, n), device)
-                        same = hf_out[:, 1:].tolist() == [s.ids for s in samples]
-                        hf_cell = f"{tokens / hf_s:.1f}" + ("" if same else " (tokens differ)")
-                        ratio_hf = f"{hf_s / eng_s:.1f}×"
-                    bound_cell = bf16_cell = ""
-                    if batch == 1:  # bandwidth measured again right here: other jobs on the machine change it
-                        bound = read_bandwidth(device) / weight_bytes(model)
-                        bound_cell = f"{tokens / eng_s / bound:.0%} of {bound:.0f} tok/s"
-                        bf16_s, _, _ = run_engine(gen16, prompt, n, device)
-                        bf16_cell = f"{tokens / bf16_s:.1f}, {tokens / bf16_s / (2 * bound):.0%} of {2 * bound:.0f}"
-                    print(f"| {name} | {batch} | {n} | {ref_cell} | {tokens / eng_s:.1f} | "
-                          f"{'' if measured else '~'}{ref_s / eng_s:.1f}× | {hf_cell} | {ratio_hf} | {latency} | "
-                          f"{bound_cell} | {bf16_cell} |", flush=True)
+                    # bandwidth measured again right here: other jobs on the machine change it
+                    bandwidth = read_bandwidth(device) if batch == 1 else None
+                    bench_rows(name, model, runners, device, batch, n, budget, probes, bandwidth)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ import torch
 import checkpoint
 import sample
 from conftest import TINY_TEXT, run_cli
-from generate import Generator, KVCache, TextStream, candidates, penalize_repetition, sample_from
+from generate import (Generator, KVCache, SettingError, TextStream, candidates, lookup_draft, penalize_repetition,
+                      sample_from)
 from model import GPT, GPTConfig
+from quantize import Int8Linear
 from tokenizer import ByteTokenizer, CharTokenizer
 
 CHARS = CharTokenizer.train(TINY_TEXT)
@@ -242,3 +244,82 @@ def test_compiled_decode_step_matches_eager_without_recompiling():
     # One graph for every cache length, and one more where the cache's last position is written
     # (the slice up to it then spans the whole buffer, a case dynamo specialises): not one per step.
     assert counters["stats"]["unique_graphs"] <= 2
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.1)])
+def test_decoder_logits_equal_the_models(dtype, tolerance):
+    """The decoding copy (packed matrices on CPU, last-position lm_head) gives, after a prefill and
+    at every decode step, the logits of the model's own full forward pass in the same dtype."""
+    model = small_model().to(dtype)
+    gen = Generator(model, CHARS)
+    assert type(gen.decoder.transformer.h[0].mlp.c_fc).__name__ == "PackedLinear"
+    idx = torch.randint(0, CHARS.vocab_size, (3, 12))
+    full = model(idx)[0].float()
+    cache = KVCache(model.config, 3, "cpu", dtype)
+    steps = [gen.prefill(idx[:, :5], cache)] + [gen.decode_one_token(idx[:, t : t + 1], cache) for t in range(5, 12)]
+    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 4:], rtol=tolerance, atol=tolerance)
+    assert next(gen.decoder.parameters()) is next(model.parameters())  # shared, not copied
+
+
+def test_int8_linear_error_is_bounded():
+    """Rounding moves each weight by at most half its row's scale; the layer then computes
+    x @ dequantized.T in bfloat16, so its output is that product to bfloat16 round-off."""
+    linear = torch.nn.Linear(64, 48)
+    int8 = Int8Linear(linear)
+    assert ((int8.dequantized() - linear.weight).abs() <= int8.scale[:, None] / 2 + 1e-7).all()
+    x = torch.randn(5, 64).bfloat16()
+    expected = x.float() @ int8.dequantized().T + linear.bias
+    torch.testing.assert_close(int8(x).float(), expected, rtol=2e-2, atol=2e-2)
+    bound = x.float().abs() @ (int8.scale[:, None] / 2).expand(48, 64).T  # sum_i |x_i| * scale_o / 2
+    assert ((expected - linear(x.float())).abs() <= bound + 1e-5).all()
+
+
+def test_int8_generator_stays_close_to_float32():
+    model = small_model()
+    fp32, int8 = Generator(model, CHARS), Generator(model, CHARS, quantize="int8")
+    assert int8.decoder.transformer.h[0].attn.c_attn.weight.dtype == torch.int8
+    idx = torch.randint(0, CHARS.vocab_size, (2, 10))
+    logits = [g.prefill(idx, KVCache(model.config, 2, "cpu", g.dtype)) for g in (fp32, int8)]
+    assert (logits[1] - logits[0]).abs().max() < 0.02 * logits[0].abs().max()
+    prompts = idx.tolist()
+    assert [s.ids for s in int8.generate(prompts, max_new_tokens=20, temperature=0)] == \
+        [s.ids for s in fp32.generate(prompts, max_new_tokens=20, temperature=0)]
+    assert next(model.parameters()).dtype == torch.float32  # the model itself is left alone
+
+
+def test_cli_quantize_int8_prints_the_int8_generators_text(char_ckpt, capsys, monkeypatch):
+    out = run_sample(capsys, monkeypatch, "--ckpt", char_ckpt, "--prompt", "First", "--num-samples", "1",
+                     "--max-new-tokens", "20", "--temperature", "0", "--quantize", "int8", "--no-stream").out
+    gen = Generator.from_checkpoint(char_ckpt, "cpu", quantize="int8")
+    assert out == "First" + gen.generate(["First"], max_new_tokens=20, temperature=0)[0].text + "\n" + "-" * 40 + "\n"
+
+
+def test_lookup_draft_takes_what_followed_the_latest_match():
+    assert lookup_draft([5, 1, 2, 3, 9, 1, 2, 3, 7, 1, 2], k=2) == [3, 7]  # longest n first, latest match
+    assert lookup_draft([4, 8, 6], k=3) == [] and lookup_draft([1, 1], k=0) == []
+
+
+@pytest.mark.parametrize("sharpen, prompt", [(20, "First Citizen"), (3, "All: All: All:")])
+def test_prompt_lookup_gives_plain_greedy_tokens(sharpen, prompt):
+    gen = char_generator(sharpen=sharpen)
+    accepted, verify = [], gen.verify_draft
+
+    def counting_verify(*args):
+        logits, kept = verify(*args)
+        accepted.append(len(kept))
+        return logits, kept
+
+    gen.verify_draft = counting_verify
+    for max_new in (5, 40):  # 40 passes block_size 16: the window slides between verifications
+        plain = gen.generate([prompt], max_new_tokens=max_new, temperature=0)
+        assert gen.generate([prompt], max_new_tokens=max_new, temperature=0, lookup=4) == plain
+    assert sum(accepted) > 0  # drafts were verified and kept, not only rejected
+
+
+def test_prompt_lookup_refuses_sampling_and_batches():
+    gen = char_generator()
+    for settings in (dict(temperature=1.0), dict(temperature=0, repetition_penalty=1.2)):
+        with pytest.raises(SettingError, match="lookup must be 0, or above 0 with one prompt"):
+            gen.generate(["First"], lookup=2, **settings)
+    with pytest.raises(SettingError):
+        gen.generate(["First", "All"], temperature=0, lookup=2)
