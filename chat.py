@@ -29,7 +29,7 @@ def check_conversation(messages, for_reply=False):
         raise ChatError("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
     turns = []
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        if not isinstance(message, dict) or message.get("role") is None or message.get("content") is None:
             raise ChatError(f"message {i + 1} is missing its 'role' or 'content' field")
         role, content = message["role"], message["content"]
         if role not in ROLES:
