@@ -1,8 +1,9 @@
 """
 Prepare a corpus for training: read documents, tokenize them in parallel, write train.bin, val.bin, meta.json.
 
-    python prepare.py SOURCE [--tokenizer char|byte|bpe|gpt2] [--vocab-size N] [--out DIR]
-                      [--val-fraction F] [--seed S] [--workers N] [--text-field NAME] [--source PATH] [--shards N] [--chunk-size N]
+    python prepare.py SOURCE [--tokenizer char|byte|bpe|gpt2] [--vocab-size N] [--tokenizer-from CKPT] [--out DIR]
+                      [--val-fraction F] [--seed S] [--workers N] [--text-field NAME] [--source PATH] [--shards N]
+                      [--skip-bad] [--chunk-size N]
 
 SOURCE is a built-in dataset name, or a local file, directory or glob pattern:
     pystdlib          the local Python installation's standard-library sources (offline, the quickstart
@@ -11,14 +12,28 @@ SOURCE is a built-in dataset name, or a local file, directory or glob pattern:
     shakespeare       tinyshakespeare, GPT-2 BPE (or --tokenizer bpe --vocab-size N: a BPE trained on it)
     fineweb_edu       FineWeb-Edu's 10BT sample: parquet shards from Hugging Face, resumable and
                       checksummed (--shards N takes the first N), GPT-2 BPE
+    chat_tasks        chat data: generated conversations of small tasks (offline; the SFT demo)
+    dolly             chat data: Databricks Dolly 15k at a pinned revision, resumable and checksummed
+                      (or --source a local databricks-dolly-15k.jsonl), GPT-2 BPE
     FILE.jsonl        one document per line: the string under --text-field
     FILE.parquet      one document per row of the --text-field column (needs pyarrow: pip install 'nanoforge[parquet]')
     FILE              any other file is one UTF-8 text document
     DIR or 'GLOB'     every file below DIR (or matching GLOB, ** included), each read as above, in sorted order
 
+A .jsonl or .parquet file is chat data when its first record (JSONL) or its columns (Parquet) hold
+`messages` (a list of {"role", "content"}) or Alpaca's `instruction` (with optional `input`, and
+`output`). Each conversation is rendered by chat.py with the chat tokens added to the tokenizer, and
+written with its loss mask ({split}_mask.bin) and where it starts ({split}_starts.bin). A bad record
+stops preparation with its file and line (or row) and the problem; --skip-bad leaves such records out
+and counts them (meta.json's skipped_records).
+
+--tokenizer-from CKPT takes the tokenizer of a run directory or checkpoint file (or a Hugging Face GPT-2
+directory) instead of building one: to fine-tune that model, or continue training it on other text.
+
 Documents are separated by the end-of-text token (char has none: by a blank line, "\\n\\n"). Each
-document goes to val with probability val_fraction, drawn in order from random.Random(seed). A
-source of one document (a single text file) keeps nanoGPT's split: its last val_fraction is val.
+document (or conversation) goes to val with probability val_fraction, drawn in order from
+random.Random(seed). A source of one document (a single text file) keeps nanoGPT's split: its last
+val_fraction is val.
 
 The corpus is streamed: documents are read in pieces, tokenized by a pool of --workers processes in
 chunks of about --chunk-size characters, and appended to the .bin files in order, so memory stays
