@@ -30,7 +30,7 @@ def check_conversation(messages, for_reply=False):
         raise ChatError("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
     turns = []
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        if not isinstance(message, dict) or message.get("role") is None or message.get("content") is None:
             raise ChatError(f"message {i + 1} is missing its 'role' or 'content' field")
         role, content = message["role"], message["content"]
         if role not in ROLES:
@@ -169,7 +169,10 @@ def task_reverse(rng):
 
 
 def task_add(rng):
-    a, b = rng.randint(10, 999), rng.randint(10, 999)
+    # A digit added to a three-digit number. A sum of two multi-digit numbers, written most significant
+    # digit first, needs its carries worked out ahead: fine-tuning a partly trained quickstart model on two
+    # two-digit numbers got 6 % of them right after 1000 steps (at lr 2e-3), the other tasks 54-100 %.
+    a, b = rng.randint(100, 999), rng.randint(1, 9)
     return f"add {a} {b}", str(a + b)
 
 

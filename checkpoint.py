@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import gpt2
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, padded_vocab_size
 from tokenizer import tokenizer_from_dict
 
 FORMAT = "nanoforge-checkpoint"
@@ -174,6 +174,30 @@ def checkpoint_path(ckpt):
     raise CheckpointError(f"checkpoint '{ckpt}' does not exist: pass a run directory or a .safetensors file")
 
 
+def is_checkpoint(path):
+    """Whether path names one of our checkpoints: a file, or a run directory holding best or latest."""
+    return os.path.isfile(path) or any(os.path.isfile(os.path.join(path, name))
+                                       for name in ("best.safetensors", "latest.safetensors"))
+
+
+def read_info(path):
+    """A checkpoint file's JSON info (config, model, tokenizer, step, ...) from its header alone: no
+    tensor is read, so this is cheap whatever the model's size."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"'{path}' is not a readable safetensors checkpoint ({e})") from None
+    if meta.get("format") != FORMAT or "info" not in meta:
+        raise CheckpointError(f"'{path}' is not a {FORMAT} file (format {meta.get('format')!r})")
+    return json.loads(meta["info"])
+
+
+def load_tokenizer(ckpt):
+    """The tokenizer of a checkpoint (a run directory or file), read from the file's header only."""
+    return tokenizer_from_dict(read_info(checkpoint_path(ckpt))["tokenizer"])
+
+
 def load_model_state(model, state):
     """Load a checkpoint's weights; the tied lm_head is stored once, as the token embedding."""
     state = dict(state)
@@ -210,6 +234,59 @@ def load_model_from_args(args, device):
         return load_model(args.ckpt, device)
     model, tokenizer = gpt2.model_and_tokenizer(args.init_from)
     return model.to(device), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting a training run from a checkpoint (train.py's init_from): fine-tuning, or pretraining further.
+
+def check_extends(base, tokenizer, ckpt):
+    """tokenizer (the data's) must be base (the checkpoint's) itself, or base plus the chat tokens:
+    then every id the weights know keeps its meaning."""
+    described = tokenizer.to_dict()
+    if described == base.to_dict():
+        return
+    plain = {k: v for k, v in described.items() if k != "chat_tokens"}
+    if "chat_tokens" in described and plain == base.to_dict():
+        return
+    raise CheckpointError(
+        f"the data's tokenizer ({tokenizer.kind}, {tokenizer.vocab_size} tokens) is not the one of '{ckpt}' "
+        f"({base.kind}, {base.vocab_size} tokens) nor it plus the chat tokens, so its ids mean other things to "
+        f"the weights: prepare the data with `python prepare.py SOURCE --tokenizer-from {ckpt}`")
+
+
+def grow_vocabulary(state, n_old, vocab_size):
+    """The token embedding, and the lm_head when it is stored apart (untied), cut to the n_old rows the
+    checkpoint's tokenizer uses and grown to vocab_size rows. The new rows (chat tokens, padding) start at
+    the mean of the old ones: logits are linear in these rows, so a new token's logit starts at the mean of
+    the old tokens' logits, far below the likely ones, and every old token's logit is unchanged."""
+    state = dict(state)
+    for name in ("transformer.wte.weight", "lm_head.weight"):
+        if name in state:
+            old = state[name][:n_old]  # (n_old, n_embd)
+            state[name] = torch.cat([old, old.mean(dim=0, keepdim=True).expand(vocab_size - n_old, -1)])
+    return state
+
+
+def init_for_training(ckpt, data_tokenizer, block_size, dropout, vocab_multiple):
+    """A GPT holding a checkpoint's weights, to train on data tokenized with data_tokenizer (the
+    checkpoint's tokenizer, or it plus the chat tokens). The shape comes from the checkpoint's saved
+    model config, so every architecture field it records carries over; block_size may crop the context,
+    and the vocabulary grows to the data's (padded to vocab_multiple). Returns the model on the CPU."""
+    path = checkpoint_path(ckpt)
+    loaded = load(path)
+    base = tokenizer_from_dict(loaded.info["tokenizer"])
+    check_extends(base, data_tokenizer, ckpt)
+    saved = loaded.info["model"]
+    if block_size > saved["block_size"]:
+        raise CheckpointError(f"block_size {block_size} is larger than the {saved['block_size']} positions of "
+                              f"'{ckpt}': use block_size <= {saved['block_size']}")
+    vocab_size = padded_vocab_size(data_tokenizer.vocab_size, vocab_multiple)
+    state = grow_vocabulary(loaded.model_state, base.vocab_size, vocab_size)
+    if "transformer.wpe.weight" in state:  # learned positions: keep the first block_size
+        state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size]
+    model = GPT(GPTConfig(**{**saved, "block_size": block_size, "vocab_size": vocab_size, "dropout": dropout}))
+    load_model_state(model, state)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------

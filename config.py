@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 
 try:
@@ -31,8 +32,9 @@ class TrainConfig:
     # data and run directory
     data_dir: str = _key("data/quickstart", "prepared data directory holding train.bin, val.bin and meta.json")
     out_dir: str = _key("out", "run directory: resolved config, log.jsonl and checkpoints go here")
-    init_from: str = _key("scratch", "'scratch' builds a new model from the model keys below; gpt2, gpt2-medium, "
-                          "gpt2-large, gpt2-xl or a Hugging Face GPT-2 directory starts from those weights")
+    init_from: str = _key("scratch", "'scratch' builds a new model from the model keys below; a run directory or "
+                          "checkpoint file of ours, gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face GPT-2 "
+                          "directory starts from those weights")
     # model
     n_layer: int = _key(4, "number of transformer blocks")
     n_head: int = _key(4, "attention heads per block (must divide n_embd)")
@@ -87,8 +89,8 @@ class TrainConfig:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be one of auto, float32, bfloat16, float16; got '{self.dtype}'")
         if not self.init_from:  # names and paths are checked when training starts: the weights may be elsewhere now
-            raise ConfigError("init_from must be 'scratch', a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) "
-                              "or the path of a Hugging Face GPT-2 directory")
+            raise ConfigError("init_from must be 'scratch', a run directory or checkpoint file, a GPT-2 name "
+                              "(gpt2, gpt2-medium, gpt2-large, gpt2-xl) or the path of a Hugging Face GPT-2 directory")
         if self.keep_last_n < 0:
             raise ConfigError(f"keep_last_n must be 0 or more, got {self.keep_last_n}")
         if self.warmup_iters < 0 or self.learning_rate <= 0 or self.min_lr < 0:
@@ -177,6 +179,19 @@ def load_saved(overrides):
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"cannot read the saved config '{path}' ({e}): pass the run's config file before --resume")
+
+
+def keys_from_weights(cfg, model_config):
+    """cfg with every key that is also a field of the model's config (n_layer, n_head, n_embd, bias, and
+    any architecture field the two share) set to the pretrained model's value, said on stderr, so the
+    run's config.json describes the model it trains. block_size (cfg may crop it), dropout and
+    vocab_size stay cfg's."""
+    ours = {f.name for f in dataclasses.fields(TrainConfig)} - {"block_size", "dropout", "vocab_size"}
+    weights = {f.name: getattr(model_config, f.name) for f in dataclasses.fields(model_config) if f.name in ours}
+    replaced = [f"{k}={v!r} (config had {getattr(cfg, k)!r})" for k, v in weights.items() if getattr(cfg, k) != v]
+    if replaced:
+        print(f"init_from {cfg.init_from}: the weights set {', '.join(replaced)}", file=sys.stderr)
+    return dataclasses.replace(cfg, **weights)
 
 
 def help_text():

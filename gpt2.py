@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from config import keys_from_weights
 from model import GPT, GPTConfig, padded_vocab_size
 from tokenizer import EOT, BPETokenizer, gpt2_tokenizer
 
@@ -356,21 +357,20 @@ def export(model, out_dir, tokenizer=None):
 
 def init_for_training(cfg, data_tokenizer):
     """The pretrained model train.py starts from, and cfg with the keys the weights decide set to
-    their values. block_size crops, dropout and vocab_multiple apply; the data must fit the vocabulary."""
+    their values. block_size crops, dropout and vocab_multiple apply; the data must fit the vocabulary,
+    or be a tokenizer that fits it plus the chat tokens: the embedding then grows by their rows, which
+    from_pretrained starts at the mean embedding, as it does padding."""
     model_dir = locate(cfg.init_from)
     pretrained = read_config(model_dir)
-    if data_tokenizer.vocab_size > pretrained.vocab_size:
-        raise GPT2Error(f"the data's tokenizer has {data_tokenizer.vocab_size} tokens, more than {cfg.init_from}'s "
+    base = getattr(data_tokenizer, "base", data_tokenizer)  # without the chat tokens
+    if base.vocab_size > pretrained.vocab_size:
+        raise GPT2Error(f"the data's tokenizer has {base.vocab_size} tokens, more than {cfg.init_from}'s "
                         f"vocabulary of {pretrained.vocab_size}: prepare the data with the model's tokenizer "
                         "(--tokenizer gpt2 for OpenAI's GPT-2)")
     model_tokenizer = tokenizer_from_hf(model_dir)
     if model_tokenizer is not None and model_tokenizer.to_dict()["ranks"] != data_tokenizer.to_dict().get("ranks"):
         print(f"init_from: warning: the data was not tokenized with {cfg.init_from}'s tokenizer, "
               "so its token ids mean other things to the pretrained weights", file=sys.stderr)
-    from_weights = dict(n_layer=pretrained.n_layer, n_head=pretrained.n_head, n_embd=pretrained.n_embd, bias=True)
-    replaced = [f"{k}={v!r} (config had {getattr(cfg, k)!r})" for k, v in from_weights.items() if getattr(cfg, k) != v]
-    if replaced:
-        print(f"init_from {cfg.init_from}: the weights set {', '.join(replaced)}", file=sys.stderr)
-    vocab_size = padded_vocab_size(pretrained.vocab_size, cfg.vocab_multiple)
+    vocab_size = padded_vocab_size(max(pretrained.vocab_size, data_tokenizer.vocab_size), cfg.vocab_multiple)
     model = from_pretrained(model_dir, cfg.block_size, cfg.dropout, vocab_size)
-    return model, dataclasses.replace(cfg, **from_weights)
+    return model, keys_from_weights(cfg, model.config)

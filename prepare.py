@@ -1,8 +1,9 @@
 """
 Prepare a corpus for training: read documents, tokenize them in parallel, write train.bin, val.bin, meta.json.
 
-    python prepare.py SOURCE [--tokenizer char|byte|bpe|gpt2] [--vocab-size N] [--out DIR]
-                      [--val-fraction F] [--seed S] [--workers N] [--text-field NAME] [--source PATH] [--shards N] [--chunk-size N]
+    python prepare.py SOURCE [--tokenizer char|byte|bpe|gpt2] [--vocab-size N] [--tokenizer-from CKPT] [--out DIR]
+                      [--val-fraction F] [--seed S] [--workers N] [--text-field NAME] [--source PATH] [--shards N]
+                      [--skip-bad] [--chunk-size N]
 
 SOURCE is a built-in dataset name, or a local file, directory or glob pattern:
     pystdlib          the local Python installation's standard-library sources (offline, the quickstart
@@ -11,14 +12,28 @@ SOURCE is a built-in dataset name, or a local file, directory or glob pattern:
     shakespeare       tinyshakespeare, GPT-2 BPE (or --tokenizer bpe --vocab-size N: a BPE trained on it)
     fineweb_edu       FineWeb-Edu's 10BT sample: parquet shards from Hugging Face, resumable and
                       checksummed (--shards N takes the first N), GPT-2 BPE
+    chat_tasks        chat data: generated conversations of small tasks (offline; the SFT demo)
+    dolly             chat data: Databricks Dolly 15k at a pinned revision, resumable and checksummed
+                      (or --source a local databricks-dolly-15k.jsonl), GPT-2 BPE
     FILE.jsonl        one document per line: the string under --text-field
     FILE.parquet      one document per row of the --text-field column (needs pyarrow: pip install 'nanoforge[parquet]')
     FILE              any other file is one UTF-8 text document
     DIR or 'GLOB'     every file below DIR (or matching GLOB, ** included), each read as above, in sorted order
 
+A .jsonl or .parquet file is chat data when its first record (JSONL) or its columns (Parquet) hold
+`messages` (a list of {"role", "content"}) or Alpaca's `instruction` (with optional `input`, and
+`output`). Each conversation is rendered by chat.py with the chat tokens added to the tokenizer, and
+written with its loss mask ({split}_mask.bin) and where it starts ({split}_starts.bin). A bad record
+stops preparation with its file and line (or row) and the problem; --skip-bad leaves such records out
+and counts them (meta.json's skipped_records).
+
+--tokenizer-from CKPT takes the tokenizer of a run directory or checkpoint file (or a Hugging Face GPT-2
+directory) instead of building one: to fine-tune that model, or continue training it on other text.
+
 Documents are separated by the end-of-text token (char has none: by a blank line, "\\n\\n"). Each
-document goes to val with probability val_fraction, drawn in order from random.Random(seed). A
-source of one document (a single text file) keeps nanoGPT's split: its last val_fraction is val.
+document (or conversation) goes to val with probability val_fraction, drawn in order from
+random.Random(seed). A source of one document (a single text file) keeps nanoGPT's split: its last
+val_fraction is val.
 
 The corpus is streamed: documents are read in pieces, tokenized by a pool of --workers processes in
 chunks of about --chunk-size characters, and appended to the .bin files in order, so memory stays
@@ -59,6 +74,13 @@ TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca5
 # The Hugging Face API lists a folder's files with their sizes and sha256 (Git LFS object ids).
 FINEWEB_EDU_API = "https://huggingface.co/api/datasets/HuggingFaceFW/fineweb-edu/tree/main/sample/10BT"
 FINEWEB_EDU_URL = "https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu/resolve/main/"
+# Databricks Dolly 15k (CC BY-SA 3.0): 15,011 human-written instruction/response pairs, one JSONL file.
+# The revision is pinned: its sha256 is the Git LFS object id the API lists for the file at that commit,
+# which no later push can change (we could not read the hash itself without network when writing this).
+DOLLY_REVISION = "bdd27f4d94b9c1f951818a7da7fd7aeea5dbff1a"
+DOLLY_FILE = "databricks-dolly-15k.jsonl"
+DOLLY_API = f"https://huggingface.co/api/datasets/databricks/databricks-dolly-15k/tree/{DOLLY_REVISION}"
+DOLLY_URL = f"https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/{DOLLY_REVISION}/{DOLLY_FILE}"
 
 # name -> (default tokenizer, what it is)
 BUILTINS = {
@@ -67,6 +89,7 @@ BUILTINS = {
     "shakespeare": ("gpt2", "tinyshakespeare, GPT-2 BPE"),
     "fineweb_edu": ("gpt2", "FineWeb-Edu 10BT sample, GPT-2 BPE"),
     "chat_tasks": ("char", "small generated tasks for chat fine-tuning (offline)"),
+    "dolly": ("gpt2", "Databricks Dolly 15k instructions and responses, for chat fine-tuning"),
 }
 CHUNK_SIZE = 1 << 20  # characters of text per task sent to a worker
 TRAIN, VAL = 0, 1
@@ -124,13 +147,27 @@ def download(url, sha256, dest):
     return dest
 
 
+def hf_listing(api_url):
+    """A Hugging Face API folder listing: [{"path", "size", "lfs": {"oid": sha256, ...}}, ...]."""
+    try:
+        with urllib.request.urlopen(api_url, timeout=30) as response:
+            return json.load(response)
+    except (urllib.error.URLError, OSError) as e:
+        raise offline_error(api_url, e) from None
+
+
+def download_dolly(download_dir):
+    """Download Dolly 15k at its pinned revision, checked against the sha256 the API lists for it."""
+    listed = [f for f in hf_listing(DOLLY_API) if f.get("path") == DOLLY_FILE and "lfs" in f]
+    if not listed:
+        raise PrepareError(f"{DOLLY_API} does not list {DOLLY_FILE}: pass --source PATH to a local copy of it")
+    os.makedirs(download_dir, exist_ok=True)
+    return download(DOLLY_URL, listed[0]["lfs"]["oid"], os.path.join(download_dir, DOLLY_FILE))
+
+
 def fineweb_edu_shards(download_dir, shards):
     """Download the first `shards` parquet files of FineWeb-Edu's 10BT sample (all when None)."""
-    try:
-        with urllib.request.urlopen(FINEWEB_EDU_API, timeout=30) as response:
-            listing = json.load(response)
-    except (urllib.error.URLError, OSError) as e:
-        raise offline_error(FINEWEB_EDU_API, e) from None
+    listing = hf_listing(FINEWEB_EDU_API)
     files = sorted((f for f in listing if f.get("path", "").endswith(".parquet")), key=lambda f: f["path"])
     if not files:
         raise PrepareError(f"{FINEWEB_EDU_API} lists no parquet files: the dataset layout changed")
@@ -152,6 +189,7 @@ class Source:
         self.documents = documents  # () -> iterator of documents; each call starts from the beginning
         self.total_bytes = total_bytes  # for progress; None when unknown
         self.single_document = single_document  # yields the train head and val tail of one document
+        self.current_file = None  # of several files, the one being read (to name it in errors)
 
 
 def is_text(path):
@@ -234,12 +272,16 @@ def jsonl_documents(path, field):
                 yield [(line, field, path, n)]
 
 
-def parquet_documents(path, field, chunk_size):
+def parquet_file(path):
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise PrepareError(f"reading '{path}' needs pyarrow: pip install 'nanoforge[parquet]'") from None
-    f = pq.ParquetFile(path)
+    return pq.ParquetFile(path)
+
+
+def parquet_documents(path, field, chunk_size):
+    f = parquet_file(path)
     if field not in f.schema_arrow.names:
         raise PrepareError(
             f"'{path}' has no column '{field}' (columns: {', '.join(f.schema_arrow.names)}): pass --text-field NAME"
@@ -264,9 +306,11 @@ def files_source(paths, description, field, chunk_size):
 
     def documents():
         for p in paths:
+            source.current_file = p
             yield from file_documents(p, field, chunk_size)
 
-    return Source(description, documents, sum(map(os.path.getsize, paths)))
+    source = Source(description, documents, sum(map(os.path.getsize, paths)))
+    return source
 
 
 def text_file_source(path, description, val_fraction, chunk_size):
@@ -434,30 +478,63 @@ def default_out_dir(name):
 
 
 def prepare(name, tokenizer_kind=None, out_dir=None, val_fraction=0.1, source_path=None, vocab_size=None,
-            workers=None, seed=1337, text_field="text", shards=None, chunk_size=CHUNK_SIZE):
+            workers=None, seed=1337, text_field="text", shards=None, chunk_size=CHUNK_SIZE, tokenizer_from=None,
+            skip_bad=False):
     """Tokenize a corpus into out_dir. Returns the meta dict written to meta.json."""
     if not 0.0 < val_fraction < 1.0:
         raise PrepareError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise PrepareError(f"--workers must be at least 1, got {workers}")
-    tokenizer_kind = tokenizer_kind or BUILTINS.get(name, ("char",))[0]
-    check_tokenizer_args(tokenizer_kind, vocab_size)
+    if tokenizer_from is not None and (tokenizer_kind is not None or vocab_size is not None):
+        raise PrepareError("--tokenizer-from takes the checkpoint's tokenizer: drop --tokenizer and --vocab-size")
+    if tokenizer_from is None:
+        tokenizer_kind = tokenizer_kind or BUILTINS.get(name, ("char",))[0]
+        check_tokenizer_args(tokenizer_kind, vocab_size)
     out_dir = out_dir or default_out_dir(name)
     with DirectoryLock(out_dir, "prepare.py", "wait for it to finish or stop it, or choose another --out"):
         return prepare_locked(name, tokenizer_kind, out_dir, val_fraction, source_path, vocab_size, workers, seed,
-                              text_field, shards, chunk_size)
+                              text_field, shards, chunk_size, tokenizer_from, skip_bad)
+
+
+def checkpoint_tokenizer(ckpt):
+    """The tokenizer of one of our checkpoints (a run directory or file, read from the file's header
+    alone), or of a Hugging Face GPT-2 directory (its vocab.json and merges.txt, or tokenizer.json)."""
+    import checkpoint  # here, not at the top: they import torch, which every worker process would then load
+    import gpt2
+
+    try:
+        if not checkpoint.is_checkpoint(ckpt) and os.path.isfile(os.path.join(ckpt, "config.json")):
+            tokenizer = gpt2.tokenizer_from_hf(ckpt)
+            if tokenizer is None:
+                raise PrepareError(f"--tokenizer-from: '{ckpt}' holds no tokenizer files (vocab.json and merges.txt, "
+                                   "or tokenizer.json): use --tokenizer gpt2 for OpenAI's GPT-2")
+            return tokenizer
+        return checkpoint.load_tokenizer(ckpt)
+    except (checkpoint.CheckpointError, gpt2.GPT2Error) as e:
+        raise PrepareError(f"--tokenizer-from: {e}") from None
 
 
 def prepare_locked(name, tokenizer_kind, out_dir, val_fraction, source_path, vocab_size, workers, seed, text_field,
-                   shards, chunk_size):
+                   shards, chunk_size, tokenizer_from, skip_bad):
     """prepare(), in an output directory this process has locked."""
-    conversations = chat_conversations(name, val_fraction, seed)
-    if conversations is not None:
-        return prepare_chat(name, conversations, tokenizer_kind, vocab_size, out_dir, seed)
+    base = checkpoint_tokenizer(tokenizer_from) if tokenizer_from is not None else None
+    found = chat_conversations(name, source_path, out_dir, val_fraction, seed)
+    if found is not None:
+        if base is not None:
+            make_tokenizer = lambda texts: with_chat_tokens(base)  # noqa: E731
+        else:
+            make_tokenizer = lambda texts: with_chat_tokens(build_tokenizer(tokenizer_kind, texts, vocab_size))  # noqa: E731
+        return prepare_chat(*found, make_tokenizer, out_dir, seed, skip_bad)
+    if skip_bad:
+        raise PrepareError(f"--skip-bad applies to chat records, and '{name}' holds none: drop --skip-bad")
     source = open_source(name, source_path, out_dir, val_fraction, text_field, shards, chunk_size)
 
-    if tokenizer_kind == "char":  # the vocabulary covers the whole corpus (and the "\n\n" separator)
+    if base is not None:  # continued pretraining: the checkpoint's tokenizer, chat tokens and all
+        tokenizer = base
+        if tokenizer.kind == "char":
+            check_characters(source, tokenizer, val_fraction, seed, tokenizer_from)
+    elif tokenizer_kind == "char":  # the vocabulary covers the whole corpus (and the "\n\n" separator)
         texts = (as_text(text) for _, text, _ in split_pieces(source, val_fraction, seed))
         tokenizer = build_tokenizer("char", itertools.chain(texts_with_progress(texts, source, "chars"), ["\n"]))
     elif tokenizer_kind == "bpe":
@@ -467,6 +544,30 @@ def prepare_locked(name, tokenizer_kind, out_dir, val_fraction, source_path, voc
     else:
         tokenizer = build_tokenizer(tokenizer_kind, vocab_size=vocab_size)
     return write_splits(source, tokenizer, out_dir, val_fraction, seed, workers, chunk_size)
+
+
+def check_characters(source, tokenizer, val_fraction, seed, ckpt):
+    """A char vocabulary taken from a checkpoint may lack characters of the new corpus: find the first
+    one before anything is written, and name where it is (the file and line, or the JSONL line)."""
+    known = set(tokenizer.base.chars if hasattr(tokenizer, "base") else tokenizer.chars) | {"\n"}
+    file, row, line = None, 0, 1
+    for _, piece, first in split_pieces(source, val_fraction, seed):
+        if first and not source.single_document:
+            row, line = (row + 1, 1) if source.current_file == file else (1, 1)
+            file = source.current_file
+        text = as_text(piece)
+        unknown = set(text) - known
+        if unknown:
+            at = min(text.index(c) for c in unknown)
+            if isinstance(piece, tuple):  # a JSONL record: (raw line, field, path, line number)
+                where = f"'{piece[2]}' line {piece[3]}"
+            elif file is not None and file.endswith(".parquet"):
+                where = f"'{file}' row {row}"
+            else:  # a text file: the one being read, or the single document's
+                where = f"'{file or source.description['name']}' line {line + text.count(chr(10), 0, at)}"
+            raise PrepareError(f"{where} has character {text[at]!r} (U+{ord(text[at]):04X}), which the char "
+                               f"vocabulary of '{ckpt}' lacks: remove such characters from the corpus")
+        line += text.count("\n")
 
 
 def write_splits(source, tokenizer, out_dir, val_fraction, seed, workers, chunk_size=CHUNK_SIZE):
@@ -546,24 +647,22 @@ def write_splits(source, tokenizer, out_dir, val_fraction, seed, workers, chunk_
 # ---------------------------------------------------------------------------------------------
 # Chat data: conversations rendered in the chat format, with a loss mask and conversation starts
 
-def chat_conversations(name, val_fraction, seed):
-    """[(split, messages)] for a chat source (the built-in tasks, or a JSONL file of chat records), else None."""
-    if name == "chat_tasks":
-        train, val = chat.chat_tasks(chat.CHAT_TASKS_TRAIN, chat.CHAT_TASKS_VAL, seed)
-        return [(TRAIN, m) for m in train] + [(VAL, m) for m in val]
-    if not (os.path.isfile(name) and name.endswith(".jsonl") and chat.is_chat_record(first_jsonl_record(name))):
-        return None
-    rng = random.Random(seed)  # conversations are split by seed, as documents are
-    conversations = []
-    for messages, problem in chat.read_jsonl(name):
-        if problem:
-            raise PrepareError(problem)
-        conversations.append((VAL if rng.random() < val_fraction else TRAIN, messages))
-    return conversations
+class BadRecord(Exception):
+    """A chat record that cannot be used; str() is one line naming where it is and what is wrong."""
+
+
+def is_chat_file(path):
+    """Whether a .jsonl or .parquet file holds chat records, recognised from its first record (JSONL)
+    or its columns (Parquet): 'messages', or Alpaca's 'instruction' (see chat.is_chat_record)."""
+    if path.endswith(".jsonl"):
+        return chat.is_chat_record(first_jsonl_record(path))
+    if path.endswith(".parquet"):
+        return chat.is_chat_record(dict.fromkeys(parquet_file(path).schema_arrow.names))
+    return False
 
 
 def first_jsonl_record(path):
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             if line.strip():
                 try:
@@ -573,18 +672,86 @@ def first_jsonl_record(path):
     return None
 
 
-def prepare_chat(name, conversations, tokenizer_kind, vocab_size, out_dir, seed):
-    """Render [(split, messages)] with a tokenizer of the given kind plus the chat tokens, and write them."""
-    texts = (m["content"] for _, messages in conversations for m in messages)
-    tokenizer = with_chat_tokens(build_tokenizer(tokenizer_kind, texts, vocab_size))
+def chat_records(path):
+    """(where, record) for each record of a JSONL or Parquet file, where naming it for errors: the
+    file and its line (JSONL) or row (Parquet, counted from 1). A line that is not JSON yields a BadRecord."""
+    if path.endswith(".parquet"):
+        row = 0
+        for batch in parquet_file(path).iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                row += 1
+                yield f"'{path}' row {row}", record
+        return
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield f"'{path}' line {n}", json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    yield f"'{path}' line {n}", BadRecord(f"'{path}' line {n}: not JSON in UTF-8 ({e})")
+
+
+def dolly_messages(record):
+    """A Databricks Dolly record (instruction, context, response, category) -> messages."""
+    if not isinstance(record, dict) or not {"instruction", "response"} <= set(record):
+        raise chat.ChatError("a Dolly record needs 'instruction' and 'response' fields")
+    return chat.conversation_from_record({"instruction": record["instruction"], "input": record.get("context"),
+                                          "output": record["response"]})
+
+
+def chat_conversations(name, source_path, out_dir, val_fraction, seed):
+    """For a chat source (the built-in tasks, dolly, or a JSONL/Parquet file of chat records): its
+    description and [(split, where, messages or BadRecord)], else None. Records are split by seed, as
+    documents are; each record draws, bad ones too, so skipping bad records moves no good one."""
+    if name == "chat_tasks":
+        train, val = chat.chat_tasks(chat.CHAT_TASKS_TRAIN, chat.CHAT_TASKS_VAL, seed)
+        return {"name": name}, ([(TRAIN, f"train task {i + 1}", m) for i, m in enumerate(train)]
+                                + [(VAL, f"val task {i + 1}", m) for i, m in enumerate(val)])
+    if name == "dolly":
+        path = source_path or download_dolly(os.path.join(out_dir, "download"))
+        description, to_messages = {"name": "dolly", "url": DOLLY_URL}, dolly_messages
+    elif os.path.isfile(name) and is_chat_file(name):
+        path, description, to_messages = name, {"name": os.path.abspath(name)}, chat.conversation_from_record
+    else:
+        return None
+    rng = random.Random(seed)
+    conversations = []
+    for where, record in chat_records(path):
+        split = VAL if rng.random() < val_fraction else TRAIN
+        if not isinstance(record, BadRecord):
+            try:
+                messages = to_messages(record)
+                chat.check_conversation(messages)
+                record = messages
+            except chat.ChatError as e:
+                record = BadRecord(f"{where}: {e}")
+        conversations.append((split, where, record))
+    return {**description, "sha256": sha256_of_file(path)}, conversations
+
+
+def prepare_chat(description, conversations, make_tokenizer, out_dir, seed, skip_bad):
+    """Render [(split, where, messages or BadRecord)] with make_tokenizer(the good conversations'
+    texts), a tokenizer with the chat tokens, and write them. A bad record stops
+    everything, or with skip_bad is counted, reported and left out."""
+    bad = [record for _, _, record in conversations if isinstance(record, BadRecord)]
+    if bad and not skip_bad:
+        raise PrepareError(f"{bad[0]}; fix the record, or pass --skip-bad to leave such records out")
+    good = [(split, where, messages) for split, where, messages in conversations if not isinstance(messages, BadRecord)]
+    tokenizer = make_tokenizer(m["content"] for _, _, messages in good for m in messages)
     rendered = ([], [])
-    for split, messages in conversations:
-        rendered[split].append(chat.render_conversation(tokenizer, messages))
-    description = {"name": name if name in BUILTINS else os.path.abspath(name)}
-    return write_chat_splits(rendered, tokenizer, out_dir, description, seed)
+    for split, where, messages in good:
+        try:
+            rendered[split].append(chat.render_conversation(tokenizer, messages))
+        except TokenizerError as e:  # a checkpoint's char vocabulary lacks a character of this record
+            if not skip_bad:
+                raise PrepareError(f"{where}: {e}; or pass --skip-bad to leave such records out") from None
+            bad.append(BadRecord(f"{where}: {e}"))
+    if bad:
+        print(f"prepare.py: skipped {len(bad)} bad record(s) (--skip-bad); the first: {bad[0]}", file=sys.stderr)
+    return write_chat_splits(rendered, tokenizer, out_dir, description, seed, len(bad))
 
 
-def write_chat_splits(rendered, tokenizer, out_dir, description, seed):
+def write_chat_splits(rendered, tokenizer, out_dir, description, seed, skipped=0):
     """rendered: (train, val), each a list of (ids, mask). Writes {split}.bin, {split}_mask.bin and
     {split}_starts.bin for each split (temporary names, renamed when complete), then meta.json last."""
     for split, label in ((TRAIN, "train"), (VAL, "val")):
@@ -597,7 +764,8 @@ def write_chat_splits(rendered, tokenizer, out_dir, description, seed):
     if os.path.exists(meta_path):
         os.remove(meta_path)  # nothing complete-looking stays while we work
     meta = {"version": META_VERSION, "tokenizer": tokenizer.to_dict(), "vocab_size": tokenizer.vocab_size,
-            "dtype": np.dtype(dtype).name, "chat": True, "seed": seed, "source": description}
+            "dtype": np.dtype(dtype).name, "chat": True, "seed": seed, "source": description,
+            "skipped_records": skipped}
     files = []
     for split, label in ((TRAIN, "train"), (VAL, "val")):
         pairs = rendered[split]
@@ -645,7 +813,10 @@ def texts_with_progress(texts, source, desc):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", metavar="SOURCE", help="built-in dataset name, or a file, directory or glob pattern")
-    parser.add_argument("--tokenizer", choices=KINDS, help="default: char (gpt2 for shakespeare and fineweb_edu)")
+    parser.add_argument("--tokenizer", choices=KINDS, help="default: char (gpt2 for shakespeare, fineweb_edu, dolly)")
+    parser.add_argument("--tokenizer-from", metavar="CKPT",
+                        help="the tokenizer of this run directory, checkpoint file or Hugging Face GPT-2 directory "
+                             "(to fine-tune or continue training it)")
     parser.add_argument("--vocab-size", type=int, help="with --tokenizer bpe: tokens to learn, end-of-text included")
     parser.add_argument("--out", help="output directory (default: data/<name>)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out for val.bin")
@@ -654,12 +825,15 @@ def main(argv=None):
     parser.add_argument("--text-field", default="text", help="JSONL field or Parquet column holding the text")
     parser.add_argument("--source", help="local copy of a built-in dataset's download (skips the network)")
     parser.add_argument("--shards", type=int, help="fineweb_edu: download and use only the first N shards")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="chat data: leave out bad records (counted and reported) instead of stopping")
     parser.add_argument("--chunk-size", type=int, default=CHUNK_SIZE,
                         help="characters per task sent to a worker; memory grows with chunk size x workers")
     args = parser.parse_args(argv)
     try:
         meta = prepare(args.name, args.tokenizer, args.out, args.val_fraction, args.source, args.vocab_size,
-                       args.workers, args.seed, args.text_field, args.shards, args.chunk_size)
+                       args.workers, args.seed, args.text_field, args.shards, args.chunk_size, args.tokenizer_from,
+                       args.skip_bad)
     except (PrepareError, TokenizerError, DirectoryInUse, OSError) as e:
         sys.exit(f"prepare.py: error: {e}")
     except KeyboardInterrupt:
@@ -667,7 +841,7 @@ def main(argv=None):
     out = args.out or default_out_dir(args.name)
     print(
         f"wrote {out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens "
-        f"({meta['train_documents']:,} + {meta['val_documents']:,} documents), "
+        f"({meta['train_documents']:,} + {meta['val_documents']:,} {'conversations' if meta.get('chat') else 'documents'}), "
         f"vocab {meta['vocab_size']} ({meta['tokenizer']['type']}), {meta['dtype']}"
     )
 

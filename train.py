@@ -28,7 +28,7 @@ from tqdm import tqdm
 import checkpoint
 import gpt2
 from checkpoint import load_model_state
-from config import ConfigError, build_config, help_text, load_saved
+from config import ConfigError, build_config, help_text, keys_from_weights, load_saved
 from data import DataError, Dataset
 from device import peak_flops, resolve_device, resolve_dtype
 from distributed import Distributed
@@ -213,11 +213,16 @@ class RunState:
 
 
 def build_model(cfg, data, device):
-    """A new model from the config's keys, or pretrained GPT-2 (whose weights then fix cfg's shape keys)."""
+    """A new model from the config's keys, or one of our checkpoints (fine-tuning), or pretrained GPT-2;
+    a checkpoint's or GPT-2's weights then fix cfg's shape keys."""
     if cfg.init_from == "scratch":
         vocab_size = padded_vocab_size(data.vocab_size, cfg.vocab_multiple)
         model_cfg = GPTConfig(cfg.block_size, vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout, cfg.bias)
         return GPT(model_cfg).to(device), cfg
+    if checkpoint.is_checkpoint(cfg.init_from):
+        model = checkpoint.init_for_training(cfg.init_from, data.tokenizer, cfg.block_size, cfg.dropout,
+                                             cfg.vocab_multiple)
+        return model.to(device), keys_from_weights(cfg, model.config)
     model, cfg = gpt2.init_for_training(cfg, data.tokenizer)
     return model.to(device), cfg
 
@@ -358,6 +363,8 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
     start_run_directory(cfg, resume, ddp)
     trackers = Trackers(cfg, enabled=ddp.is_master)  # W&B, TensorBoard: only the master logs
     say = tqdm.write if ddp.is_master else (lambda *args, **kwargs: None)
+    for note in data.notes:  # e.g. how many conversations are cut to block_size
+        say(f"data: {note}", file=sys.stderr)
 
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     model, cfg = build_model(cfg, data, device)

@@ -104,3 +104,36 @@ def chat_ckpt(tmp_path_factory):
     info = {"model": dataclasses.asdict(model.config), "tokenizer": tokenizer.to_dict()}
     checkpoint.save(str(path), model.state_dict(), info)
     return path
+
+
+@pytest.fixture
+def http_server():
+    """A local HTTP server for download tests: http_server(respond) starts one whose GET answers are
+    respond(path, range_start) -> (status, body), range_start being the byte an HTTP Range request asks
+    to start from (None without one). Returns its URL; it stops when the test ends."""
+    import http.server
+    import threading
+
+    servers = []
+
+    def start(respond):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                ranged = self.headers.get("Range")
+                status, body = respond(self.path, int(ranged.removeprefix("bytes=").rstrip("-")) if ranged else None)
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()

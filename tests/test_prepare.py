@@ -361,47 +361,28 @@ def test_cli_argument_errors_are_one_line(tmp_path, corpus):
 
 
 @pytest.fixture
-def shard_server(monkeypatch):
+def shard_server(monkeypatch, http_server):
     """A local stand-in for Hugging Face: /api lists the shards, /files/... serves them with HTTP Range."""
-    import http.server
-    import threading
-
     files, corrupt, requests = {}, {}, []  # corrupt: bytes served instead of those the listing describes
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            requests.append((self.path, self.headers.get("Range")))
-            if self.path == "/api":
-                listing = [{"type": "file", "path": "sample/10BT/README.md", "size": 1}] + [
-                    {"type": "file", "path": p, "size": len(d), "lfs": {"oid": hashlib.sha256(d).hexdigest(), "size": len(d)}}
-                    for p, d in files.items()
-                ]
-                return self.reply(200, json.dumps(listing).encode())
-            path = self.path.removeprefix("/files/")
-            data = corrupt.get(path, files.get(path))
-            if data is None:
-                return self.reply(404, b"")
-            if self.headers.get("Range"):
-                start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
-                return self.reply(206, data[start:])
-            self.reply(200, data)
+    def respond(path, start):
+        requests.append((path, f"bytes={start}-" if start is not None else None))
+        if path == "/api":
+            listing = [{"type": "file", "path": "sample/10BT/README.md", "size": 1}] + [
+                {"type": "file", "path": p, "size": len(d), "lfs": {"oid": hashlib.sha256(d).hexdigest(), "size": len(d)}}
+                for p, d in files.items()
+            ]
+            return 200, json.dumps(listing).encode()
+        path = path.removeprefix("/files/")
+        data = corrupt.get(path, files.get(path))
+        if data is None:
+            return 404, b""
+        return (206, data[start:]) if start is not None else (200, data)
 
-        def reply(self, status, body):
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
+    url = http_server(respond)
     monkeypatch.setattr(prepare, "FINEWEB_EDU_API", url + "/api")
     monkeypatch.setattr(prepare, "FINEWEB_EDU_URL", url + "/files/")
-    yield files, corrupt, requests
-    server.shutdown()
+    return files, corrupt, requests
 
 
 def test_fineweb_edu_downloads_resume_and_verify_checksums(tmp_path, shard_server):
