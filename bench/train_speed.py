@@ -5,6 +5,7 @@ the fast recipe (configs/shakespeare_char_fast.toml), trained side by side in on
     python prepare.py shakespeare_char --source path/to/input.txt --out data/shakespeare_char
     python -m bench.train_speed                 # one comparison
     python -m bench.train_speed --runs 3        # three, each with its own ratio
+    python -m bench.train_speed --throughput    # the fast recipe's step time: threads, bf16, compile
 
 The target is the val loss the nanoGPT recipe reaches at its last step (2000). Each recipe's
 time to the target is the training time, evaluations included, until its first evaluation at or
@@ -110,15 +111,64 @@ def compare(data_dir):
     return ratio
 
 
+def step_time(cfg, data, threads, bf16, compiled, steps=20):
+    """Milliseconds per training step (after warm-up steps; with compile, its compile time separately)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model, _ = build_model(cfg, data, torch.device("cpu"))
+    optimizer = build_optimizer(model, cfg, "cpu")
+    start = time.perf_counter()
+    runner = torch.compile(model) if compiled else model
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+    batches = torch.Generator().manual_seed(0)
+    timings = []
+    for i in range(steps + 3):
+        x, y = data.get_batch("train", cfg.batch_size, batches)
+        with autocast:
+            _, loss = runner(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        timings.append(time.perf_counter() - start)
+        start = time.perf_counter()
+    return 1000 * sorted(timings[3:])[len(timings[3:]) // 2], timings[0]
+
+
+def throughput(data_dir, rounds):
+    """The fast recipe's step time under each CPU choice, the variants interleaved round by round."""
+    cfg = build_config(RECIPES["fast"], [f"--data_dir={data_dir}", "--device=cpu"])
+    data = Dataset(cfg.data_dir, cfg.block_size)
+    variants = [("1 thread", dict(threads=1, bf16=False, compiled=False)),
+                ("2 threads", dict(threads=2, bf16=False, compiled=False)),
+                ("1 thread, bf16 autocast", dict(threads=1, bf16=True, compiled=False)),
+                ("1 thread, torch.compile", dict(threads=1, bf16=False, compiled=True))]
+    results = {name: [] for name, _ in variants}
+    for _ in range(rounds):
+        for name, kwargs in variants:
+            results[name].append(step_time(cfg, data, **kwargs))
+    tokens = cfg.batch_size * cfg.block_size
+    base = min(ms for ms, _ in results["1 thread"])
+    print(f"fast recipe, {tokens} tokens per step; best of {rounds} rounds (median step of each), load average "
+          f"{os.getloadavg()[0]:.2f}")
+    for name, runs in results.items():
+        ms, first = min(runs)
+        print(f"{name:<26} {ms:7.1f} ms/step  {tokens / ms * 1000:8.0f} tok/s  {base / ms:5.2f}x  "
+              f"(first step {first:.1f} s)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/shakespeare_char", help="prepared shakespeare_char directory")
     parser.add_argument("--runs", type=int, default=1, help="comparisons to run one after another")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both recipes")
+    parser.add_argument("--throughput", action="store_true", help="instead: the fast recipe's step time with "
+                        "1 or 2 threads, bf16 autocast and torch.compile")
     args = parser.parse_args()
     if not os.path.exists(os.path.join(args.data, "train.bin")):
         raise SystemExit(f"no prepared data in '{args.data}': run `python prepare.py shakespeare_char "
                          f"--out {args.data}` (add --source PATH for a local copy of tinyshakespeare)")
+    if args.throughput:
+        return throughput(args.data, args.runs)
     torch.set_num_threads(args.threads)
     ratios = []
     for i in range(args.runs):
