@@ -82,6 +82,7 @@ class Run:
             val = estimate_loss(self.runner, self.data, cfg, self.autocast, self.device, self.ddp)["val"]
             self.seconds += time.perf_counter() - start
             self.evals.append((state.step, self.seconds, val))
+            print(f"  {self.name:<8} step {state.step:>5}: val {val:.4f} at {self.seconds:7.1f} s", flush=True)
             return
         self.seconds += time.perf_counter() - start
 
