@@ -22,6 +22,7 @@ How it is made fair on a shared machine:
 """
 
 import argparse
+import dataclasses
 import os
 import time
 from contextlib import nullcontext
@@ -112,8 +113,10 @@ def compare(data_dir):
     return ratio
 
 
-def step_time(cfg, data, threads, bf16, compiled, steps=20):
-    """Milliseconds per training step (after warm-up steps; with compile, its compile time separately)."""
+def step_time(cfg, data, threads, bf16, compiled, batch_size, steps=20):
+    """Milliseconds per training step, the median after warm-up steps, and the first step's seconds
+    (with compile, the compilation)."""
+    cfg = dataclasses.replace(cfg, batch_size=batch_size)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model, _ = build_model(cfg, data, torch.device("cpu"))
@@ -139,21 +142,24 @@ def throughput(data_dir, rounds):
     """The fast recipe's step time under each CPU choice, the variants interleaved round by round."""
     cfg = build_config(RECIPES["fast"], [f"--data_dir={data_dir}", "--device=cpu"])
     data = Dataset(cfg.data_dir, cfg.block_size)
-    variants = [("1 thread", dict(threads=1, bf16=False, compiled=False)),
-                ("2 threads", dict(threads=2, bf16=False, compiled=False)),
-                ("1 thread, bf16 autocast", dict(threads=1, bf16=True, compiled=False)),
-                ("1 thread, torch.compile", dict(threads=1, bf16=False, compiled=True))]
+    plain = dict(threads=1, bf16=False, compiled=False, batch_size=cfg.batch_size)
+    variants = [("1 thread", plain),
+                ("2 threads", {**plain, "threads": 2}),
+                ("1 thread, batch x2", {**plain, "batch_size": 2 * cfg.batch_size}),
+                ("1 thread, bf16 autocast", {**plain, "bf16": True}),
+                ("1 thread, torch.compile", {**plain, "compiled": True})]
     results = {name: [] for name, _ in variants}
     for _ in range(rounds):
         for name, kwargs in variants:
             results[name].append(step_time(cfg, data, **kwargs))
-    tokens = cfg.batch_size * cfg.block_size
-    base = min(ms for ms, _ in results["1 thread"])
-    print(f"fast recipe, {tokens} tokens per step; best of {rounds} rounds (median step of each), load average "
+    print(f"fast recipe's model; best of {rounds} round(s) (median step of each); load average "
           f"{os.getloadavg()[0]:.2f}")
-    for name, runs in results.items():
-        ms, first = min(runs)
-        print(f"{name:<26} {ms:7.1f} ms/step  {tokens / ms * 1000:8.0f} tok/s  {base / ms:5.2f}x  "
+    base = None
+    for name, kwargs in variants:
+        ms, first = min(results[name])
+        tokens_per_s = kwargs["batch_size"] * cfg.block_size / ms * 1000
+        base = base or tokens_per_s
+        print(f"{name:<26} {ms:7.1f} ms/step  {tokens_per_s:8.0f} tok/s  {tokens_per_s / base:5.2f}x  "
               f"(first step {first:.1f} s)")
 
 
