@@ -199,9 +199,10 @@ def load_tokenizer(ckpt):
 
 
 def load_model_state(model, state):
-    """Load a checkpoint's weights; the tied lm_head is stored once, as the token embedding."""
+    """Load a checkpoint's weights; a tied lm_head is stored once, as the token embedding."""
     state = dict(state)
-    state.setdefault("lm_head.weight", state["transformer.wte.weight"])
+    if model.config.tie_embeddings:
+        state.setdefault("lm_head.weight", state["transformer.wte.weight"])
     model.load_state_dict(state)
 
 
@@ -215,6 +216,8 @@ def load_model(ckpt, device):
     model_cfg = GPTConfig(**{**loaded.info["model"], "vocab_size": tokenizer.vocab_size, "dropout": 0.0})
     state = dict(loaded.model_state)
     state["transformer.wte.weight"] = state["transformer.wte.weight"][: tokenizer.vocab_size]
+    if "lm_head.weight" in state:  # an untied un-embedding: its padding rows go too
+        state["lm_head.weight"] = state["lm_head.weight"][: tokenizer.vocab_size]
     model = GPT(model_cfg)
     load_model_state(model, state)
     return model.to(device).eval(), tokenizer

@@ -43,16 +43,33 @@ class TrainConfig:
     dropout: float = _key(0.0, "dropout probability (0 for pretraining, 0.1+ for small data)")
     bias: bool = _key(True, "biases in Linear layers and LayerNorms, as in GPT-2")
     vocab_multiple: int = _key(1, "pad the vocabulary up to a multiple of this (64 speeds up GPU matmuls)")
+    # architecture options (the defaults are GPT-2's; model.py's docstring says what each does)
+    pos_emb: str = _key("learned", "position information: 'learned' embeddings (GPT-2) or 'rope' (rotary, in attention)")
+    norm: str = _key("layernorm", "'layernorm' (GPT-2) or 'rmsnorm'")
+    mlp: str = _key("gelu", "MLP activation: 'gelu' (GPT-2), 'relu2' (ReLU squared) or 'swiglu'")
+    qk_norm: bool = _key(False, "RMSNorm each head's queries and keys before attention")
+    n_kv_head: int = _key(0, "key/value heads, for grouped-query attention (must divide n_head; 0 means n_head)")
+    tie_embeddings: bool = _key(True, "the un-embedding (lm_head) shares the token embedding's weights, as in GPT-2")
+    zero_init_proj: bool = _key(False, "start the residual output projections (c_proj) at zero")
+    logit_softcap: float = _key(0.0, "squash the logits into (-cap, cap) by cap * tanh(logits / cap) (0 disables)")
     # optimisation
     batch_size: int = _key(12, "sequences per micro-batch")
     gradient_accumulation_steps: int = _key(1, "micro-batches summed into one optimizer step")
     max_iters: int = _key(2000, "number of optimizer steps to train for")
-    learning_rate: float = _key(1e-3, "peak learning rate (AdamW)")
-    min_lr: float = _key(1e-4, "learning rate at the end of the cosine decay")
+    optimizer: str = _key("adamw", "'adamw', or 'muon' (Muon for the blocks' weight matrices, AdamW for the rest)")
+    learning_rate: float = _key(1e-3, "peak learning rate (AdamW; with muon, of the norms' gains and the biases)")
+    matrix_lr: float = _key(0.02, "peak learning rate of the blocks' weight matrices under optimizer=muon")
+    embedding_lr: float = _key(0.01, "peak learning rate of the embeddings under optimizer=muon (AdamW)")
+    unembedding_lr: float = _key(0.004, "peak learning rate of an untied lm_head under optimizer=muon (AdamW)")
+    muon_momentum: float = _key(0.95, "Muon's momentum (optimizer=muon)")
+    lr_schedule: str = _key("cosine", "'cosine' (decays to min_lr at lr_decay_iters) or 'wsd' (warmup, stable, "
+                            "then linear decay to min_lr over the last decay_fraction of max_iters)")
+    min_lr: float = _key(1e-4, "learning rate at the end of the decay (other groups: the same fraction of their peak)")
     warmup_iters: int = _key(100, "steps of linear learning-rate warmup from 0")
     lr_decay_iters: int = _key(2000, "step at which the cosine decay reaches min_lr")
+    decay_fraction: float = _key(0.2, "share of max_iters the wsd schedule spends decaying to min_lr")
     decay_lr: bool = _key(True, "false keeps the learning rate at learning_rate after warmup")
-    weight_decay: float = _key(0.1, "AdamW weight decay, applied to matrices only")
+    weight_decay: float = _key(0.1, "weight decay, applied to matrices only (with muon: to the blocks' matrices)")
     beta1: float = _key(0.9, "AdamW beta1")
     beta2: float = _key(0.99, "AdamW beta2")
     grad_clip: float = _key(1.0, "clip the gradient norm to this (0 disables)")
@@ -95,6 +112,20 @@ class TrainConfig:
             raise ConfigError(f"keep_last_n must be 0 or more, got {self.keep_last_n}")
         if self.warmup_iters < 0 or self.learning_rate <= 0 or self.min_lr < 0:
             raise ConfigError("learning_rate must be > 0, and min_lr and warmup_iters >= 0")
+        choices = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2", "swiglu"),
+                   "optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"config key '{name}' must be one of {', '.join(allowed)}; got '{getattr(self, name)}'")
+        if self.n_kv_head < 0 or (self.n_kv_head and self.n_head % self.n_kv_head):
+            raise ConfigError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head}), or be 0 for n_head")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ConfigError(f"pos_emb='rope' rotates pairs of channels: the head size n_embd / n_head "
+                              f"({self.n_embd // self.n_head}) must be even")
+        if min(self.matrix_lr, self.embedding_lr, self.unembedding_lr) <= 0 or self.logit_softcap < 0:
+            raise ConfigError("matrix_lr, embedding_lr and unembedding_lr must be > 0, and logit_softcap >= 0")
+        if not 0.0 <= self.decay_fraction <= 1.0 or not 0.0 <= self.muon_momentum < 1.0:
+            raise ConfigError("decay_fraction must be in [0, 1] and muon_momentum in [0, 1)")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

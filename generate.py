@@ -47,13 +47,13 @@ class KVCache:
     cache writes its T positions at pos .. pos + T - 1, and the caller then advances pos."""
 
     def __init__(self, config, batch_size, device, dtype):
-        shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        shape = (batch_size, config.kv_heads, config.block_size, config.n_embd // config.n_head)
         self.layers = [LayerKVCache(self, shape, device, dtype) for _ in range(config.n_layer)]
         self.pos = 0
 
 
 class LayerKVCache:
-    """One layer's part of a KVCache: k and v are (B, n_head, block_size, head_dim)."""
+    """One layer's part of a KVCache: k and v are (B, n_kv_head, block_size, head_dim)."""
 
     def __init__(self, cache, shape, device, dtype):
         self.cache = cache
@@ -61,8 +61,8 @@ class LayerKVCache:
         self.v = torch.empty(shape, device=device, dtype=dtype)
 
     def update(self, k, v):
-        """Store the keys and values (B, n_head, T, head_dim) of positions pos .. pos + T - 1;
-        return those of positions 0 .. pos + T - 1: (B, n_head, pos + T, head_dim)."""
+        """Store the keys and values (B, n_kv_head, T, head_dim) of positions pos .. pos + T - 1;
+        return those of positions 0 .. pos + T - 1: (B, n_kv_head, pos + T, head_dim)."""
         start, end = self.cache.pos, self.cache.pos + k.size(2)
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v

@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from config import keys_from_weights
-from model import GPT, GPTConfig, padded_vocab_size
+from model import ARCH_KEYS, GPT, GPTConfig, padded_vocab_size
 from tokenizer import EOT, BPETokenizer, gpt2_tokenizer
 
 NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -333,6 +333,9 @@ def export(model, out_dir, tokenizer=None):
         raise GPT2Error(f"'{out_dir}' is not empty: export into a new directory (or empty this one)")
     if not config.bias:
         raise GPT2Error("this model has no biases (bias=false), which Hugging Face's GPT-2 cannot express")
+    for key, value in config.gpt2_differences():
+        raise GPT2Error(f"this model sets {key}={value!r}, which Hugging Face's GPT-2 cannot express: "
+                        "only models of GPT-2's architecture (that key at its default) can be exported")
     state = dict(model.state_dict())
     vocab_size = tokenizer.vocab_size if tokenizer is not None else config.vocab_size
     state["transformer.wte.weight"] = state["transformer.wte.weight"][:vocab_size]
@@ -360,6 +363,10 @@ def init_for_training(cfg, data_tokenizer):
     their values. block_size crops, dropout and vocab_multiple apply; the data must fit the vocabulary,
     or be a tokenizer that fits it plus the chat tokens: the embedding then grows by their rows, which
     from_pretrained starts at the mean embedding, as it does padding."""
+    for key in ARCH_KEYS:
+        if key != "zero_init_proj" and getattr(cfg, key) != getattr(GPTConfig, key):
+            raise GPT2Error(f"init_from {cfg.init_from} loads GPT-2's architecture, which cannot hold "
+                            f"{key}={getattr(cfg, key)!r}: leave {key} at its default ({getattr(GPTConfig, key)!r})")
     model_dir = locate(cfg.init_from)
     pretrained = read_config(model_dir)
     base = getattr(data_tokenizer, "base", data_tokenizer)  # without the chat tokens

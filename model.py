@@ -15,6 +15,23 @@ Design decisions:
   so a new token costs one position's work instead of re-running the whole context.
 - GPT-2 initialisation: N(0, 0.02) everywhere, residual output projections scaled by
   1/sqrt(2 * n_layer) so the residual stream's variance does not grow with depth.
+
+Opt-in choices of the speedruns (modded-nanogpt, nanochat), each a GPTConfig field that is off by
+default, so the default stays GPT-2 and its weights load name for name:
+- pos_emb="rope": rotary position embeddings (Su et al. 2021) rotate q and k by their position
+  (class Rotary) instead of adding a learned vector per position to the input.
+- norm="rmsnorm": RMSNorm (Zhang & Sennrich 2019): no mean subtraction, no bias (class RMSNorm).
+- mlp="relu2" | "swiglu": ReLU squared (So et al. 2021, "Primer") or a SwiGLU gate (Shazeer 2020)
+  in place of GELU (MLP.forward).
+- qk_norm: RMSNorm on each head's queries and keys before attention, which bounds the attention
+  logits and tolerates higher learning rates (Dehghani et al. 2023).
+- n_kv_head < n_head: grouped-query attention (Ainslie et al. 2023): heads share keys and values
+  in groups, which shrinks the KV cache by n_head / n_kv_head.
+- tie_embeddings=False: a separate un-embedding matrix (lm_head) instead of sharing wte's.
+- zero_init_proj: the residual branches' output projections start at zero, so every block starts
+  as the identity (as modded-nanogpt does).
+- logit_softcap > 0: logits squashed smoothly into (-cap, cap) by cap * tanh(logits / cap)
+  (Gemma 2), so no logit runs away early in training.
 """
 
 import inspect
@@ -26,6 +43,10 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 
+# The GPTConfig fields that choose between architectures (train.py's config keys of the same names).
+ARCH_KEYS = ("pos_emb", "norm", "mlp", "qk_norm", "n_kv_head", "tie_embeddings", "zero_init_proj", "logit_softcap")
+
+
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # longest sequence the model can attend over
@@ -35,6 +56,28 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2 has them
+    # Opt-in architecture choices (the module docstring says what each does); defaults are GPT-2's.
+    pos_emb: str = "learned"  # "learned" (GPT-2) or "rope"
+    norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm"
+    mlp: str = "gelu"  # "gelu" (GPT-2), "relu2" or "swiglu"
+    qk_norm: bool = False
+    n_kv_head: int = 0  # key/value heads; 0 means n_head (plain multi-head attention)
+    tie_embeddings: bool = True
+    zero_init_proj: bool = False
+    logit_softcap: float = 0.0  # 0 means no capping
+
+    @property
+    def kv_heads(self):
+        return self.n_kv_head or self.n_head
+
+    def gpt2_differences(self):
+        """The options set away from GPT-2's architecture: [(field, value)], empty for GPT-2 itself."""
+        gpt2 = GPTConfig()
+        fields = ("bias", "pos_emb", "norm", "mlp", "qk_norm", "tie_embeddings", "logit_softcap")
+        differences = [(f, getattr(self, f)) for f in fields if getattr(self, f) != getattr(gpt2, f)]
+        if self.kv_heads != self.n_head:
+            differences.append(("n_kv_head", self.n_kv_head))
+        return differences
 
 
 def padded_vocab_size(vocab_size, multiple):
@@ -54,16 +97,59 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight: LayerNorm without the mean subtraction and the bias."""
+
+    def __init__(self, ndim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+
+    def forward(self, x):
+        return F.rms_norm(x, self.weight.shape, self.weight, 1e-5)
+
+
+def make_norm(config, ndim):
+    return RMSNorm(ndim) if config.norm == "rmsnorm" else LayerNorm(ndim, bias=config.bias)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding: each pair of channels (i, i + head_dim/2) of a query or key at
+    position p is rotated by the angle p * base^(-2i/head_dim). The dot product of a rotated query
+    and key then depends only on their distance, and no position vector enters the residual stream."""
+
+    def __init__(self, head_dim, block_size, base=10000.0):
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (head_dim/2,)
+        angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (block_size, head_dim/2)
+        # Derived from the config, not learned: left out of the state dict.
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x, start=0):
+        """x: (B, heads, T, head_dim) at positions start .. start + T - 1 -> the same shape, rotated."""
+        T = x.size(-2)
+        cos, sin = self.cos[start : start + T].to(x.dtype), self.sin[start : start + T].to(x.dtype)  # (T, head_dim/2)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        assert config.n_head % config.kv_heads == 0, "n_kv_head must divide n_head"
         self.n_head = config.n_head
+        self.n_kv_head = config.kv_heads
         self.head_dim = config.n_embd // config.n_head
         self.dropout = config.dropout
-        # Q, K and V projections for all heads, fused into one matrix multiply.
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # Q, K and V projections for all heads, fused into one matrix multiply
+        # (K and V have n_kv_head heads each: fewer than Q's with grouped-query attention).
+        kv_width = self.n_kv_head * self.head_dim
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_width, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.q_norm = RMSNorm(self.head_dim) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim) if config.qk_norm else None
+        self.rotary = Rotary(self.head_dim, config.block_size) if config.pos_emb == "rope" else None
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -73,12 +159,18 @@ class CausalSelfAttention(nn.Module):
         with one (this layer's part of a generate.KVCache), x holds the T positions after those
         already cached, and S = cached + T."""
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        kv_width = self.n_kv_head * self.head_dim
+        q, k, v = self.c_attn(x).split([C, kv_width, kv_width], dim=2)  # (B, T, C), 2 x (B, T, kv_width)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary is not None:
+            start = 0 if kv_cache is None else kv_cache.cache.pos  # the new positions follow the cached ones
+            q, k = self.rotary(q, start), self.rotary(k, start)
         if kv_cache is not None:
-            k, v = kv_cache.update(k, v)  # the cached positions and these: (B, n_head, S, head_dim)
+            k, v = kv_cache.update(k, v)  # the cached positions and these: (B, n_kv_head, S, head_dim)
 
         if return_weights:
             y, weights = self.attention_math(q, k, v)
@@ -90,7 +182,8 @@ class CausalSelfAttention(nn.Module):
             mask = None if T in (1, S) else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
             dropout_p = self.dropout if self.training else 0.0
             is_causal = mask is None and T > 1
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                               enable_gqa=self.n_kv_head != self.n_head)
             weights = None
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads merged: (B, T, C)
         y = self.resid_dropout(self.c_proj(y))
@@ -98,10 +191,13 @@ class CausalSelfAttention(nn.Module):
 
     def attention_math(self, q, k, v, steps=None):
         """softmax(QK^T / sqrt(d_head) + causal mask) V, written out step by step. The T queries
-        are the last T of the S key positions (S > T when earlier keys come from a cache).
+        are the last T of the S key positions (S > T when earlier keys come from a cache). With
+        grouped-query attention each key/value head serves n_head / n_kv_head query heads.
         Given a dict as `steps`, the scores before scaling, after scaling and after masking are
         stored in it (explain.py's --trace shows them)."""
         T, S = q.size(-2), k.size(-2)
+        group = self.n_head // self.n_kv_head
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, n_head, S, head_dim)
         raw = q @ k.transpose(-2, -1)  # (B, n_head, T, S)
         scaled = raw / math.sqrt(self.head_dim)
         future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(diagonal=S - T + 1)
@@ -116,15 +212,26 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.activation = config.mlp
+        hidden = 4 * config.n_embd
+        if config.mlp == "swiglu":  # two input matrices instead of one: 2/3 the width keeps the parameter count
+            hidden = 64 * math.ceil(8 * config.n_embd / 3 / 64)
+        fan_out = 2 * hidden if config.mlp == "swiglu" else hidden  # swiglu: gate and value in one multiply
+        self.c_fc = nn.Linear(config.n_embd, fan_out, bias=config.bias)
         # GPT-2 used the tanh approximation of GELU; keep it so pretrained weights match exactly.
-        self.gelu = nn.GELU(approximate="tanh")
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh") if config.mlp == "gelu" else None
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        x = self.c_fc(x)  # (B, T, 4 * n_embd)
-        x = self.gelu(x)
+        x = self.c_fc(x)  # (B, T, hidden), or (B, T, 2 * hidden) for swiglu
+        if self.activation == "gelu":
+            x = self.gelu(x)
+        elif self.activation == "relu2":
+            x = F.relu(x).square()
+        else:  # swiglu
+            gate, value = x.chunk(2, dim=-1)
+            x = F.silu(gate) * value  # (B, T, hidden)
         x = self.c_proj(x)  # (B, T, n_embd)
         return self.dropout(x)
 
@@ -132,9 +239,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
     def forward(self, x, kv_cache=None):
@@ -147,23 +254,23 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=LayerNorm(config.n_embd, bias=config.bias),
-            )
-        )
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.pos_emb == "learned":  # with rope, positions enter inside attention instead
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules.update(drop=nn.Dropout(config.dropout), h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                       ln_f=make_norm(config, config.n_embd))
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # weight tying
 
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                # Each block adds two residual branches; scale them so depth does not grow the variance.
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                # Each block adds two residual branches; scale them so depth does not grow the variance
+                # (or start them at zero, so each block starts as the identity).
+                std = 0.0 if config.zero_init_proj else 0.02 / math.sqrt(2 * config.n_layer)
+                torch.nn.init.normal_(p, mean=0.0, std=std)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -174,12 +281,31 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding=True):
-        """Parameter count. The position embedding is left out by default (it does no
-        matrix work per token); the token embedding stays in because it is the lm_head."""
+        """Parameter count. Embeddings that are only looked up (no matrix work per token) are left
+        out by default: the position embedding, and the token embedding unless it is the lm_head."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel()
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.transformer.wte.weight.numel()
         return n
+
+    def embed(self, idx, start=0):
+        """Token ids (B, T) at positions start .. start + T - 1 -> the residual stream (B, T, n_embd)."""
+        x = self.transformer.wte(idx)
+        if "wpe" in self.transformer:
+            pos = torch.arange(start, start + idx.size(1), dtype=torch.long, device=idx.device)  # (T,)
+            x = x + self.transformer.wpe(pos)
+        return self.transformer.drop(x)
+
+    def unembed(self, x):
+        """The final norm and the lm_head: (B, T, n_embd) -> logits (B, T, vocab_size)."""
+        logits = self.lm_head(self.transformer.ln_f(x))
+        cap = self.config.logit_softcap
+        if cap > 0:
+            logits = cap * torch.tanh(logits / cap)  # smooth, and within (-cap, cap)
+        return logits
 
     def forward(self, idx, targets=None, kv_cache=None):
         """idx: (B, T) token ids. Returns logits (B, T, vocab_size) and, given targets
@@ -190,13 +316,10 @@ class GPT(nn.Module):
         start = 0 if kv_cache is None else kv_cache.pos
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, n_embd)
-        x = self.transformer.drop(x)
+        x = self.embed(idx, start)  # (B, T, n_embd)
         for i, block in enumerate(self.transformer.h):
             x = block(x, kv_cache=None if kv_cache is None else kv_cache.layers[i])
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab_size)
+        logits = self.unembed(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
@@ -204,9 +327,7 @@ class GPT(nn.Module):
 
     def attention_weights(self, idx):
         """The attention pattern of every layer: a list of n_layer tensors (B, n_head, T, T)."""
-        B, T = idx.size()
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.embed(idx)
         patterns = []
         for block in self.transformer.h:
             attended, weights = block.attn(block.ln_1(x), return_weights=True)

@@ -33,22 +33,33 @@ from data import DataError, Dataset
 from device import peak_flops, resolve_device, resolve_dtype
 from distributed import Distributed
 from lock import DirectoryInUse, DirectoryLock
-from model import GPT, GPTConfig, padded_vocab_size
+from model import ARCH_KEYS, GPT, GPTConfig, padded_vocab_size
+from optim import build_optimizer, set_lr
 from tracking import Trackers
 
-# Keys that fix the model's shape: a checkpoint can only be resumed with the same values.
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_multiple")
+# Keys that fix the model's shape (and the optimizer, whose saved state fits only itself): a
+# checkpoint can only be resumed with the same values.
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_multiple", *ARCH_KEYS, "optimizer")
 # Keys a resumed run may change without changing what it computes up to the old end.
 SAFE_TO_CHANGE = ("max_iters", "eval_interval", "eval_iters", "log_interval", "checkpoint_interval",
                   "keep_last_n", "max_bad_steps", "lr_decay_iters", "min_lr", "out_dir", "device", "compile",
                   "wandb_log", "wandb_project", "wandb_run_name", "tensorboard_dir")
 
 def get_lr(step, cfg):
-    """Learning rate for the update that follows `step` completed updates: linear warmup, then cosine to min_lr."""
+    """Learning rate for the update that follows `step` completed updates: linear warmup, then either
+    cosine to min_lr at lr_decay_iters, or (wsd: warmup-stable-decay, as the speedruns use) constant
+    until the last decay_fraction of max_iters and a straight line down to min_lr at max_iters."""
     if step < cfg.warmup_iters:
         return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
     if not cfg.decay_lr:
         return cfg.learning_rate
+    if cfg.lr_schedule == "wsd":
+        decay_steps = round(cfg.decay_fraction * cfg.max_iters)
+        decay_start = max(cfg.warmup_iters, cfg.max_iters - decay_steps)
+        if step < decay_start:
+            return cfg.learning_rate
+        progress = min(1.0, (step - decay_start) / max(1, cfg.max_iters - decay_start))
+        return cfg.learning_rate + progress * (cfg.min_lr - cfg.learning_rate)
     if step >= cfg.lr_decay_iters:
         return cfg.min_lr
     progress = (step - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
@@ -126,8 +137,10 @@ def resume_changes(saved, cfg):
         details = ", ".join(f"{k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in shape.items())
         raise ConfigError(f"cannot resume: the model's shape differs ({details}); use the checkpoint's values")
     notes = []
+    # The wsd schedule's decay is placed by max_iters: then changing it changes the learning rates.
+    safe = [k for k in SAFE_TO_CHANGE if not (k == "max_iters" and cfg.lr_schedule == "wsd")]
     for key, (old, new_value) in differing.items():
-        caveat = "" if key in SAFE_TO_CHANGE else " (changes training: the run will differ from an uninterrupted one)"
+        caveat = "" if key in safe else " (changes training: the run will differ from an uninterrupted one)"
         notes.append(f"resume: {key} changed from {old!r} to {new_value!r}{caveat}")
     return notes
 
@@ -174,6 +187,13 @@ class RunState:
     window_steps: int
     loss_sum: torch.Tensor
     batches: torch.Generator  # this process's batch sampler
+    # Wall seconds the run had trained before this process took it over (0 for a new run); the
+    # clock started when it did: elapsed() counts on across resumes.
+    elapsed_before: float = 0.0
+    clock_start: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def elapsed(self):
+        return self.elapsed_before + time.perf_counter() - self.clock_start
 
     @classmethod
     def start(cls, cfg, rank, device):
@@ -186,7 +206,8 @@ class RunState:
         rng_tensors["rng_batches"] = self.batches.get_state()
         everyone = ddp.gather((rng_tensors, rng_info))
         info = {"step": self.step, "best_val_loss": self.best_val_loss, "skipped_steps": self.skipped_steps,
-                "window_steps": self.window_steps, "rng": [rank_info for _, rank_info in everyone]}
+                "window_steps": self.window_steps, "elapsed_s": self.elapsed(),
+                "rng": [rank_info for _, rank_info in everyone]}
         tensors = {f"rank{rank}.{name}": t for rank, (ts, _) in enumerate(everyone) for name, t in ts.items()}
         tensors["loss_sum"] = self.loss_sum
         return info, tensors
@@ -197,7 +218,7 @@ class RunState:
         info = ckpt.info
         state = cls(step=info["step"], best_val_loss=info["best_val_loss"], skipped_steps=info["skipped_steps"],
                     window_steps=info["window_steps"], loss_sum=ckpt.extra["loss_sum"].to(device),
-                    batches=torch.Generator())
+                    batches=torch.Generator(), elapsed_before=info.get("elapsed_s", 0.0))
         if len(info["rng"]) == ddp.world_size:
             prefix = f"rank{ddp.rank}."
             rng = {k[len(prefix):]: v for k, v in ckpt.extra.items() if k.startswith(prefix)}
@@ -217,7 +238,8 @@ def build_model(cfg, data, device):
     a checkpoint's or GPT-2's weights then fix cfg's shape keys."""
     if cfg.init_from == "scratch":
         vocab_size = padded_vocab_size(data.vocab_size, cfg.vocab_multiple)
-        model_cfg = GPTConfig(cfg.block_size, vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout, cfg.bias)
+        model_cfg = GPTConfig(cfg.block_size, vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout, cfg.bias,
+                              **{key: getattr(cfg, key) for key in ARCH_KEYS})
         return GPT(model_cfg).to(device), cfg
     if checkpoint.is_checkpoint(cfg.init_from):
         model = checkpoint.init_for_training(cfg.init_from, data.tokenizer, cfg.block_size, cfg.dropout,
@@ -369,7 +391,7 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     model, cfg = build_model(cfg, data, device)
     torch.manual_seed(cfg.seed + ddp.rank)  # but each process its own dropout masks (and batches: RunState)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
+    optimizer = build_optimizer(model, cfg, device.type)
     # Loss scaling only for float16 on CUDA: bfloat16 and float32 have float32's exponent range.
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16 and device.type == "cuda"))
     state = RunState.start(cfg, ddp.rank, device)
@@ -405,8 +427,7 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
     with StopSignals() as stop, log, bar, trackers:
         while state.step < cfg.max_iters:
             lr = get_lr(state.step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr, cfg)
             step_loss = train_step(runner, optimizer, scaler, next_batch, micro_steps, autocast, ddp)
             bad_streak = 0 if apply_update(model, optimizer, scaler, step_loss, cfg, state) else bad_streak + 1
             state.step += 1
@@ -431,6 +452,7 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
                     say(f"step {state.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                     improved = losses["val"] < state.best_val_loss
                     state.best_val_loss = min(state.best_val_loss, losses["val"])
+                record["elapsed_s"] = round(state.elapsed(), 3)  # after the evaluation: time-to-loss includes it
                 write_record(log, bar, trackers, record)
                 state.loss_sum.zero_()
                 state.window_steps = 0

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 import checkpoint
@@ -18,11 +19,16 @@ def torchrun_command(*args):
             os.path.join(REPO, "train.py"), *map(str, args)]
 
 
-def run_args(data_dir, out_dir):
+# Muon with the speedruns' architecture: two optimizers' state, rotary positions, an untied lm_head.
+MUON = ["--optimizer=muon", "--pos_emb=rope", "--norm=rmsnorm", "--mlp=relu2", "--qk_norm=true",
+        "--tie_embeddings=false", "--lr_schedule=wsd"]
+
+
+def run_args(data_dir, out_dir, extra=()):
     return [f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--n_layer=2", "--n_head=2", "--n_embd=32",
             "--block_size=16", "--batch_size=4", "--gradient_accumulation_steps=4", "--max_iters=40",
             "--eval_interval=20", "--eval_iters=2", "--log_interval=5", "--checkpoint_interval=5",
-            "--dropout=0.1", "--device=cpu"]
+            "--dropout=0.1", "--device=cpu", *extra]
 
 
 def losses(out_dir):
@@ -30,10 +36,11 @@ def losses(out_dir):
     return [{k: r.get(k) for k in ("step", "loss", "lr", "train_loss", "val_loss")} for r in records]
 
 
-def test_torchrun_trains_and_resumes_exactly_after_sigterm(tmp_path, data_dir):
+@pytest.mark.parametrize("extra", [[], MUON], ids=["adamw", "muon"])
+def test_torchrun_trains_and_resumes_exactly_after_sigterm(tmp_path, data_dir, extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight = tmp_path / "straight"
-    result = subprocess.run(torchrun_command(*run_args(data_dir, straight)), cwd=REPO, env=env,
+    result = subprocess.run(torchrun_command(*run_args(data_dir, straight, extra)), cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     records = losses(straight)
@@ -44,7 +51,7 @@ def test_torchrun_trains_and_resumes_exactly_after_sigterm(tmp_path, data_dir):
     assert not torch.equal(ckpt.extra["rank0.rng_batches"], ckpt.extra["rank1.rng_batches"])
 
     stopped = tmp_path / "stopped"
-    proc = subprocess.Popen(torchrun_command(*run_args(data_dir, stopped)), cwd=REPO, env=env,
+    proc = subprocess.Popen(torchrun_command(*run_args(data_dir, stopped, extra)), cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (stopped / "latest.safetensors").exists() and time.time() < deadline:
@@ -56,7 +63,7 @@ def test_torchrun_trains_and_resumes_exactly_after_sigterm(tmp_path, data_dir):
     step = checkpoint.load(stopped / "latest.safetensors").info["step"]
     assert 0 < step < 40
 
-    result = subprocess.run(torchrun_command(*run_args(data_dir, stopped), "--resume"), cwd=REPO, env=env,
+    result = subprocess.run(torchrun_command(*run_args(data_dir, stopped, extra), "--resume"), cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert losses(stopped) == losses(straight)

@@ -4,6 +4,7 @@ A small random GPT-2 is built with transformers and saved as a Hugging Face dire
 must compute the same logits, loss and greedy continuations, and our export must load back into
 transformers (and into ours) unchanged."""
 
+import dataclasses
 import json
 import os
 
@@ -14,6 +15,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import gpt2
+from model import GPTConfig
 from tokenizer import EOT
 from conftest import TINY_TEXT, run_cli
 
@@ -258,8 +260,8 @@ def test_finetune_sample_export_end_to_end(hf, tmp_path, corpus):
     assert "the weights set n_layer=2 (config had 4), n_embd=64 (config had 128)" in result.stderr
     assert "the data was not tokenized with" in result.stderr  # byte ids are not the BPE's
     info = checkpoint.load(str(run / "latest.safetensors")).info
-    assert info["model"] == {"block_size": 32, "vocab_size": 1024, "n_layer": 2, "n_head": 4, "n_embd": 64,
-                             "dropout": 0.0, "bias": True}
+    assert info["model"] == {**dataclasses.asdict(GPTConfig()), "block_size": 32, "vocab_size": 1024, "n_layer": 2,
+                             "n_head": 4, "n_embd": 64, "dropout": 0.0, "bias": True}
     assert (info["config"]["n_layer"], info["config"]["n_embd"]) == (2, 64)
 
     # the run's config.json records the weights' values, so --resume alone continues it

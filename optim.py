@@ -1,0 +1,87 @@
+"""
+Optimizers for training: AdamW alone (nanoGPT's), or Muon for the hidden weight matrices with
+AdamW for everything else (modded-nanogpt's and nanochat's).
+
+Muon (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/) takes SGD-momentum's update
+of a 2-D weight matrix and replaces it by the nearest semi-orthogonal matrix (found by a few
+Newton-Schulz iterations), so every direction of the matrix moves at the same rate. It is defined
+for matrices that map one hidden space to another; embeddings, the un-embedding and the gains and
+biases (vectors) stay with AdamW. We use torch.optim.Muon (in PyTorch since 2.9).
+
+With optimizer=muon each parameter group carries `lr_key`, the config key holding its peak learning rate
+(a group without one uses learning_rate); set_lr scales that peak by the schedule.
+"""
+
+import inspect
+
+import torch
+
+
+class Optimizers:
+    """Several torch optimizers, each over its own parameters, driven as one: step, zero_grad,
+    param_groups (all of them, in order) and one state_dict in torch's format, whose parameter
+    indices run on from one optimizer to the next (so a checkpoint stores it like any optimizer's)."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self):
+        return [group for opt in self.optimizers for group in opt.param_groups]
+
+    def step(self):
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none=True):
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        state, groups, offset = {}, [], 0
+        for opt in self.optimizers:
+            own = opt.state_dict()
+            state.update({offset + i: s for i, s in own["state"].items()})
+            groups += [{**g, "params": [offset + i for i in g["params"]]} for g in own["param_groups"]]
+            offset += sum(len(g["params"]) for g in own["param_groups"])
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict):
+        first_group, offset = 0, 0
+        for opt in self.optimizers:
+            n_groups, n_params = len(opt.param_groups), sum(len(g["params"]) for g in opt.param_groups)
+            groups = state_dict["param_groups"][first_group : first_group + n_groups]
+            opt.load_state_dict({
+                "state": {i - offset: s for i, s in state_dict["state"].items() if offset <= i < offset + n_params},
+                "param_groups": [{**g, "params": [i - offset for i in g["params"]]} for g in groups],
+            })
+            first_group, offset = first_group + n_groups, offset + n_params
+
+
+def build_optimizer(model, cfg, device_type):
+    """The optimizer cfg.optimizer names, over the model's trainable parameters."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # a tied lm_head is listed once, as wte
+    if cfg.optimizer == "adamw":
+        return model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    embeddings = [p for n, p in named if n.startswith(("transformer.wte.", "transformer.wpe."))]
+    unembedding = [p for n, p in named if n.startswith("lm_head.")]  # only when untied
+    vectors = [p for _, p in named if p.dim() < 2]
+    taken = {id(p) for p in embeddings + unembedding + vectors}
+    matrices = [p for _, p in named if id(p) not in taken]  # (out, in) weights of the blocks' Linear layers
+    muon = torch.optim.Muon([{"params": matrices, "lr_key": "matrix_lr"}], lr=cfg.matrix_lr,
+                            weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
+    groups = [{"params": embeddings, "lr_key": "embedding_lr"},
+              {"params": unembedding, "lr_key": "unembedding_lr"},
+              {"params": vectors, "lr_key": "learning_rate"}]
+    fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                              weight_decay=0.0, **({"fused": True} if fused else {}))
+    return Optimizers(muon, adamw)
+
+
+def set_lr(optimizer, lr, cfg):
+    """Give every parameter group the schedule's learning rate `lr` (which is for learning_rate's
+    peak), scaled to the group's own peak rate key."""
+    for group in optimizer.param_groups:
+        key = group.get("lr_key", "learning_rate")
+        group["lr"] = lr if key == "learning_rate" else lr * getattr(cfg, key) / cfg.learning_rate
