@@ -73,7 +73,7 @@ def logit_lens(model, idx):
     the final norm and the un-embedding (nostalgebraist, "interpreting GPT: the logit lens",
     2020). Yields them one at a time: for GPT-2 all of them at once would take gigabytes."""
     for x in residual_streams(model, idx):
-        yield model.lm_head(model.transformer.ln_f(x))[0].float()
+        yield model.unembed(x)[0].float()  # final norm, lm_head (and soft-capping): the model's own
 
 
 @dataclass
@@ -143,12 +143,18 @@ def trace(model, idx):
     T = idx.size(1)
     stage("token ids", idx)
     tokens = stage("token embeddings: wte[token id]", tr.wte(idx))  # (1, T, n_embd)
-    positions = stage("position embeddings: wpe[position]", tr.wpe(torch.arange(T, device=idx.device)))  # (T, n_embd)
-    x = stage("token + position embeddings: the residual stream", tr.drop(tokens + positions))
+    if "wpe" in tr:
+        positions = stage("position embeddings: wpe[position]", tr.wpe(torch.arange(T, device=idx.device)))
+        x = stage("token + position embeddings: the residual stream", tr.drop(tokens + positions))
+    else:  # rotary: positions enter each block by rotating its queries and keys
+        x = stage("token embeddings: the residual stream (rotary positions act in attention)", tr.drop(tokens))
     for i, block in enumerate(tr.h):
         x = trace_block(block, x, lambda name, value: stage(name, value, i))
     x = stage("final norm (ln_f)", tr.ln_f(x))
     logits = stage("un-embedding (lm_head): logits", model.lm_head(x))  # (1, T, vocab_size)
+    cap = model.config.logit_softcap
+    if cap > 0:
+        logits = stage(f"soft-capped: {cap:g} * tanh(logits / {cap:g})", cap * torch.tanh(logits / cap))
     stage("softmax: next-token probabilities", F.softmax(logits.float(), dim=-1))
     return stages
 
@@ -164,11 +170,22 @@ def trace_block(block, x, stage):
 def trace_attention(attn, x, stage):
     """CausalSelfAttention.forward's explicit path, keeping every intermediate tensor."""
     B, T, C = x.size()
-    q, k, v = attn.c_attn(x).split(C, dim=2)  # the Q, K, V projections (c_attn): 3 x (B, T, C)
-    q, k, v = (t.view(B, T, attn.n_head, attn.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, n_head, T, head_dim)
+    kv_width = attn.n_kv_head * attn.head_dim
+    q, k, v = attn.c_attn(x).split([C, kv_width, kv_width], dim=2)  # the Q, K, V projections (c_attn)
+    q = q.view(B, T, attn.n_head, attn.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+    k, v = (t.view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2) for t in (k, v))  # (B, n_kv_head, T, hd)
     stage("queries Q per head", q)
-    stage("keys K per head", k)
+    stage("keys K per head" + (f" ({attn.n_kv_head} shared by {attn.n_head} query heads)"
+                               if attn.n_kv_head != attn.n_head else ""), k)
     stage("values V per head", v)
+    if attn.q_norm is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        stage("QK-norm: queries normalised", q)
+        stage("QK-norm: keys normalised", k)
+    if attn.rotary is not None:
+        q, k = attn.rotary(q, 0), attn.rotary(k, 0)
+        stage("rotary: queries rotated by position", q)
+        stage("rotary: keys rotated by position", k)
     steps = {}
     y, weights = attn.attention_math(q, k, v, steps)
     stage("scores Q K^T", steps["scores"])  # (B, n_head, T, T)
@@ -182,6 +199,12 @@ def trace_attention(attn, x, stage):
 
 def trace_mlp(mlp, x, stage):
     """MLP.forward, one stage at a time."""
-    x = stage("MLP up-projection (c_fc)", mlp.c_fc(x))  # (B, T, 4 * n_embd)
-    x = stage("nonlinearity (GELU)", mlp.gelu(x))
+    x = stage("MLP up-projection (c_fc)", mlp.c_fc(x))  # (B, T, hidden), or (B, T, 2 * hidden) for swiglu
+    if mlp.activation == "gelu":
+        x = stage("nonlinearity (GELU)", mlp.gelu(x))
+    elif mlp.activation == "relu2":
+        x = stage("nonlinearity (ReLU squared)", F.relu(x).square())
+    else:
+        gate, value = x.chunk(2, dim=-1)
+        x = stage("nonlinearity (SwiGLU: SiLU(gate) * value)", F.silu(gate) * value)  # (B, T, hidden)
     return stage("MLP down-projection (mlp.c_proj)", mlp.dropout(mlp.c_proj(x)))  # (B, T, n_embd)

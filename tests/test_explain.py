@@ -235,3 +235,36 @@ def test_init_from_a_hugging_face_gpt2_directory(tmp_path):
     out = explain_main("--init-from", directory, "--prompt", "Speak, speak. 日本", "--html", tmp_path / "p.html")
     assert "(bpe tokenizer)" in out and "L1 H3: " in out
     assert "'Speak' ',' ' speak' '.' ' ' '\\xe6' '\\x97' '\\xa5'" in out  # 日 is three byte tokens here
+
+
+ARCH_OPTIONS = [dict(pos_emb="rope"), dict(norm="rmsnorm"), dict(mlp="relu2"), dict(mlp="swiglu"), dict(qk_norm=True),
+                dict(n_kv_head=1), dict(tie_embeddings=False), dict(logit_softcap=5.0),
+                dict(pos_emb="rope", norm="rmsnorm", mlp="relu2", qk_norm=True, n_kv_head=1, tie_embeddings=False,
+                     zero_init_proj=True, logit_softcap=15.0)]
+
+
+@pytest.mark.parametrize("options", ARCH_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_trace_lens_and_patterns_follow_every_architecture_option(options):
+    tokenizer, text = CASES[1]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_embd=32,
+                          **options)).eval()
+    if options.get("zero_init_proj"):  # zero projections would make every block the identity: perturb them
+        for name, p in model.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, std=0.02)
+    idx = torch.tensor([tokenizer.encode(text)])
+    logits, _ = model(idx)
+    stages = trace(model, idx)
+    torch.testing.assert_close(stages[-1].value, F.softmax(logits, dim=-1))
+    lens = list(logit_lens(model, idx))
+    torch.testing.assert_close(lens[-1], logits[0], rtol=0, atol=0)
+    e = explain(model, tokenizer, idx[0].tolist())
+    torch.testing.assert_close(e.probs, F.softmax(logits[0], dim=-1))
+    torch.testing.assert_close(e.patterns.sum(-1), torch.ones(2, 2, idx.size(1)))
+    assert (e.patterns.triu(diagonal=1) == 0).all()
+    names = " | ".join(s.name for s in stages)
+    assert ("position embeddings" in names) == (options.get("pos_emb") != "rope")
+    assert ("rotary" in names) == (options.get("pos_emb") == "rope")
+    assert ("QK-norm" in names) == bool(options.get("qk_norm"))
+    assert ("soft-capped" in names) == bool(options.get("logit_softcap"))
