@@ -636,11 +636,7 @@ def write_splits(source, tokenizer, out_dir, val_fraction, seed, workers, chunk_
         "seed": seed,
         "source": {**source.description, "bytes": nbytes, "sha256": digest.hexdigest()},
     }
-    with open(meta_path + ".tmp", "wb") as f:
-        f.write(json.dumps(meta, indent=2, ensure_ascii=False).encode("utf-8"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(meta_path + ".tmp", meta_path)
+    write_meta(meta_path, meta)
     return meta
 
 
@@ -788,12 +784,17 @@ def write_chat_splits(rendered, tokenizer, out_dir, description, seed, skipped=0
         for filename, _ in files:
             if os.path.exists(os.path.join(out_dir, filename + ".tmp")):
                 os.remove(os.path.join(out_dir, filename + ".tmp"))
+    write_meta(meta_path, meta)
+    return meta
+
+
+def write_meta(meta_path, meta):
+    """meta.json, written last and atomically: a directory with a meta.json is a complete preparation."""
     with open(meta_path + ".tmp", "wb") as f:
         f.write(json.dumps(meta, indent=2, ensure_ascii=False).encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
     os.replace(meta_path + ".tmp", meta_path)
-    return meta
 
 
 def is_small(source):
