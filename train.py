@@ -342,18 +342,24 @@ def apply_update(model, optimizer, scaler, step_loss, cfg, state):
 
 
 class LogWindow:
-    """Times the steps between two log records, for tokens/s and MFU."""
+    """Counts the tokens fed and times them between two log records, for tokens/s and MFU. Tokens are
+    counted as fed, not as batch_size x block_size: a chat batch is only as long as its longest
+    conversation."""
 
-    def __init__(self, tokens_per_step, flops_per_token, peak):
-        self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak
+    def __init__(self, flops_per_token, peak, processes):
+        self.flops_per_token, self.peak, self.processes = flops_per_token, peak, processes
         self.reset()
 
     def reset(self):
-        self.start, self.steps = time.perf_counter(), 0
+        self.start, self.tokens = time.perf_counter(), 0
+
+    def add(self, x):
+        """A micro-batch x (B, T) was fed in each process (the processes' batches have one shape, or close)."""
+        self.tokens += x.numel() * self.processes
 
     def record(self, state, lr):
         """The log record of the window that ends now (its losses) and its speed."""
-        tokens_per_sec = self.tokens_per_step * self.steps / (time.perf_counter() - self.start)
+        tokens_per_sec = self.tokens / (time.perf_counter() - self.start)
         mfu = self.flops_per_token * tokens_per_sec / self.peak if self.peak else None
         loss = state.loss_sum.item() / state.window_steps if state.window_steps else None
         return {"step": state.step, "loss": round(loss, 6) if loss is not None else None, "lr": lr,
@@ -406,8 +412,12 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
         runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
+    peak = peak_flops(device, dtype)
+    window = LogWindow(model.flops_per_token(), peak * ddp.world_size if peak else None, ddp.world_size)
+
     def next_batch():
         x, y = data.get_batch("train", cfg.batch_size, state.batches)
+        window.add(x)
         if device.type == "cuda":  # pinned host memory lets the copy to the GPU overlap compute
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         return x.to(device), y.to(device)
@@ -415,9 +425,6 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
     def save(path=None):
         save_checkpoint(path, cfg, model, optimizer, scaler, data.tokenizer, state, ddp, device)
 
-    peak = peak_flops(device, dtype)
-    window = LogWindow(cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps,  # all processes
-                       model.flops_per_token(), peak * ddp.world_size if peak else None)
     log = open(os.path.join(cfg.out_dir, "log.jsonl") if ddp.is_master else os.devnull, "a")
     # Off a terminal (a log file, CI) a redraw every 30 s keeps the log readable.
     bar = tqdm(total=cfg.max_iters, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
@@ -431,7 +438,6 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
             step_loss = train_step(runner, optimizer, scaler, next_batch, micro_steps, autocast, ddp)
             bad_streak = 0 if apply_update(model, optimizer, scaler, step_loss, cfg, state) else bad_streak + 1
             state.step += 1
-            window.steps += 1
             bar.update(1)
             if bad_streak:
                 say(f"step {state.step}: non-finite loss or gradient norm, update skipped ({bad_streak} in a row)",

@@ -356,3 +356,21 @@ def test_a_hugging_face_gpt2_directory_fine_tunes_on_chat_data(tmp_path):
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert log[-1]["val_loss"] < 0.5 * log[0]["loss"]
     assert ckpt.info["config"]["n_embd"] == 64
+
+
+def test_tokens_per_second_counts_the_tokens_fed_not_batch_times_block(task_data):
+    """A chat batch is only as long as its longest conversation: tokens/s (and MFU) must count what was
+    fed, or an SFT run reports several times its real speed."""
+    block_size = 128
+    data = Dataset(str(task_data), block_size)
+    generator = torch.Generator().manual_seed(0)
+    window = train_module.LogWindow(flops_per_token=1.0, peak=None, processes=2)
+    fed = 0
+    for _ in range(3):
+        x, _ = data.get_batch("train", 6, generator)
+        window.add(x)
+        fed += x.numel() * 2
+    assert window.tokens == fed < 3 * 6 * block_size * 2  # the tasks' conversations are far shorter than 128
+    window.start -= 2.0  # as if the window had lasted 2 s (plus the moment it took)
+    state = train_module.RunState.start(tiny_config(task_data, "unused"), 0, torch.device("cpu"))
+    assert window.record(state, 1e-3)["tokens_per_sec"] == pytest.approx(fed / 2.0, rel=0.01)
