@@ -39,6 +39,7 @@ from torch.nn import functional as F
 from chat import ChatError, render_for_reply, require_chat_tokens
 from checkpoint import load_model
 from device import resolve_device
+from quantize import Int8Linear
 
 
 class KVCache:
@@ -105,8 +106,6 @@ def fast_linear(device, dtype, quantize=None):
     """The Linear replacement decoding uses on this device and dtype (None: nn.Linear itself,
     which on CUDA already runs cuBLAS on the layout it streams fastest)."""
     if quantize == "int8":
-        from quantize import Int8Linear  # imported here: plain decoding does not need it
-
         return Int8Linear
     cpu_packs = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
     return PackedLinear if cpu_packs else None
