@@ -61,11 +61,6 @@ class Distributed:
         dist.all_gather_object(objects, obj)
         return objects
 
-    def barrier(self):
-        """Wait until every process gets here."""
-        if self.enabled:
-            dist.barrier()
-
     def close(self):
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()

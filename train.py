@@ -506,9 +506,6 @@ def main(argv=None):
         base = load_saved(args) if resume and path is None else None
         cfg = build_config(path, args, base)
         best = train(cfg, resume=resume, ddp=ddp)
-        # Tear the process group down together: a process that destroyed it while another was still
-        # finishing (writing the last checkpoint) was seen to abort at exit under gloo, failing the run.
-        ddp.barrier()
     except (ConfigError, DataError, checkpoint.CheckpointError, gpt2.GPT2Error, DirectoryInUse) as e:
         sys.exit(f"train.py: error: {e}")
     except TrainingStopped as e:
