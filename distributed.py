@@ -10,6 +10,7 @@ same either way.
 """
 
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -64,3 +65,23 @@ class Distributed:
     def close(self):
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def end_process(code):
+    """Exit a training process with `code` (as sys.exit takes it), skipping Python's shutdown under torchrun.
+
+    Why: gloo's worker threads free a finished collective's tensors a moment after the caller has its
+    result, and freeing a tensor made in Python takes the GIL. When that moment falls after Python began
+    shutting down, the thread is killed inside C++ and the process aborts ("terminate called without an
+    active exception"; a core dump showed ~AsyncAllgatherWork in ProcessGroupGloo::runLoop). Destroying the
+    group does not stop those threads here (DistributedDataParallel keeps it alive), so a process that has
+    finished its work, closed its files and left the group ends with os._exit instead.
+    """
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        sys.exit(code)
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)

@@ -31,7 +31,7 @@ from checkpoint import load_model_state
 from config import ConfigError, build_config, help_text, keys_from_weights, load_saved
 from data import DataError, Dataset
 from device import peak_flops, resolve_device, resolve_dtype
-from distributed import Distributed
+from distributed import Distributed, end_process
 from lock import DirectoryInUse, DirectoryLock
 from model import ARCH_KEYS, GPT, GPTConfig, padded_vocab_size
 from optim import build_optimizer, set_lr
@@ -520,4 +520,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as e:
+        end_process(e.code)
+    end_process(0)
