@@ -154,12 +154,16 @@ def main(argv=None):
                         help="weights' dtype for generation (bfloat16 reads half the bytes per token)")
     parser.add_argument("--quantize", choices=["int8"], default=None, help="int8: weight-only int8 matrices with "
                         "one scale per output channel, decoded in bfloat16 (a quarter of float32's bytes per token)")
+    parser.add_argument("--lookup", type=int, default=0, help="with --temperature 0 and one sample: draft up to "
+                        "this many tokens per step from earlier text and check them in one pass (prompt lookup: the "
+                        "same output as plain greedy decoding, faster on repetitive text; 0: off)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
 
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                    stop=[unescape(s) for s in args.stop], stop_at_eot=not args.ignore_eot, slide=args.slide)
+                    stop=[unescape(s) for s in args.stop], stop_at_eot=not args.ignore_eot, slide=args.slide,
+                    lookup=args.lookup)
     try:
         if args.num_samples < 1:
             raise ConfigError(f"--num-samples must be at least 1, got {args.num_samples}")
@@ -168,6 +172,10 @@ def main(argv=None):
                               "drop --interactive/--prompt-file")
         if args.system is not None and not args.chat:
             raise ConfigError("--system only applies with --chat")
+        if args.lookup < 0 or args.lookup and (args.temperature != 0 or args.repetition_penalty != 1
+                                               or (args.num_samples != 1 and not args.chat)):
+            raise ConfigError(f"--lookup {args.lookup}: prompt lookup is exact for greedy decoding only: use it with "
+                              "--temperature 0, --num-samples 1 and no --repetition-penalty (or --lookup 0)")
         model, tokenizer = checkpoint.load_model_from_args(args, resolve_device(args.device))
         generator = Generator(model.to(getattr(torch, args.dtype)), tokenizer, compile=args.compile,
                               quantize=args.quantize)

@@ -72,3 +72,20 @@ def test_train_refuses_to_overwrite_a_run_and_errors_are_one_line(tmp_path, data
 def test_sample_without_checkpoint_says_what_to_do(tmp_path):
     result = run_cli("sample.py", "--ckpt", tmp_path)
     assert result.returncode != 0 and "holds no checkpoint" in result.stderr and "train.py" in result.stderr
+
+
+def test_sample_lookup_prints_what_plain_greedy_prints_and_refuses_sampling(tmp_path, data_dir):
+    out = tmp_path / "run"
+    assert run_cli("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", *TINY_RUN).returncode == 0
+    greedy = ["--ckpt", out, "--prompt", "First Citizen:\nBefore we", "--num-samples", "1", "--temperature", "0",
+              "--max-new-tokens", "80"]
+    plain = run_cli("sample.py", *greedy)
+    looked_up = run_cli("sample.py", *greedy, "--lookup", "6")
+    assert plain.returncode == 0 and looked_up.returncode == 0, plain.stderr + looked_up.stderr
+    assert looked_up.stdout == plain.stdout and len(plain.stdout) > 80
+
+    refused = run_cli("sample.py", "--ckpt", out, "--lookup", "6", "--temperature", "0.8", "--num-samples", "1")
+    assert refused.returncode != 0
+    assert refused.stderr.strip() == ("sample.py: error: --lookup 6: prompt lookup is exact for greedy decoding "
+                                      "only: use it with --temperature 0, --num-samples 1 and no "
+                                      "--repetition-penalty (or --lookup 0)")
