@@ -12,8 +12,9 @@ mask is 1 on the tokens of each assistant reply and on its <|assistant_end|> (so
 to stop), 0 on everything else, <|assistant_start|> included (the format, not the model, places it).
 """
 
-import json
 import random
+
+import records
 
 ROLES = ("system", "user", "assistant")
 
@@ -130,24 +131,25 @@ def conversation_from_record(record):
     raise ChatError(f"a chat record needs 'messages', or 'instruction' and 'output'; it has {sorted(record)}")
 
 
-def read_jsonl(path):
-    """The conversations of a chat JSONL file, one record per line (blank lines are skipped): yields
-    (messages, problem), problem being None, or for a bad record a one-line error naming the file and line."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+def is_chat_file(path):
+    """Whether a .jsonl or .parquet file holds conversations rather than documents: its first record's
+    fields (JSONL) or its columns (Parquet) include 'messages', or Alpaca's 'instruction'."""
+    return bool({"messages", "instruction"} & set(records.field_names(path)))
+
+
+def read_conversations(path, to_messages=conversation_from_record):
+    """(where, messages) for each record of a chat JSONL or Parquet file, messages checked; for a record
+    that is not a valid conversation, a records.BadRecord naming the file, line or row and the problem.
+    to_messages: a dataset's record shape -> messages."""
+    for where, record in records.read_records(path):
+        if not isinstance(record, records.BadRecord):
             try:
-                messages = conversation_from_record(json.loads(line))
+                messages = to_messages(record)
                 check_conversation(messages)
-                yield messages, None
-            except (json.JSONDecodeError, ChatError) as e:
-                yield None, f"'{path}' line {n}: {e}"
-
-
-def is_chat_record(record):
-    """Whether a JSONL/Parquet record is a conversation (rather than a document under a text field)."""
-    return isinstance(record, dict) and ("messages" in record or "instruction" in record)
+                record = messages
+            except ChatError as e:
+                record = records.BadRecord(f"{where}: {e}")
+        yield where, record
 
 
 # ---------------------------------------------------------------------------------------------

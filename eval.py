@@ -6,7 +6,7 @@ Measure a model: loss on a prepared data directory, or exact-match accuracy on c
 
 PATH is one of:
     a prepared data directory  loss, perplexity and bits per byte on its val split (below)
-    FILE.jsonl                 chat records ({"messages": [...]}, or Alpaca's instruction/output): the
+    FILE.jsonl, FILE.parquet   chat records ({"messages": [...]}, or Alpaca's instruction/output): the
                                model answers the last assistant turn of each conversation given the turns
                                before it, greedily; accuracy is exact match with that turn, whitespace
                                normalised (runs of whitespace are one space, ends stripped)
@@ -49,6 +49,7 @@ from torch.nn import functional as F
 import chat
 import checkpoint
 import gpt2
+import records
 from config import ConfigError
 from data import DataError, open_array, open_split, read_meta
 from device import resolve_device
@@ -140,15 +141,16 @@ def evaluate_loss(model, tokenizer, data_dir, batch_size, max_batches=None):
 # ---------------------------------------------------------------------------------------------
 # Exact-match accuracy on conversations
 
-def read_conversations(path):
-    """[(messages before the last assistant turn, that turn's text)] of a chat JSONL file or chat_tasks."""
+def read_examples(path):
+    """[(messages before the last assistant turn, that turn's text)] of a chat JSONL or Parquet file,
+    or of chat_tasks' val split."""
     if path == "chat_tasks":
         _, val = chat.chat_tasks(0, chat.CHAT_TASKS_VAL, chat.CHAT_TASKS_SEED)  # val does not depend on n_train
         return [(m[:-1], m[-1]["content"]) for m in val]
     examples = []
-    for messages, problem in chat.read_jsonl(path):
-        if problem:
-            raise EvalError(problem)
+    for _, messages in chat.read_conversations(path):
+        if isinstance(messages, records.BadRecord):
+            raise EvalError(str(messages))
         examples.append((messages[:-1], messages[-1]["content"]))
     if not examples:
         raise EvalError(f"'{path}' holds no conversation")
@@ -214,17 +216,17 @@ def main(argv=None):
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         is_data_dir = os.path.isdir(args.data)
         if not is_data_dir and args.data != "chat_tasks" and not os.path.isfile(args.data):
-            raise EvalError(f"--data '{args.data}' is neither a prepared data directory, a chat JSONL file nor "
-                            "chat_tasks: prepare data with `python prepare.py SOURCE --out DIR` and pass DIR")
+            raise EvalError(f"--data '{args.data}' is neither a prepared data directory, a chat JSONL or Parquet "
+                            "file nor chat_tasks: prepare data with `python prepare.py SOURCE --out DIR` and pass DIR")
         model, tokenizer = checkpoint.load_model_from_args(args, resolve_device(args.device))
         if is_data_dir:
             results = evaluate_loss(model, tokenizer, args.data, args.batch_size, args.max)
         else:
-            examples = read_conversations(args.data)[: args.max]
+            examples = read_examples(args.data)[: args.max]
             results, answers = evaluate_accuracy(Generator(model, tokenizer), examples, args.batch_size,
                                                  args.max_new_tokens)
-    except (EvalError, ConfigError, DataError, chat.ChatError, checkpoint.CheckpointError, gpt2.GPT2Error,
-            TokenizerError, OSError) as e:
+    except (EvalError, ConfigError, DataError, chat.ChatError, records.RecordError, checkpoint.CheckpointError,
+            gpt2.GPT2Error, TokenizerError, OSError) as e:
         sys.exit(f"eval.py: error: {e}")
     results = {"data": args.data, **results}
     if args.json:

@@ -63,6 +63,7 @@ import numpy as np
 from tqdm import tqdm
 
 import chat
+import records
 from data import META_VERSION
 from lock import DirectoryInUse, DirectoryLock
 from tokenizer import (KINDS, TokenizerError, build_tokenizer, check_tokenizer_args, tokenizer_from_dict, utf8,
@@ -272,16 +273,8 @@ def jsonl_documents(path, field):
                 yield [(line, field, path, n)]
 
 
-def parquet_file(path):
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise PrepareError(f"reading '{path}' needs pyarrow: pip install 'nanoforge[parquet]'") from None
-    return pq.ParquetFile(path)
-
-
 def parquet_documents(path, field, chunk_size):
-    f = parquet_file(path)
+    f = records.parquet_file(path)
     if field not in f.schema_arrow.names:
         raise PrepareError(
             f"'{path}' has no column '{field}' (columns: {', '.join(f.schema_arrow.names)}): pass --text-field NAME"
@@ -643,50 +636,6 @@ def write_splits(source, tokenizer, out_dir, val_fraction, seed, workers, chunk_
 # ---------------------------------------------------------------------------------------------
 # Chat data: conversations rendered in the chat format, with a loss mask and conversation starts
 
-class BadRecord(Exception):
-    """A chat record that cannot be used; str() is one line naming where it is and what is wrong."""
-
-
-def is_chat_file(path):
-    """Whether a .jsonl or .parquet file holds chat records, recognised from its first record (JSONL)
-    or its columns (Parquet): 'messages', or Alpaca's 'instruction' (see chat.is_chat_record)."""
-    if path.endswith(".jsonl"):
-        return chat.is_chat_record(first_jsonl_record(path))
-    if path.endswith(".parquet"):
-        return chat.is_chat_record(dict.fromkeys(parquet_file(path).schema_arrow.names))
-    return False
-
-
-def first_jsonl_record(path):
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    return json.loads(line)
-                except json.JSONDecodeError:
-                    return None
-    return None
-
-
-def chat_records(path):
-    """(where, record) for each record of a JSONL or Parquet file, where naming it for errors: the
-    file and its line (JSONL) or row (Parquet, counted from 1). A line that is not JSON yields a BadRecord."""
-    if path.endswith(".parquet"):
-        row = 0
-        for batch in parquet_file(path).iter_batches(batch_size=1024):
-            for record in batch.to_pylist():
-                row += 1
-                yield f"'{path}' row {row}", record
-        return
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield f"'{path}' line {n}", json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    yield f"'{path}' line {n}", BadRecord(f"'{path}' line {n}: not JSON in UTF-8 ({e})")
-
-
 def dolly_messages(record):
     """A Databricks Dolly record (instruction, context, response, category) -> messages."""
     if not isinstance(record, dict) or not {"instruction", "response"} <= set(record):
@@ -706,22 +655,13 @@ def chat_conversations(name, source_path, out_dir, val_fraction, seed):
     if name == "dolly":
         path = source_path or download_dolly(os.path.join(out_dir, "download"))
         description, to_messages = {"name": "dolly", "url": DOLLY_URL}, dolly_messages
-    elif os.path.isfile(name) and is_chat_file(name):
+    elif os.path.isfile(name) and chat.is_chat_file(name):
         path, description, to_messages = name, {"name": os.path.abspath(name)}, chat.conversation_from_record
     else:
         return None
     rng = random.Random(seed)
-    conversations = []
-    for where, record in chat_records(path):
-        split = VAL if rng.random() < val_fraction else TRAIN
-        if not isinstance(record, BadRecord):
-            try:
-                messages = to_messages(record)
-                chat.check_conversation(messages)
-                record = messages
-            except chat.ChatError as e:
-                record = BadRecord(f"{where}: {e}")
-        conversations.append((split, where, record))
+    conversations = [(VAL if rng.random() < val_fraction else TRAIN, where, messages)
+                     for where, messages in chat.read_conversations(path, to_messages)]
     return {**description, "sha256": sha256_of_file(path)}, conversations
 
 
@@ -729,10 +669,10 @@ def prepare_chat(description, conversations, make_tokenizer, out_dir, seed, skip
     """Render [(split, where, messages or BadRecord)] with make_tokenizer(the good conversations'
     texts), a tokenizer with the chat tokens, and write them. A bad record stops
     everything, or with skip_bad is counted, reported and left out."""
-    bad = [record for _, _, record in conversations if isinstance(record, BadRecord)]
+    bad = [record for _, _, record in conversations if isinstance(record, records.BadRecord)]
     if bad and not skip_bad:
         raise PrepareError(f"{bad[0]}; fix the record, or pass --skip-bad to leave such records out")
-    good = [(split, where, messages) for split, where, messages in conversations if not isinstance(messages, BadRecord)]
+    good = [(split, where, messages) for split, where, messages in conversations if not isinstance(messages, records.BadRecord)]
     tokenizer = make_tokenizer(m["content"] for _, _, messages in good for m in messages)
     rendered = ([], [])
     for split, where, messages in good:
@@ -741,7 +681,7 @@ def prepare_chat(description, conversations, make_tokenizer, out_dir, seed, skip
         except TokenizerError as e:  # a checkpoint's char vocabulary lacks a character of this record
             if not skip_bad:
                 raise PrepareError(f"{where}: {e}; or pass --skip-bad to leave such records out") from None
-            bad.append(BadRecord(f"{where}: {e}"))
+            bad.append(records.BadRecord(f"{where}: {e}"))
     if bad:
         print(f"prepare.py: skipped {len(bad)} bad record(s) (--skip-bad); the first: {bad[0]}", file=sys.stderr)
     return write_chat_splits(rendered, tokenizer, out_dir, description, seed, len(bad))
@@ -835,7 +775,7 @@ def main(argv=None):
         meta = prepare(args.name, args.tokenizer, args.out, args.val_fraction, args.source, args.vocab_size,
                        args.workers, args.seed, args.text_field, args.shards, args.chunk_size, args.tokenizer_from,
                        args.skip_bad)
-    except (PrepareError, TokenizerError, DirectoryInUse, OSError) as e:
+    except (PrepareError, records.RecordError, TokenizerError, DirectoryInUse, OSError) as e:
         sys.exit(f"prepare.py: error: {e}")
     except KeyboardInterrupt:
         sys.exit("prepare.py: interrupted: nothing was written (no meta.json); run the command again")

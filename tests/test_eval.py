@@ -153,7 +153,7 @@ def test_accuracy_is_exact_match_after_normalising_whitespace(chat_ckpt, tmp_pat
 
 
 def test_chat_tasks_is_the_val_split_that_prepare_writes(tmp_path):
-    examples = eval_script.read_conversations("chat_tasks")
+    examples = eval_script.read_examples("chat_tasks")
     assert len(examples) == chat.CHAT_TASKS_VAL
     prepare.prepare("chat_tasks", "byte", str(tmp_path / "tasks"), 0.1)  # prepare.py's defaults: --seed 1337
     meta = read_meta(str(tmp_path / "tasks"))
@@ -201,3 +201,20 @@ def test_init_from_loads_a_hugging_face_gpt2_and_its_tokenizer(tmp_path, capsys)
     out, error = run_eval(capsys, "--init-from", tmp_path, "--data", "chat_tasks")
     assert re.fullmatch(r"eval.py: error: this model's tokenizer \(bpe, \d+ tokens\) has no chat tokens, so it "
                         r"cannot chat: fine-tune it on chat data first \(README: Fine-tuning for chat\)", error)
+
+
+def test_a_parquet_chat_file_is_read_as_its_jsonl_twin_is(chat_ckpt, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    conversations = [conversation(("add 2 3", "5")), conversation(("reverse abc", "abc")),
+                     conversation(("hi", "yo"), ("bye", "ok"))]
+    pq.write_table(pa.table({"messages": conversations}), tmp_path / "test.parquet")
+    jsonl = write_jsonl(tmp_path / "test.jsonl", conversations)
+    from_parquet = eval_json(capsys, "--ckpt", chat_ckpt, "--data", tmp_path / "test.parquet")
+    from_jsonl = eval_json(capsys, "--ckpt", chat_ckpt, "--data", jsonl)
+    assert from_parquet["n"] == 3 and {**from_parquet, "data": None} == {**from_jsonl, "data": None}
+
+    pq.write_table(pa.table({"messages": conversations[:1] + [conversation(("a", None))]}), tmp_path / "bad.parquet")
+    out, error = run_eval(capsys, "--ckpt", chat_ckpt, "--data", tmp_path / "bad.parquet")
+    assert "bad.parquet' row 2: the conversation has no assistant turn" in error and "\n" not in error.strip()

@@ -9,6 +9,7 @@ import pytest
 import prepare
 from data import DataError, Dataset
 from prepare import PrepareError
+from records import RecordError
 from tokenizer import ByteTokenizer, CharTokenizer, TokenizerError, tokenizer_from_dict
 
 
@@ -222,7 +223,7 @@ def test_source_format_errors_name_the_fix(tmp_path, monkeypatch):
         prepare.prepare(str(tmp_path / "c.jsonl"), "byte", str(tmp_path / "d"))
     (tmp_path / "c.parquet").write_bytes(b"PAR1")
     monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)
-    with pytest.raises(PrepareError, match="needs pyarrow: pip install 'nanoforge\\[parquet\\]'"):
+    with pytest.raises(RecordError, match="needs pyarrow: pip install 'nanoforge\\[parquet\\]'"):
         prepare.prepare(str(tmp_path / "c.parquet"), "byte", str(tmp_path / "d"))
     write_jsonl(tmp_path / "big.jsonl", make_documents(300))
     with open(tmp_path / "big.jsonl", "a") as f:
