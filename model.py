@@ -175,19 +175,24 @@ class CausalSelfAttention(nn.Module):
         if return_weights:
             y, weights = self.attention_math(q, k, v)
         else:
-            # is_causal aligns the mask to the top left, which is right only when the queries start at
-            # position 0 (T == S). A single new query sees every key: no mask. A chunk of T queries after
-            # S - T cached positions needs the mask aligned to the bottom right.
-            S = k.size(-2)
-            mask = None if T in (1, S) else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-            dropout_p = self.dropout if self.training else 0.0
-            is_causal = mask is None and T > 1
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
-                                               enable_gqa=self.n_kv_head != self.n_head)
-            weights = None
+            y, weights = self.attend(q, k, v), None
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads merged: (B, T, C)
         y = self.resid_dropout(self.c_proj(y))
         return (y, weights) if return_weights else y
+
+    def attend(self, q, k, v):
+        """The fused path: softmax(QK^T / sqrt(d_head) + causal mask) V in one kernel (flash attention
+        where the device has it). q (B, n_head, T, head_dim), k and v (B, n_kv_head, S, head_dim), the T
+        queries being the last T of the S positions -> (B, n_head, T, head_dim)."""
+        # is_causal aligns the mask to the top left, which is right only when the queries start at
+        # position 0 (T == S). A single new query sees every key: no mask. A chunk of T queries after
+        # S - T cached positions needs the mask aligned to the bottom right.
+        T, S = q.size(-2), k.size(-2)
+        mask = None if T in (1, S) else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        dropout_p = self.dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                              is_causal=mask is None and T > 1,
+                                              enable_gqa=self.n_kv_head != self.n_head)
 
     def attention_math(self, q, k, v, steps=None):
         """softmax(QK^T / sqrt(d_head) + causal mask) V, written out step by step. The T queries

@@ -12,8 +12,8 @@ import torch
 import checkpoint
 import sample
 from conftest import TINY_TEXT, run_cli
-from generate import (Generator, KVCache, SettingError, TextStream, candidates, lookup_draft, penalize_repetition,
-                      sample_from)
+from generate import (Generator, KVCache, OneQueryAttention, SettingError, TextStream, candidates, lookup_draft,
+                      penalize_repetition, sample_from)
 from model import GPT, GPTConfig
 from quantize import Int8Linear
 from tokenizer import ByteTokenizer, CharTokenizer
@@ -253,12 +253,28 @@ def test_decoder_logits_equal_the_models(dtype, tolerance):
     model = small_model().to(dtype)
     gen = Generator(model, CHARS)
     assert type(gen.decoder.transformer.h[0].mlp.c_fc).__name__ == "PackedLinear"
+    attention = type(gen.decoder.transformer.h[0].attn)
+    assert attention is (OneQueryAttention if dtype == torch.bfloat16 else model.transformer.h[0].attn.__class__)
     idx = torch.randint(0, CHARS.vocab_size, (3, 12))
     full = model(idx)[0].float()
     cache = KVCache(model.config, 3, "cpu", dtype)
     steps = [gen.prefill(idx[:, :5], cache)] + [gen.decode_one_token(idx[:, t : t + 1], cache) for t in range(5, 12)]
     torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 4:], rtol=tolerance, atol=tolerance)
     assert next(gen.decoder.parameters()) is next(model.parameters())  # shared, not copied
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_one_query_attention_equals_the_fused_kernel(n_kv_head):
+    """Decoding's attention for one new query (OneQueryAttention) against the model's fused path,
+    grouped-query attention included: equal in float32, and in bfloat16 to its round-off."""
+    model = small_model(n_kv_head=n_kv_head)
+    fused = model.transformer.h[0].attn
+    q = torch.randn(3, 4, 1, 16)
+    k, v = torch.randn(2, 3, n_kv_head, 9, 16).unbind(0)  # 9 cached positions
+    one_query = OneQueryAttention.attend(fused, q, k, v)
+    torch.testing.assert_close(one_query, fused.attend(q, k, v), rtol=1e-5, atol=1e-6)
+    low = OneQueryAttention.attend(fused, q.bfloat16(), k.bfloat16(), v.bfloat16())
+    torch.testing.assert_close(low.float(), one_query, rtol=0.02, atol=0.02)
 
 
 def test_int8_linear_error_is_bounded():
