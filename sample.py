@@ -172,8 +172,10 @@ def main(argv=None):
                               "drop --interactive/--prompt-file")
         if args.system is not None and not args.chat:
             raise ConfigError("--system only applies with --chat")
-        if args.lookup < 0 or args.lookup and (args.temperature != 0 or args.repetition_penalty != 1
-                                               or (args.num_samples != 1 and not args.chat)):
+        if args.lookup < 0:
+            raise ConfigError(f"--lookup must be 0 (off) or more, got {args.lookup}")
+        if args.lookup and (args.temperature != 0 or args.repetition_penalty != 1
+                            or (args.num_samples != 1 and not args.chat)):
             raise ConfigError(f"--lookup {args.lookup}: prompt lookup is exact for greedy decoding only: use it with "
                               "--temperature 0, --num-samples 1 and no --repetition-penalty (or --lookup 0)")
         model, tokenizer = checkpoint.load_model_from_args(args, resolve_device(args.device))

@@ -89,3 +89,5 @@ def test_sample_lookup_prints_what_plain_greedy_prints_and_refuses_sampling(tmp_
     assert refused.stderr.strip() == ("sample.py: error: --lookup 6: prompt lookup is exact for greedy decoding "
                                       "only: use it with --temperature 0, --num-samples 1 and no "
                                       "--repetition-penalty (or --lookup 0)")
+    negative = run_cli("sample.py", "--ckpt", out, "--lookup", "-1")
+    assert negative.returncode != 0 and negative.stderr.strip() == "sample.py: error: --lookup must be 0 (off) or more, got -1"
