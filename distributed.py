@@ -75,7 +75,8 @@ def end_process(code):
     shutting down, the thread is killed inside C++ and the process aborts ("terminate called without an
     active exception"; a core dump showed ~AsyncAllgatherWork in ProcessGroupGloo::runLoop). Destroying the
     group does not stop those threads here (DistributedDataParallel keeps it alive), so a process that has
-    finished its work, closed its files and left the group ends with os._exit instead.
+    finished its work, closed its files and left the group ends with os._exit instead. Nothing registered
+    with atexit runs there: close what needs closing before calling this.
     """
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         sys.exit(code)
