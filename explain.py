@@ -47,7 +47,7 @@ def print_predictions(e, top_k):
             nxt = e.ids[t + 1]
             actual = f"next {quoted(e.labels[t + 1], width)} p {e.probs[t, nxt].item():.3f} rank {e.rank(t, nxt):>5}"
         else:
-            actual = " " * (width + 26)
+            actual = " " * (width + 24)  # as wide as the 'next ...' column of the other rows
         print(f"{t:>4} {quoted(label, width)} {actual} | {guesses}")
     loss = e.loss()
     if loss is not None:
@@ -78,11 +78,12 @@ def print_heatmap(e, layer, head):
         print(f"{q:>4}  {quoted(label, width)}{cells}")
 
 
-def format_values(value):
+def format_values(stage):
     """A few values of a stage's output, from the place that shows the most: the last position
     (the first query's row for score tensors, where the mask shows)."""
+    value = stage.value
     if value.dim() == 4:  # (B, n_head, T, T or head_dim): head 0
-        row = value[0, 0, 0] if value.size(-1) == value.size(-2) else value[0, 0, -1]
+        row = value[0, 0, 0] if stage.scores else value[0, 0, -1]
     elif value.dim() == 3:
         row = value[0, -1]
     elif value.dim() == 2:
@@ -102,7 +103,7 @@ def print_trace(model, ids, device):
             print(f"block {s.block}:")
         block = s.block
         indent = "    " if s.block is not None else "  "
-        print(f"{indent}{s.name:<52} {str(tuple(s.value.shape)):<20} {format_values(s.value)}")
+        print(f"{indent}{s.name:<52} {str(tuple(s.value.shape)):<20} {format_values(s)}")
 
 
 def write_pngs(e, directory):

@@ -23,19 +23,24 @@ def token_bytes(tokenizer, i):
         return EOT
     if tokenizer.kind == "byte" and i < 256:
         return bytes([i])
-    enc = getattr(tokenizer, "enc", None)  # BPE: tiktoken knows each token's bytes
+    base = getattr(tokenizer, "base", tokenizer)  # a ChatTokenizer adds its tokens to a base tokenizer
+    enc = getattr(base, "enc", None)  # BPE: tiktoken knows each token's bytes
     if enc is not None and i < enc.n_vocab:
         return enc.decode_single_token_bytes(i)
     return tokenizer.decode([i])
 
 
+CONTROL_NAMES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
 def token_label(tokenizer, i):
     """Token i as readable text: bytes that are not valid UTF-8 on their own are written \\xNN,
-    and newlines and tabs as \\n and \\t so a label stays on one line."""
+    newlines and tabs as \\n and \\t so a label stays on one line, and other control characters
+    as \\xNN so none reaches the terminal."""
     text = token_bytes(tokenizer, i)
     if isinstance(text, bytes):
         text = text.decode("utf-8", errors="backslashreplace")
-    return text.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    return "".join(CONTROL_NAMES.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 32 or ord(c) == 127 else c) for c in text)
 
 
 def fit_prompt(ids, max_tokens, block_size):
@@ -127,6 +132,7 @@ class Stage:
     name: str
     value: torch.Tensor
     block: int = None  # the block it belongs to, None outside the blocks
+    scores: bool = False  # a (B, n_head, T, T) tensor of queries by keys
 
 
 @torch.no_grad()
@@ -135,8 +141,8 @@ def trace(model, idx):
     Stages ending with the next-token probabilities, which equal softmax(model(idx) logits)."""
     stages = []
 
-    def stage(name, value, block=None):
-        stages.append(Stage(name, value, block))
+    def stage(name, value, block=None, scores=False):
+        stages.append(Stage(name, value, block, scores))
         return value
 
     tr = model.transformer
@@ -149,12 +155,12 @@ def trace(model, idx):
     else:  # rotary: positions enter each block by rotating its queries and keys
         x = stage("token embeddings: the residual stream (rotary positions act in attention)", tr.drop(tokens))
     for i, block in enumerate(tr.h):
-        x = trace_block(block, x, lambda name, value: stage(name, value, i))
+        x = trace_block(block, x, lambda name, value, scores=False: stage(name, value, i, scores))
     x = stage("final norm (ln_f)", tr.ln_f(x))
     logits = stage("un-embedding (lm_head): logits", model.lm_head(x))  # (1, T, vocab_size)
     cap = model.config.logit_softcap
     if cap > 0:
-        logits = stage(f"soft-capped: {cap:g} * tanh(logits / {cap:g})", cap * torch.tanh(logits / cap))
+        logits = stage(f"soft-capped: {cap:g} * tanh(logits / {cap:g})", model.soft_cap(logits))
     stage("softmax: next-token probabilities", F.softmax(logits.float(), dim=-1))
     return stages
 
@@ -188,23 +194,20 @@ def trace_attention(attn, x, stage):
         stage("rotary: keys rotated by position", k)
     steps = {}
     y, weights = attn.attention_math(q, k, v, steps)
-    stage("scores Q K^T", steps["scores"])  # (B, n_head, T, T)
-    stage(f"scaled by 1/sqrt(d_head) = 1/sqrt({attn.head_dim})", steps["scaled"])
-    stage("masked: -inf above the diagonal (no looking ahead)", steps["masked"])
-    stage("softmax: attention weights (the pattern)", weights)
+    stage("scores Q K^T", steps["scores"], scores=True)  # (B, n_head, T, T)
+    stage(f"scaled by 1/sqrt(d_head) = 1/sqrt({attn.head_dim})", steps["scaled"], scores=True)
+    stage("masked: -inf above the diagonal (no looking ahead)", steps["masked"], scores=True)
+    stage("softmax: attention weights (the pattern)", weights, scores=True)
     stage("weights x V", y)  # (B, n_head, T, head_dim)
     y = stage("heads merged", y.transpose(1, 2).contiguous().view(B, T, C))  # (B, T, C)
     return stage("output projection (attn.c_proj)", attn.resid_dropout(attn.c_proj(y)))
 
 
+ACTIVATION_NAMES = {"gelu": "GELU", "relu2": "ReLU squared", "swiglu": "SwiGLU: SiLU(gate) * value"}
+
+
 def trace_mlp(mlp, x, stage):
     """MLP.forward, one stage at a time."""
     x = stage("MLP up-projection (c_fc)", mlp.c_fc(x))  # (B, T, hidden), or (B, T, 2 * hidden) for swiglu
-    if mlp.activation == "gelu":
-        x = stage("nonlinearity (GELU)", mlp.gelu(x))
-    elif mlp.activation == "relu2":
-        x = stage("nonlinearity (ReLU squared)", F.relu(x).square())
-    else:
-        gate, value = x.chunk(2, dim=-1)
-        x = stage("nonlinearity (SwiGLU: SiLU(gate) * value)", F.silu(gate) * value)  # (B, T, hidden)
+    x = stage(f"nonlinearity ({ACTIVATION_NAMES[mlp.activation]})", mlp.activate(x))  # (B, T, hidden)
     return stage("MLP down-projection (mlp.c_proj)", mlp.dropout(mlp.c_proj(x)))  # (B, T, n_embd)

@@ -229,16 +229,18 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        x = self.c_fc(x)  # (B, T, hidden), or (B, T, 2 * hidden) for swiglu
-        if self.activation == "gelu":
-            x = self.gelu(x)
-        elif self.activation == "relu2":
-            x = F.relu(x).square()
-        else:  # swiglu
-            gate, value = x.chunk(2, dim=-1)
-            x = F.silu(gate) * value  # (B, T, hidden)
+        x = self.activate(self.c_fc(x))  # (B, T, hidden)
         x = self.c_proj(x)  # (B, T, n_embd)
         return self.dropout(x)
+
+    def activate(self, x):
+        """The nonlinearity: (B, T, hidden), or (B, T, 2 * hidden) for swiglu -> (B, T, hidden)."""
+        if self.activation == "gelu":
+            return self.gelu(x)
+        if self.activation == "relu2":
+            return F.relu(x).square()
+        gate, value = x.chunk(2, dim=-1)  # swiglu
+        return F.silu(gate) * value
 
 
 class Block(nn.Module):
@@ -306,11 +308,12 @@ class GPT(nn.Module):
 
     def unembed(self, x):
         """The final norm and the lm_head: (B, T, n_embd) -> logits (B, T, vocab_size)."""
-        logits = self.lm_head(self.transformer.ln_f(x))
+        return self.soft_cap(self.lm_head(self.transformer.ln_f(x)))
+
+    def soft_cap(self, logits):
+        """logit_softcap > 0: cap * tanh(logits / cap), smooth and within (-cap, cap); else the logits."""
         cap = self.config.logit_softcap
-        if cap > 0:
-            logits = cap * torch.tanh(logits / cap)  # smooth, and within (-cap, cap)
-        return logits
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def forward(self, idx, targets=None, kv_cache=None):
         """idx: (B, T) token ids. Returns logits (B, T, vocab_size) and, given targets

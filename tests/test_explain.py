@@ -2,6 +2,7 @@
 logit lens, the stage-by-stage trace), for char, byte and GPT-2 BPE tokenizers; the HTML page is
 self-contained, escapes token text and works in a real headless browser."""
 
+import json
 import os
 import re
 
@@ -13,7 +14,7 @@ import inspect_html
 from conftest import TINY_TEXT, run_cli, tiny_config
 from inspect_model import explain, logit_lens, token_label, trace
 from model import GPT, GPTConfig
-from tokenizer import ByteTokenizer, CharTokenizer
+from tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, with_chat_tokens
 
 
 def tiny_model(vocab_size, bias=True, seed=0):
@@ -113,6 +114,19 @@ def test_token_labels_escape_partial_utf8_and_newlines():
     assert [token_label(byte, i) for i in byte.encode("a\n日")] == ["a", "\\n", "\\xe6", "\\x97", "\\xa5"]
     assert token_label(byte, byte.eot_id) == "<|endoftext|>"
     assert token_label(CharTokenizer(["\t", "x"]), 0) == "\\t"
+    assert token_label(CharTokenizer(["\x1b", "x"]), 0) == "\\x1b"  # no control character reaches a terminal
+    bpe = BPETokenizer.train(["hello world " * 20], 260)
+    for tokenizer in (bpe, with_chat_tokens(bpe)):  # a chat model's labels are its base tokenizer's
+        assert [token_label(tokenizer, i) for i in tokenizer.encode("日")] == ["\\xe6", "\\x97", "\\xa5"]
+    chat = with_chat_tokens(bpe)
+    assert token_label(chat, chat.chat_ids["<|user_start|>"]) == "<|user_start|>"
+
+
+def test_page_data_holds_no_markup_and_no_double_slash():
+    data = {"label": "</script><b>&amp; http://x.y"}
+    text = inspect_html.script_json(data)
+    assert not {"<", ">", "&"} & set(text) and "//" not in text
+    assert json.loads(text) == data  # the escapes are JSON's own: the page reads the same text
 
 
 def test_terminal_output_heatmap_trace_and_cropping(char_run):
@@ -125,7 +139,9 @@ def test_terminal_output_heatmap_trace_and_cropping(char_run):
     assert "L1 H1: " in r.stdout and "layer 1 head 0: rows are queries" in r.stdout
     for stage in ("token ids", "block 1:", "masked: -inf", "softmax: next-token probabilities"):
         assert stage in r.stdout
-    assert "-inf" in r.stdout  # the first query's masked scores
+    assert re.search(r"masked: -inf above the diagonal.*\[[^]]*-inf", r.stdout)  # the first query's masked scores
+    rows = [line for line in r.stdout.splitlines() if re.match(r" +\d+ '", line) and " | " in line]
+    assert len(rows) == 12 and len({row.index(" | ") for row in rows}) == 1  # the last row lines up too
 
 
 def explain_main(*args):
