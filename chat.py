@@ -157,7 +157,7 @@ def read_conversations(path, to_messages=conversation_from_record):
 # model can learn in minutes on a CPU, so SFT can be seen working offline.
 
 CHAT_TASKS_TRAIN, CHAT_TASKS_VAL = 20000, 500  # conversations of the built-in task set
-CHAT_TASKS_SEED = 1337  # prepare.py's default --seed: eval.py's `--data chat_tasks` is the val split it makes
+CHAT_TASKS_SEED = 1337  # the tasks' one seed (prepare.py's --seed does not move them): eval.py's val questions
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 

@@ -10,8 +10,8 @@ PATH is one of:
                                model answers the last assistant turn of each conversation given the turns
                                before it, greedily; accuracy is exact match with that turn, whitespace
                                normalised (runs of whitespace are one space, ends stripped)
-    chat_tasks                 the built-in task set's val split, as prepare.py makes it with its default
-                               --seed: the 500 questions no model fine-tuned on its train split has seen
+    chat_tasks                 the built-in task set's val split, as prepare.py makes it (the tasks have their
+                               own seed): the 500 questions no model fine-tuned on its train split has seen
 
 Loss on a data directory: the val tokens are read in order, in windows of block_size + 1 tokens that
 overlap by one (plain data: one stream, cut into consecutive windows, the last one shorter; chat data:

@@ -517,7 +517,9 @@ def prepare_locked(name, tokenizer_kind, out_dir, val_fraction, source_path, voc
         if base is not None:
             make_tokenizer = lambda texts: with_chat_tokens(base)  # noqa: E731
         else:
-            make_tokenizer = lambda texts: with_chat_tokens(build_tokenizer(tokenizer_kind, texts, vocab_size))  # noqa: E731
+            # "\n" too: a system message is joined to the first user message by "\n\n" (chat.check_conversation)
+            make_tokenizer = lambda texts: with_chat_tokens(  # noqa: E731
+                build_tokenizer(tokenizer_kind, itertools.chain(texts, ["\n"]), vocab_size))
         return prepare_chat(*found, make_tokenizer, out_dir, seed, skip_bad)
     if skip_bad:
         raise PrepareError(f"--skip-bad applies to chat records, and '{name}' holds none: drop --skip-bad")
@@ -648,9 +650,9 @@ def chat_conversations(name, source_path, out_dir, val_fraction, seed):
     """For a chat source (the built-in tasks, dolly, or a JSONL/Parquet file of chat records): its
     description and [(split, where, messages or BadRecord)], else None. Records are split by seed, as
     documents are; each record draws, bad ones too, so skipping bad records moves no good one."""
-    if name == "chat_tasks":
-        train, val = chat.chat_tasks(chat.CHAT_TASKS_TRAIN, chat.CHAT_TASKS_VAL, seed)
-        return {"name": name}, ([(TRAIN, f"train task {i + 1}", m) for i, m in enumerate(train)]
+    if name == "chat_tasks":  # always from their own seed, so eval.py knows the val questions (no --seed)
+        train, val = chat.chat_tasks(chat.CHAT_TASKS_TRAIN, chat.CHAT_TASKS_VAL, chat.CHAT_TASKS_SEED)
+        return {"name": name, "seed": chat.CHAT_TASKS_SEED}, ([(TRAIN, f"train task {i + 1}", m) for i, m in enumerate(train)]
                                 + [(VAL, f"val task {i + 1}", m) for i, m in enumerate(val)])
     if name == "dolly":
         path = source_path or download_dolly(os.path.join(out_dir, "download"))
@@ -761,7 +763,7 @@ def main(argv=None):
     parser.add_argument("--vocab-size", type=int, help="with --tokenizer bpe: tokens to learn, end-of-text included")
     parser.add_argument("--out", help="output directory (default: data/<name>)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out for val.bin")
-    parser.add_argument("--seed", type=int, default=1337, help="seed of the document split")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the document split (chat_tasks has its own)")
     parser.add_argument("--workers", type=int, help="tokenizer processes (default: all cores)")
     parser.add_argument("--text-field", default="text", help="JSONL field or Parquet column holding the text")
     parser.add_argument("--source", help="local copy of a built-in dataset's download (skips the network)")

@@ -152,10 +152,12 @@ def test_accuracy_is_exact_match_after_normalising_whitespace(chat_ckpt, tmp_pat
     assert "'reverse abc' -> 'cba' (expected 'abc')" in text.stdout and "'add 2 3' -> '5'" in text.stdout
 
 
-def test_chat_tasks_is_the_val_split_that_prepare_writes(tmp_path):
+@pytest.mark.parametrize("seed", [1337, 7])
+def test_chat_tasks_is_the_val_split_that_prepare_writes(tmp_path, seed):
+    """Whatever --seed: the tasks have their own, so no val question eval.py asks was trained on."""
     examples = eval_script.read_examples("chat_tasks")
     assert len(examples) == chat.CHAT_TASKS_VAL
-    prepare.prepare("chat_tasks", "byte", str(tmp_path / "tasks"), 0.1)  # prepare.py's defaults: --seed 1337
+    prepare.prepare("chat_tasks", "byte", str(tmp_path / "tasks"), 0.1, seed=seed)
     meta = read_meta(str(tmp_path / "tasks"))
     tokenizer = tokenizer_from_dict(meta["tokenizer"])
     val = np.asarray(open_split(str(tmp_path / "tasks"), "val", meta)).tolist()

@@ -374,3 +374,11 @@ def test_tokens_per_second_counts_the_tokens_fed_not_batch_times_block(task_data
     window.start -= 2.0  # as if the window had lasted 2 s (plus the moment it took)
     state = train_module.RunState.start(tiny_config(task_data, "unused"), 0, torch.device("cpu"))
     assert window.record(state, 1e-3)["tokens_per_sec"] == pytest.approx(fed / 2.0, rel=0.01)
+
+
+def test_char_chat_data_with_a_system_message_prepares(tmp_path):
+    """The system message is joined to the first user message by a blank line: the char vocabulary must
+    hold "\\n" even when no message does."""
+    path = write_jsonl(tmp_path / "c.jsonl", conversations(6))
+    meta = prepare.prepare(str(path), "char", str(tmp_path / "d"), 0.3)
+    assert meta["train_conversations"] + meta["val_conversations"] == 6
