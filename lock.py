@@ -7,6 +7,7 @@ file lock (flock) on DIR/.lock: the kernel releases it when the process ends, ho
 message. A clean exit removes it; after a kill it stays, unlocked, and means nothing.
 """
 
+import contextlib
 import fcntl
 import os
 
@@ -23,9 +24,13 @@ class DirectoryLock:
         self.file = None
 
     def __enter__(self):
-        os.makedirs(self.directory, exist_ok=True)
+        self.created = not os.path.isdir(self.directory)
         while True:
-            f = open(self.path, "a+")
+            os.makedirs(self.directory, exist_ok=True)
+            try:
+                f = open(self.path, "a+")
+            except FileNotFoundError:  # a holder that had created the directory removed it as we came
+                continue
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -51,6 +56,10 @@ class DirectoryLock:
             return False
 
     def __exit__(self, *exc):
-        os.remove(self.path)  # while still holding the lock: a process that opened it sees it unlinked
+        with contextlib.suppress(FileNotFoundError):  # the directory was removed while we ran
+            os.remove(self.path)  # while still holding the lock: a process that opened it sees it unlinked
+        if self.created:  # an early error leaves no empty directory behind (a non-empty one stays)
+            with contextlib.suppress(OSError):
+                os.rmdir(self.directory)
         self.file.close()  # closing the file releases the lock
         self.file = None

@@ -78,3 +78,13 @@ def test_prepare_refuses_an_out_dir_another_process_is_writing(tmp_path, corpus)
     result = run_cli("prepare.py", corpus, "--tokenizer", "char", "--out", out)
     assert result.returncode == 0, result.stderr
     assert (out / "meta.json").exists()
+
+
+def test_a_lock_whose_directory_was_removed_releases_cleanly(tmp_path):
+    import shutil
+
+    with DirectoryLock(str(tmp_path / "run"), "train.py", "choose another --out_dir"):
+        shutil.rmtree(tmp_path / "run")  # a user cleaning up while the run is still going
+    with DirectoryLock(str(tmp_path / "run"), "train.py", "choose another --out_dir"):  # free again
+        (tmp_path / "run" / "kept").write_text("x")
+    assert (tmp_path / "run" / "kept").exists()  # a directory something was written to stays

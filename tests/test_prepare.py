@@ -109,6 +109,7 @@ def test_char_tokenizer_refuses_unknown_characters():
 def test_unknown_source_is_an_error(tmp_path):
     with pytest.raises(PrepareError, match="neither a built-in dataset"):
         prepare.prepare(str(tmp_path / "nope"), None, str(tmp_path / "d"))
+    assert not (tmp_path / "d").exists()  # the lock made it; nothing went in: it is removed again
 
 
 def test_dataset_errors_name_the_problem_and_fix(tmp_path, data_dir):
@@ -340,7 +341,7 @@ def test_interrupted_cli_leaves_no_complete_looking_output(tmp_path):
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "interrupted" in stderr.splitlines()[-1]
-    assert os.listdir(out) == []
+    assert not out.exists()  # nothing left: not even the directory the lock made
 
 
 def test_cli_argument_errors_are_one_line(tmp_path, corpus):
@@ -436,4 +437,4 @@ def test_a_split_left_empty_is_an_error_naming_the_fix(tmp_path):
     # random.Random(0) draws 0.84, 0.76, 0.42: no document falls under 0.1
     with pytest.raises(PrepareError, match="val split is empty: .* has 3 documents .* --val-fraction or --seed"):
         prepare.prepare(str(root), "char", str(tmp_path / "d"), 0.1, seed=0)
-    assert os.listdir(tmp_path / "d") == []
+    assert not (tmp_path / "d").exists()  # nothing left: not even the directory the lock made
