@@ -126,6 +126,12 @@ class TrainConfig:
             raise ConfigError("matrix_lr, embedding_lr and unembedding_lr must be > 0, and logit_softcap >= 0")
         if not 0.0 <= self.decay_fraction <= 1.0 or not 0.0 <= self.muon_momentum < 1.0:
             raise ConfigError("decay_fraction must be in [0, 1] and muon_momentum in [0, 1)")
+        if self.optimizer == "muon":
+            import torch  # here only: reading a config should not pay torch's import
+
+            if not hasattr(torch.optim, "Muon"):
+                raise ConfigError(f"optimizer='muon' uses torch.optim.Muon, which PyTorch {torch.__version__} lacks "
+                                  "(it arrived in 2.9): upgrade torch, or use optimizer='adamw'")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -16,17 +16,22 @@ def require(module, extra, key):
         raise ConfigError(f"{key} needs the {module} package, which is not installed: pip install -e '.[{extra}]'")
 
 
+def check_installed(cfg):
+    """A one-line ConfigError when a tracker the config turns on is not installed: called before a run
+    writes anything, since the trackers themselves start only when its loop does."""
+    if cfg.wandb_log:
+        require("wandb", "wandb", "wandb_log = true")
+    if cfg.tensorboard_dir:
+        require("tensorboard", "tensorboard", "tensorboard_dir")
+
+
 class Trackers:
-    """Fans each log record out to the trackers the config turns on."""
+    """Fans each log record out to the trackers the config turns on (check_installed first)."""
 
     def __init__(self, cfg, enabled=True):
         self.wandb_run = self.tensorboard = None
         if not enabled:
             return
-        if cfg.wandb_log:
-            require("wandb", "wandb", "wandb_log = true")
-        if cfg.tensorboard_dir:
-            require("tensorboard", "tensorboard", "tensorboard_dir")
         if cfg.wandb_log:
             import wandb
 

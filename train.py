@@ -35,7 +35,7 @@ from distributed import Distributed, end_process
 from lock import DirectoryInUse, DirectoryLock
 from model import ARCH_KEYS, GPT, GPTConfig, padded_vocab_size
 from optim import build_optimizer, set_lr
-from tracking import Trackers
+from tracking import Trackers, check_installed
 
 # Keys that fix the model's shape (and the optimizer, whose saved state fits only itself): a
 # checkpoint can only be resumed with the same values.
@@ -379,6 +379,7 @@ def train(cfg, resume=False, ddp=None):
     micro_steps = cfg.gradient_accumulation_steps // ddp.world_size
     data = Dataset(cfg.data_dir, cfg.block_size)
     check_writable(cfg.out_dir)
+    check_installed(cfg)  # the trackers start with the loop: a missing one is said before anything is written
     # Only the master holds the run directory's lock: under torchrun the other processes are its own.
     lock = DirectoryLock(cfg.out_dir, "train.py", "wait for that run to finish or stop it, or choose another "
                          "--out_dir=PATH") if ddp.is_master else nullcontext()
@@ -389,7 +390,6 @@ def train(cfg, resume=False, ddp=None):
 def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
     """The training run itself, in a run directory this process has locked."""
     start_run_directory(cfg, resume, ddp)
-    trackers = Trackers(cfg, enabled=ddp.is_master)  # W&B, TensorBoard: only the master logs
     say = tqdm.write if ddp.is_master else (lambda *args, **kwargs: None)
     for note in data.notes:  # e.g. how many conversations are cut to block_size
         say(f"data: {note}", file=sys.stderr)
@@ -430,6 +430,9 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
     bar = tqdm(total=cfg.max_iters, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30, disable=not ddp.is_master)
     bad_streak = 0
+    # W&B, TensorBoard (only the master logs): made here, from the config build_model completed, so
+    # that an error before the loop leaves no tracker run open.
+    trackers = Trackers(cfg, enabled=ddp.is_master)
 
     with StopSignals() as stop, log, bar, trackers:
         while state.step < cfg.max_iters:

@@ -52,6 +52,27 @@ def test_invalid_values_are_refused():
         build_config(None, ["--n_embd=100", "--n_head=3"])
     with pytest.raises(ConfigError, match="dtype must be one of"):
         build_config(None, ["--dtype=fp8"])
+    cases = [
+        (["--mlp=gelu2"], "config key 'mlp' must be one of gelu, relu2, swiglu; got 'gelu2'"),
+        (["--n_head=4", "--n_kv_head=3"], "n_kv_head (3) must divide n_head (4)"),
+        (["--pos_emb=rope", "--n_embd=30", "--n_head=2"], "the head size n_embd / n_head (15) must be even"),
+        (["--matrix_lr=0"], "matrix_lr, embedding_lr and unembedding_lr must be > 0"),
+        (["--decay_fraction=1.5"], "decay_fraction must be in [0, 1]"),
+        (["--muon_momentum=1"], "muon_momentum in [0, 1)"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ConfigError) as refused:
+            build_config(None, args)
+        assert message in str(refused.value)
+
+
+def test_muon_on_a_torch_without_it_is_a_config_error(monkeypatch):
+    import torch
+
+    monkeypatch.delattr(torch.optim, "Muon", raising=False)
+    with pytest.raises(ConfigError, match="optimizer='muon' uses torch.optim.Muon, which PyTorch .* lacks"):
+        build_config(None, ["--optimizer=muon"])
+    build_config(None, ["--optimizer=adamw"])  # AdamW needs nothing new
 
 
 def test_cli_reports_config_errors_in_one_line_with_nonzero_exit(tmp_path):

@@ -76,3 +76,22 @@ def test_a_tracker_without_its_package_is_a_one_line_error(tmp_path, data_dir, m
     assert message.startswith("train.py: error: ") and "\n" not in message
     assert f"needs the {module} package, which is not installed: pip install -e '.[{extra}]'" in message
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_trackers_get_the_config_the_weights_completed(tmp_path, data_dir, monkeypatch):
+    """init_from sets n_layer (and the other shape keys) from the weights: the trackers must record those
+    values, as config.json does, not the config file's."""
+    import train as train_script
+
+    train(tiny_config(data_dir, tmp_path / "base", max_iters=2, n_layer=1))
+    seen = []
+
+    class RecordingTrackers(train_script.Trackers):
+        def __init__(self, cfg, enabled=True):
+            seen.append(cfg)
+            super().__init__(cfg, enabled)
+
+    monkeypatch.setattr(train_script, "Trackers", RecordingTrackers)
+    train(tiny_config(data_dir, tmp_path / "tuned", max_iters=2, n_layer=3, init_from=str(tmp_path / "base")))
+    saved = json.loads((tmp_path / "tuned" / "config.json").read_text())
+    assert [cfg.n_layer for cfg in seen] == [1] == [saved["n_layer"]]
