@@ -285,6 +285,13 @@ class SettingError(ValueError):
         self.name, self.expected, self.value = name, expected, value
 
 
+def check_lookup(lookup, temperature, repetition_penalty, n_prompts):
+    """Prompt lookup is exact for greedy decoding of one prompt only."""
+    if lookup and not (lookup > 0 and temperature == 0 and repetition_penalty == 1.0 and n_prompts == 1):
+        raise SettingError("lookup", "0 (off), or above 0 with one prompt (--num-samples 1), temperature 0 and "
+                           "repetition_penalty 1", lookup)
+
+
 def check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, slide, block_size):
     if max_new_tokens < 1:
         raise SettingError("max_new_tokens", "at least 1", max_new_tokens)
@@ -310,9 +317,12 @@ class Generator:
     the cache's last position, a size dynamo specialises), not per step."""
 
     def __init__(self, model, tokenizer, compile=False, quantize=None):
-        if quantize not in (None, "int8"):
-            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         param = next(model.parameters())
+        if quantize not in (None, "int8"):
+            raise SettingError("quantize", "None or 'int8'", quantize)
+        if quantize and param.device.type != "cpu":  # Int8Linear runs torch's CPU int8 kernel
+            raise SettingError("quantize", f"off on {param.device.type} (int8 decoding is built on the CPU's int8 "
+                               "kernel; use bfloat16 there)", quantize)
         self.device = param.device
         self.dtype = torch.bfloat16 if quantize else param.dtype
         # torch.compile traces the model's plain Linear layers (it lays weights out itself).
@@ -367,9 +377,7 @@ class Generator:
             return []
         slide = max(1, cfg.block_size // 4) if slide is None else slide
         check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, slide, cfg.block_size)
-        if lookup and not (lookup > 0 and temperature == 0 and repetition_penalty == 1.0 and len(prompts) == 1):
-            raise SettingError("lookup", "0, or above 0 with one prompt, temperature 0 and repetition_penalty 1",
-                               lookup)
+        check_lookup(lookup, temperature, repetition_penalty, len(prompts))
         # The model sees at most block_size tokens, so a longer prompt keeps its end (as in GPT.generate).
         batch = Batch([self.encode(p)[-cfg.block_size :] for p in prompts], max_new_tokens, cfg.vocab_size,
                       self.device, seed)

@@ -3,14 +3,15 @@ Weight-only int8 quantization for decoding: each Linear's weight is stored as in
 scale per output channel (w ~ scale[o] * q[o, i], q in [-127, 127]), a quarter of float32's
 bytes. At batch 1 a decode step reads every weight once, so fewer bytes are fewer seconds.
 
-Activations stay in bfloat16: on CPU torch's int8 weight-only kernel (_weight_int8pack_mm) is
-vectorised for bfloat16 inputs only; with float32 inputs it ran ~10x slower (0.7 against 7.2
-GB/s of weights read, issue 13). Elsewhere the weight is dequantized inside the matmul.
+It runs on the CPU, through torch's int8 weight-only kernel (_weight_int8pack_mm), with bfloat16
+activations: the kernel is vectorised for bfloat16 inputs only; with float32 inputs it ran ~10x
+slower (0.7 against 7.2 GB/s of weights read, issue 13). On a GPU there is no such kernel here
+(dequantizing a whole matrix per step would read more bytes than bfloat16 does), so Generator
+refuses int8 there.
 """
 
 import torch
 import torch.nn as nn
-from torch.nn import functional as F
 
 
 def quantize_per_channel(weight):
@@ -35,10 +36,7 @@ class Int8Linear(nn.Module):
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        if x.is_cpu:
-            y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scale.to(torch.bfloat16))
-        else:
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scale.to(torch.bfloat16))
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], -1).to(x.dtype)

@@ -35,7 +35,7 @@ import gpt2
 from chat import ChatError, fit_to_context, require_chat_tokens
 from config import ConfigError
 from device import resolve_device
-from generate import Generator, SettingError
+from generate import Generator, SettingError, check_lookup
 from tokenizer import TokenizerError
 
 
@@ -172,12 +172,11 @@ def main(argv=None):
                               "drop --interactive/--prompt-file")
         if args.system is not None and not args.chat:
             raise ConfigError("--system only applies with --chat")
-        if args.lookup < 0:
-            raise ConfigError(f"--lookup must be 0 (off) or more, got {args.lookup}")
-        if args.lookup and (args.temperature != 0 or args.repetition_penalty != 1
-                            or (args.num_samples != 1 and not args.chat)):
-            raise ConfigError(f"--lookup {args.lookup}: prompt lookup is exact for greedy decoding only: use it with "
-                              "--temperature 0, --num-samples 1 and no --repetition-penalty (or --lookup 0)")
+        # before the model loads: a chat turn is one prompt
+        check_lookup(args.lookup, args.temperature, args.repetition_penalty, 1 if args.chat else args.num_samples)
+        if args.quantize and args.dtype != "float32":
+            raise ConfigError(f"--quantize int8 decodes in bfloat16 from the checkpoint's own weights: drop --dtype "
+                              f"{args.dtype}")
         model, tokenizer = checkpoint.load_model_from_args(args, resolve_device(args.device))
         generator = Generator(model.to(getattr(torch, args.dtype)), tokenizer, compile=args.compile,
                               quantize=args.quantize)

@@ -59,6 +59,8 @@ def main():
     parser.add_argument("--lookup", type=int, nargs="+", default=[4, 8], help="draft lengths to time")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    if args.prompts < 2:
+        parser.error(f"--prompts must be at least 2 (they are spread over the val split), got {args.prompts}")
     if args.threads:
         torch.set_num_threads(args.threads)
 

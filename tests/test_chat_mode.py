@@ -139,3 +139,16 @@ def test_sample_chat_refuses_a_model_without_chat_tokens(tmp_path):
     assert "has no chat tokens" in result.stderr and result.stderr.strip().count("\n") == 0
     result = run_chat(path, "--interactive")
     assert result.returncode != 0 and "--chat reads messages from stdin" in result.stderr
+
+
+def test_sample_chat_system_message_starts_the_conversation(chat_ckpt):
+    gen = Generator.from_checkpoint(chat_ckpt, "cpu")
+    messages = [{"role": "system", "content": "abc"}, {"role": "user", "content": "hi"}]
+    with_system = gen.chat(messages, max_new_tokens=8, temperature=0).text
+    assert with_system != gen.chat(messages[1:], max_new_tokens=8, temperature=0).text  # the system text counts
+    result = run_chat(chat_ckpt, "--max-new-tokens", "8", "--system", "abc", stdin="hi\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{with_system}\n"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), "--ckpt", str(chat_ckpt), "--system",
+                             "abc"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode != 0 and result.stderr.strip() == "sample.py: error: --system only applies with --chat"

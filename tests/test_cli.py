@@ -86,8 +86,7 @@ def test_sample_lookup_prints_what_plain_greedy_prints_and_refuses_sampling(tmp_
 
     refused = run_cli("sample.py", "--ckpt", out, "--lookup", "6", "--temperature", "0.8", "--num-samples", "1")
     assert refused.returncode != 0
-    assert refused.stderr.strip() == ("sample.py: error: --lookup 6: prompt lookup is exact for greedy decoding "
-                                      "only: use it with --temperature 0, --num-samples 1 and no "
-                                      "--repetition-penalty (or --lookup 0)")
+    assert refused.stderr.strip() == ("sample.py: error: --lookup must be 0 (off), or above 0 with one prompt "
+                                      "(--num-samples 1), temperature 0 and repetition_penalty 1, got 6")
     negative = run_cli("sample.py", "--ckpt", out, "--lookup", "-1")
-    assert negative.returncode != 0 and negative.stderr.strip() == "sample.py: error: --lookup must be 0 (off) or more, got -1"
+    assert negative.returncode != 0 and negative.stderr.strip().endswith("repetition_penalty 1, got -1")

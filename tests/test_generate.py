@@ -308,6 +308,16 @@ def test_cli_quantize_int8_prints_the_int8_generators_text(char_ckpt, capsys, mo
                      "--max-new-tokens", "20", "--temperature", "0", "--quantize", "int8", "--no-stream").out
     gen = Generator.from_checkpoint(char_ckpt, "cpu", quantize="int8")
     assert out == "First" + gen.generate(["First"], max_new_tokens=20, temperature=0)[0].text + "\n" + "-" * 40 + "\n"
+    with pytest.raises(SystemExit) as refused:  # int8 decodes in bfloat16 from the checkpoint's own weights
+        run_sample(capsys, monkeypatch, "--ckpt", char_ckpt, "--quantize", "int8", "--dtype", "bfloat16")
+    assert str(refused.value.code) == ("sample.py: error: --quantize int8 decodes in bfloat16 from the checkpoint's "
+                                       "own weights: drop --dtype bfloat16")
+
+
+def test_int8_is_refused_off_the_cpu():
+    """Int8Linear runs torch's CPU int8 kernel; elsewhere the generator says so instead of running slower."""
+    with pytest.raises(SettingError, match="quantize must be off on meta"):
+        Generator(small_model().to("meta"), CHARS, quantize="int8")
 
 
 def test_lookup_draft_takes_what_followed_the_latest_match():
@@ -335,7 +345,7 @@ def test_prompt_lookup_gives_plain_greedy_tokens(sharpen, prompt):
 def test_prompt_lookup_refuses_sampling_and_batches():
     gen = char_generator()
     for settings in (dict(temperature=1.0), dict(temperature=0, repetition_penalty=1.2)):
-        with pytest.raises(SettingError, match="lookup must be 0, or above 0 with one prompt"):
+        with pytest.raises(SettingError, match="lookup must be 0 \\(off\\), or above 0 with one prompt"):
             gen.generate(["First"], lookup=2, **settings)
     with pytest.raises(SettingError):
         gen.generate(["First", "All"], temperature=0, lookup=2)
