@@ -67,9 +67,11 @@ class EvalError(ValueError):
 # Loss, perplexity and bits per byte on a prepared data directory
 
 def same_ids(a, b):
-    """Whether two tokenizers give every id the same meaning (names and pre-split patterns aside)."""
+    """Whether every id of two tokenizers means the same, names and pre-split patterns aside, and the chat
+    tokens too: they come after the base vocabulary, so a chat model reads its base tokenizer's data with
+    every id unchanged (chat data itself needs a chat model: checked before)."""
     def meaning(tokenizer):
-        return {k: v for k, v in tokenizer.to_dict().items() if k not in ("name", "pattern")}
+        return {k: v for k, v in tokenizer.to_dict().items() if k not in ("name", "pattern", "chat_tokens")}
 
     return meaning(a) == meaning(b)
 

@@ -92,6 +92,10 @@ def test_loss_on_plain_data_covers_every_val_token_once(tmp_path, data_dir, caps
                       "--max", "1")
     assert first["batches"] == 1 and first["tokens"] == 5 * T
     assert first["loss"] == pytest.approx(reference_loss(model, windows[:5])[0], rel=1e-5)
+    # a chat model reads its base tokenizer's data with every id unchanged: loss before and after SFT compare
+    chat_model = save_model(tmp_path / "chat.safetensors", with_chat_tokens(tokenizer))
+    chat_results = eval_json(capsys, "--ckpt", tmp_path / "chat.safetensors", "--data", data_dir, "--batch-size", "5")
+    assert chat_results["loss"] == pytest.approx(reference_loss(chat_model, windows)[0], rel=1e-5)
 
 
 @pytest.fixture
