@@ -42,6 +42,7 @@ import time
 import numpy as np
 import torch
 
+import gpt2
 from generate import Generator, PackedLinear
 from model import GPT, GPTConfig
 from quantize import Int8Linear
@@ -119,14 +120,8 @@ def hf_model(model):
                                     n_layer=c.n_layer, n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
                                     attn_pdrop=0.0, layer_norm_epsilon=1e-5, activation_function="gelu_new",
                                     bos_token_id=None, eos_token_id=None))
-    ours = model.state_dict()
-    state = {}
-    for name, value in hf.state_dict().items():
-        value = ours[name] if name in ours else value  # the causal-mask buffers of older versions
-        if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-            value = value.t()
-        state[name] = value
-    hf.load_state_dict(state)
+    missing, _ = hf.load_state_dict(gpt2.ours_to_hf(model.state_dict()), strict=False)
+    assert set(missing) <= {"lm_head.weight"}, missing  # tied to wte, as ours is
     return hf.to(next(model.parameters()).device).eval()
 
 
