@@ -363,8 +363,9 @@ def init_for_training(cfg, data_tokenizer):
     their values. block_size crops, dropout and vocab_multiple apply; the data must fit the vocabulary,
     or be a tokenizer that fits it plus the chat tokens: the embedding then grows by their rows, which
     from_pretrained starts at the mean embedding, as it does padding."""
-    for key in ARCH_KEYS:
-        if key != "zero_init_proj" and getattr(cfg, key) != getattr(GPTConfig, key):
+    architecture = GPTConfig(n_head=cfg.n_head, **{key: getattr(cfg, key) for key in ARCH_KEYS})
+    for key, _ in architecture.gpt2_differences():
+        if key != "bias":  # the weights decide bias
             raise GPT2Error(f"init_from {cfg.init_from} loads GPT-2's architecture, which cannot hold "
                             f"{key}={getattr(cfg, key)!r}: leave {key} at its default ({getattr(GPTConfig, key)!r})")
     model_dir = locate(cfg.init_from)

@@ -73,7 +73,8 @@ class GPTConfig:
     def gpt2_differences(self):
         """The options set away from GPT-2's architecture: [(field, value)], empty for GPT-2 itself."""
         gpt2 = GPTConfig()
-        fields = ("bias", "pos_emb", "norm", "mlp", "qk_norm", "tie_embeddings", "logit_softcap")
+        # zero_init_proj only changes the initial weights; n_kv_head matters only when it differs from n_head
+        fields = ("bias",) + tuple(k for k in ARCH_KEYS if k not in ("zero_init_proj", "n_kv_head"))
         differences = [(f, getattr(self, f)) for f in fields if getattr(self, f) != getattr(gpt2, f)]
         if self.kv_heads != self.n_head:
             differences.append(("n_kv_head", self.n_kv_head))

@@ -104,6 +104,9 @@ def test_untied_checkpoint_loads_for_inference_with_its_own_lm_head(tmp_path, da
     (dict(norm="rmsnorm"), "norm='rmsnorm'"),
     (dict(n_kv_head=1), "n_kv_head=1"),
     (dict(tie_embeddings=False), "tie_embeddings=False"),
+    (dict(mlp="relu2"), "mlp='relu2'"),
+    (dict(qk_norm=True), "qk_norm=True"),
+    (dict(logit_softcap=15.0), "logit_softcap=15.0"),
 ])
 def test_gpt2_export_and_init_refuse_options_gpt2_cannot_hold(tmp_path, data_dir, options, refused):
     with pytest.raises(gpt2.GPT2Error, match=f"sets {refused}, which Hugging Face's GPT-2 cannot express"):
@@ -111,6 +114,15 @@ def test_gpt2_export_and_init_refuse_options_gpt2_cannot_hold(tmp_path, data_dir
     cfg = tiny_config(data_dir, tmp_path / "run", init_from="gpt2", **options)
     with pytest.raises(gpt2.GPT2Error, match=f"cannot hold {refused}: leave"):
         gpt2.init_for_training(cfg, None)
+
+
+def test_n_kv_head_equal_to_n_head_is_gpt2s_own_attention(tmp_path, data_dir):
+    """Export and GPT-2 loading share one list of what GPT-2 cannot hold: n_kv_head == n_head is GPT-2."""
+    gpt2.export(small_model(dict(n_kv_head=4)), str(tmp_path / "hf"))  # n_head 4: accepted
+    cfg = tiny_config(data_dir, tmp_path / "run", init_from=str(tmp_path / "no-gpt2-here"), n_kv_head=2)  # n_head 2
+    with pytest.raises(gpt2.GPT2Error) as refused:
+        gpt2.init_for_training(cfg, None)
+    assert "cannot hold" not in str(refused.value)  # it got past the architecture, to finding the weights
 
 
 def test_wsd_schedule_values_at_its_boundaries(tmp_path):
