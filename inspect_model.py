@@ -50,13 +50,6 @@ def fit_prompt(ids, max_tokens, block_size):
 
 
 @torch.no_grad()
-def next_token_probs(model, idx):
-    """(T, vocab_size) probabilities of the next token at each position of idx (1, T)."""
-    logits, _ = model(idx)
-    return F.softmax(logits[0].float(), dim=-1)
-
-
-@torch.no_grad()
 def residual_streams(model, idx):
     """The residual stream (1, T, n_embd) entering the first block and leaving each block:
     n_layer + 1 tensors, captured by hooks while the model runs its own forward pass."""
@@ -114,10 +107,13 @@ def explain(model, tokenizer, ids, lens_k=3):
     device = next(model.parameters()).device
     idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
     patterns = torch.stack([w[0] for w in model.attention_weights(idx)]).float().cpu()
-    lens = [torch.topk(F.softmax(logits, dim=-1), lens_k) for logits in logit_lens(model, idx)]
+    lens = []
+    for logits in logit_lens(model, idx):
+        probs = F.softmax(logits, dim=-1)  # after the last block: the model's own next-token probabilities
+        lens.append(torch.topk(probs, lens_k))
     return Explanation(
         tokenizer=tokenizer, ids=list(ids), labels=[token_label(tokenizer, i) for i in ids],
-        probs=next_token_probs(model, idx).cpu(), patterns=patterns,
+        probs=probs.cpu(), patterns=patterns,
         lens_ids=torch.stack([top.indices for top in lens]).cpu(),
         lens_probs=torch.stack([top.values for top in lens]).cpu(),
     )
