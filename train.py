@@ -42,7 +42,7 @@ from tracking import Trackers, check_installed
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_multiple", *ARCH_KEYS, "optimizer")
 # Keys a resumed run may change without changing what it computes up to the old end.
 SAFE_TO_CHANGE = ("max_iters", "eval_interval", "eval_iters", "log_interval", "checkpoint_interval",
-                  "keep_last_n", "max_bad_steps", "lr_decay_iters", "min_lr", "out_dir", "device", "compile",
+                  "keep_last_n", "max_bad_steps", "out_dir", "device", "compile",
                   "wandb_log", "wandb_project", "wandb_run_name", "tensorboard_dir")
 
 def get_lr(step, cfg):
@@ -135,7 +135,8 @@ def resume_changes(saved, cfg):
     shape = {k: v for k, v in differing.items() if k in MODEL_KEYS}
     if shape:
         details = ", ".join(f"{k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in shape.items())
-        raise ConfigError(f"cannot resume: the model's shape differs ({details}); use the checkpoint's values")
+        raise ConfigError(f"cannot resume: the model's shape or optimizer differs ({details}); use the checkpoint's "
+                          "values")
     notes = []
     # The wsd schedule's decay is placed by max_iters: then changing it changes the learning rates.
     safe = [k for k in SAFE_TO_CHANGE if not (k == "max_iters" and cfg.lr_schedule == "wsd")]

@@ -91,7 +91,7 @@ def test_resume_refuses_a_different_model_shape_and_reports_safe_changes(tmp_pat
     cfg = tiny_config(data_dir, tmp_path / "run", max_iters=4)
     train(cfg)
     bigger = tiny_config(data_dir, tmp_path / "run", max_iters=8, block_size=32, n_embd=64)
-    with pytest.raises(train_module.ConfigError, match="cannot resume: the model's shape differs") as refused:
+    with pytest.raises(train_module.ConfigError, match="cannot resume: the model's shape or optimizer differs") as refused:
         train(bigger, resume=True)
     assert "block_size: checkpoint 16, config 32" in str(refused.value)
     assert "n_embd: checkpoint 32, config 64" in str(refused.value)
@@ -100,6 +100,19 @@ def test_resume_refuses_a_different_model_shape_and_reports_safe_changes(tmp_pat
     assert "max_iters changed from 4 to 8" in err
     assert "learning_rate changed from 0.001 to 0.0005 (changes training" in err
     assert checkpoint.load(tmp_path / "run" / "latest.safetensors").info["step"] == 8
+    # the cosine's floor and length set every step's learning rate: not safe to change either
+    train(tiny_config(data_dir, tmp_path / "run", max_iters=10, learning_rate=5e-4, min_lr=1e-5, lr_decay_iters=10),
+          resume=True)
+    err = capsys.readouterr().err
+    assert "min_lr changed from 0.0001 to 1e-05 (changes training" in err
+    assert "lr_decay_iters changed from 20 to 10 (changes training" in err
+
+
+def test_resume_says_a_longer_wsd_run_changes_training(tmp_path, data_dir, capsys):
+    """wsd places its decay by max_iters: extending the run moves the decay, unlike the cosine's."""
+    train(tiny_config(data_dir, tmp_path / "run", max_iters=4, lr_schedule="wsd"))
+    train(tiny_config(data_dir, tmp_path / "run", max_iters=8, lr_schedule="wsd"), resume=True)
+    assert "max_iters changed from 4 to 8 (changes training" in capsys.readouterr().err
 
 
 def test_resume_refuses_data_from_another_tokenizer(tmp_path, data_dir, corpus):
