@@ -191,3 +191,24 @@ def test_optimizers_state_dict_round_trips_through_a_fresh_pair():
     for index, state in optimizer.state_dict()["state"].items():
         for name, tensor in state.items():
             assert torch.equal(tensor, restored.state_dict()["state"][index][name])
+
+
+def test_muon_groups_take_their_own_learning_rate_keys():
+    """Each group follows the schedule, scaled to its own peak key: the blocks' matrices (Muon) to matrix_lr,
+    embeddings, lm_head and vectors (AdamW) to embedding_lr, unembedding_lr and learning_rate."""
+    from optim import build_optimizer, set_lr
+
+    cfg = tiny_config(".", ".", optimizer="muon", tie_embeddings=False, learning_rate=0.004, matrix_lr=0.04,
+                      embedding_lr=0.2, unembedding_lr=0.002)
+    model = small_model(dict(tie_embeddings=False))
+    optimizer = build_optimizer(model, cfg, "cpu")
+    set_lr(optimizer, 0.001, cfg)  # a quarter of learning_rate's peak
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        expected = {"matrix_lr": 0.01, "embedding_lr": 0.05, "unembedding_lr": 0.0005, "learning_rate": 0.001}
+        assert group["lr"] == pytest.approx(expected[group["lr_key"]])
+        for p in group["params"]:
+            name = names[id(p)]
+            kind = ("embedding_lr" if name.startswith(("transformer.wte", "transformer.wpe")) else "unembedding_lr"
+                    if name.startswith("lm_head") else "learning_rate" if p.dim() < 2 else "matrix_lr")
+            assert group["lr_key"] == kind, name

@@ -39,6 +39,11 @@ def test_one_run_while_its_log_is_being_written(runs, tmp_path, capsys):
     assert [r["step"] for r in plot.read_log(straight)] == [5, 10, 15, 20]
 
 
+def test_smoothing_is_a_trailing_mean():
+    assert plot.smoothed([1, 2, 3, 10], 2) == [1, 1.5, 2.5, 6.5]
+    assert plot.smoothed([4, 8], 1) == [4, 8]
+
+
 def test_two_runs_on_tokens_with_smoothing(runs, tmp_path):
     plot.main([*map(str, runs), "--out", str(tmp_path / "two.png"), "--x", "tokens", "--smooth", "2"])
     assert (tmp_path / "two.png").read_bytes()[:8] == PNG
