@@ -131,10 +131,15 @@ def conversation_from_record(record):
     raise ChatError(f"a chat record needs 'messages', or 'instruction' and 'output'; it has {sorted(record)}")
 
 
+def is_chat_record(record):
+    """Whether a record is a conversation ('messages', or Alpaca's 'instruction') rather than a document."""
+    return isinstance(record, dict) and bool({"messages", "instruction"} & set(record))
+
+
 def is_chat_file(path):
     """Whether a .jsonl or .parquet file holds conversations rather than documents: its first record's
-    fields (JSONL) or its columns (Parquet) include 'messages', or Alpaca's 'instruction'."""
-    return bool({"messages", "instruction"} & set(records.field_names(path)))
+    fields (JSONL) or its columns (Parquet) make a chat record."""
+    return is_chat_record(dict.fromkeys(records.field_names(path)))
 
 
 def read_conversations(path, to_messages=conversation_from_record):

@@ -261,6 +261,9 @@ def as_text(piece):
         raise PrepareError(f"'{path}' line {n} is not JSON in UTF-8 ({e}): one JSON object per line expected") from None
     text = record.get(field) if isinstance(record, dict) else None
     if not isinstance(text, str):
+        if chat.is_chat_record(record):  # chat records reach here only from a directory or glob of files
+            raise PrepareError(f"'{path}' line {n} is a chat record: chat data is read from one file at a time: "
+                               "pass the file itself (or join the files into one)")
         fields = ", ".join(record) if isinstance(record, dict) else "none: not an object"
         raise PrepareError(f"'{path}' line {n} has no string field '{field}' (fields: {fields}): pass --text-field NAME")
     return text

@@ -218,6 +218,13 @@ def test_jsonl_and_parquet_split_by_document_deterministically(tmp_path):
         prepare.prepare(str(tmp_path / "c.parquet"), "byte", str(tmp_path / "q"))
 
 
+def test_chat_records_in_a_directory_say_to_pass_the_file(tmp_path):
+    (tmp_path / "chats").mkdir()
+    (tmp_path / "chats" / "c.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(PrepareError, match="line 1 is a chat record: chat data is read from one file at a time"):
+        prepare.prepare(str(tmp_path / "chats"), "byte", str(tmp_path / "d"))
+
+
 def test_source_format_errors_name_the_fix(tmp_path, monkeypatch):
     write_jsonl(tmp_path / "c.jsonl", ["a", "b"], field="content")
     with pytest.raises(PrepareError, match="line 1 has no string field 'text' \\(fields: id, content\\)"):
