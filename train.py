@@ -250,6 +250,16 @@ def build_model(cfg, data, device):
     return model.to(device), cfg
 
 
+def model_for_resume(cfg, ckpt, device):
+    """The model a resumed run continues: the shape its own checkpoint records (dropout from cfg), so a
+    fine-tuned run does not read its base weights again, nor need them to still exist. Its weights come in
+    restore(). A run started from pretrained weights gets cfg's shape keys from them, as build_model did."""
+    model_config = GPTConfig(**{**ckpt.info["model"], "dropout": cfg.dropout})
+    if cfg.init_from != "scratch":
+        cfg = keys_from_weights(cfg, model_config)
+    return GPT(model_config).to(device), cfg
+
+
 def start_run_directory(cfg, resume, ddp):
     """Check out_dir can take this run; the master clears what a crashed run left behind."""
     if not resume and os.path.exists(checkpoint.run_files(cfg.out_dir)["latest"]):
@@ -264,9 +274,8 @@ def start_run_directory(cfg, resume, ddp):
             os.remove(log_path)  # left by a run that stopped before its first checkpoint
 
 
-def restore(cfg, data, model, optimizer, scaler, ddp, device):
-    """Load the newest intact checkpoint of out_dir into model, optimizer and scaler; returns its RunState."""
-    ckpt = checkpoint.load_for_resume(cfg.out_dir, device=device)
+def restore(ckpt, cfg, data, model, optimizer, scaler, ddp, device):
+    """Load ckpt (out_dir's newest intact checkpoint) into model, optimizer and scaler; returns its RunState."""
     for note in resume_changes(ckpt.info["config"], cfg):
         print(note, file=sys.stderr)
     if ckpt.info["tokenizer"] != data.tokenizer.to_dict():
@@ -396,14 +405,18 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
         say(f"data: {note}", file=sys.stderr)
 
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    model, cfg = build_model(cfg, data, device)
+    if resume:
+        ckpt = checkpoint.load_for_resume(cfg.out_dir, device=device)
+        model, cfg = model_for_resume(cfg, ckpt, device)
+    else:
+        model, cfg = build_model(cfg, data, device)
     torch.manual_seed(cfg.seed + ddp.rank)  # but each process its own dropout masks (and batches: RunState)
     optimizer = build_optimizer(model, cfg, device.type)
     # Loss scaling only for float16 on CUDA: bfloat16 and float32 have float32's exponent range.
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16 and device.type == "cuda"))
     state = RunState.start(cfg, ddp.rank, device)
     if resume:
-        state = restore(cfg, data, model, optimizer, scaler, ddp, device)
+        state = restore(ckpt, cfg, data, model, optimizer, scaler, ddp, device)
     if ddp.is_master:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)

@@ -280,9 +280,12 @@ def test_validation_loss_is_over_masked_tokens_only(task_data):
 
 def test_interrupted_and_resumed_fine_tuning_on_chat_data_equals_straight_run_bitwise(base_run, task_data,
                                                                                        tmp_path, monkeypatch):
+    import shutil
+
     from test_robustness import interrupt_at, losses, read_log
 
-    settings = dict(init_from=str(base_run), block_size=24, max_iters=8, eval_interval=4, log_interval=2,
+    base = shutil.copytree(base_run, tmp_path / "base")
+    settings = dict(init_from=str(base), block_size=24, max_iters=8, eval_interval=4, log_interval=2,
                     checkpoint_interval=4, dropout=0.1)
     train(tiny_config(task_data, tmp_path / "straight", **settings))
     resumed = tiny_config(task_data, tmp_path / "resumed", **settings)
@@ -290,6 +293,7 @@ def test_interrupted_and_resumed_fine_tuning_on_chat_data_equals_straight_run_bi
         interrupt_at(m, 5)
         with pytest.raises(TrainingStopped):
             train(resumed)
+    shutil.rmtree(base)  # the run's own checkpoint holds everything a resume needs
     train(resumed, resume=True)
     a = checkpoint.load(tmp_path / "straight" / "latest.safetensors")
     b = checkpoint.load(tmp_path / "resumed" / "latest.safetensors")
