@@ -137,16 +137,20 @@ def write_pngs(e, directory):
     return paths
 
 
-def check_args(args, n_layer, n_head):
+def check_args(args):
+    """What can be checked before the model loads (GPT-2 takes a while)."""
     if args.max_tokens < 1 or args.top_k < 1:
         raise ConfigError("--max-tokens and --top-k must be at least 1")
     if (args.layer is None) != (args.head is None):
         raise ConfigError("--layer and --head go together: give both, e.g. --layer 0 --head 0")
+    if not args.prompt:
+        raise ConfigError("--prompt is empty: give the text to look at, e.g. --prompt 'def main():'")
+
+
+def check_layer_and_head(args, n_layer, n_head):
     if args.layer is not None and not (0 <= args.layer < n_layer and 0 <= args.head < n_head):
         raise ConfigError(f"this model has layers 0..{n_layer - 1} and heads 0..{n_head - 1}; "
                           f"got --layer {args.layer} --head {args.head}")
-    if not args.prompt:
-        raise ConfigError("--prompt is empty: give the text to look at, e.g. --prompt 'def main():'")
 
 
 def main(argv=None):
@@ -163,10 +167,11 @@ def main(argv=None):
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     try:
+        check_args(args)
         device = resolve_device(args.device)
         model, tokenizer = checkpoint.load_model_from_args(args, device)
         cfg = model.config
-        check_args(args, cfg.n_layer, cfg.n_head)
+        check_layer_and_head(args, cfg.n_layer, cfg.n_head)
         ids, dropped = fit_prompt(tokenizer.encode(args.prompt), args.max_tokens, cfg.block_size)
         if dropped:
             print(f"the prompt is {len(ids) + dropped} tokens: kept its last {len(ids)} (--max-tokens "

@@ -162,6 +162,13 @@ def test_bad_arguments_are_one_line_errors(char_run):
         explain_main("--ckpt", char_run, "--prompt", "First", "--layer", "9", "--head", "0")
     with pytest.raises(SystemExit, match=r"^explain.py: error: text contains 2 character.* not in this model's"):
         explain_main("--ckpt", char_run, "--prompt", "ünknown ☃")
+    # checked before the model loads: a missing checkpoint is not what they report
+    missing = char_run.parent / "no-such-run"
+    for args, message in [(["--layer", "0"], "--layer and --head go together"), (["--top-k", "0"], "--max-tokens and --top-k must be at least 1"),
+                          (["--max-tokens", "0"], "--max-tokens and --top-k must be at least 1"),
+                          (["--prompt", ""], "--prompt is empty")]:
+        with pytest.raises(SystemExit, match=f"^explain.py: error: {message}"):
+            explain_main("--ckpt", missing, "--prompt", "First", *args)
 
 
 NASTY = "<script>alert(1)</script> see http://example.org // or https://x.y 日本"
