@@ -46,15 +46,15 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-import chat
-import checkpoint
-import gpt2
-import records
-from config import ConfigError
-from data import DataError, open_array, open_split, read_meta
-from device import resolve_device
-from generate import Generator
-from tokenizer import TokenizerError, token_byte_counts, tokenizer_from_dict
+from nanoforge import chat_format, chat_tasks
+from nanoforge import checkpoint, loading
+from nanoforge import gpt2
+from nanoforge import records
+from nanoforge.config import ConfigError
+from nanoforge.data import DataError, open_array, open_split, read_meta
+from nanoforge.device import resolve_device
+from nanoforge.engine import Generator
+from nanoforge.tokenizer import TokenizerError, token_byte_counts, tokenizer_from_dict
 
 EXAMPLES = 3  # right and wrong answers shown
 
@@ -147,10 +147,10 @@ def read_examples(path):
     """[(messages before the last assistant turn, that turn's text)] of a chat JSONL or Parquet file,
     or of chat_tasks' val split."""
     if path == "chat_tasks":
-        _, val = chat.chat_tasks(0, chat.CHAT_TASKS_VAL, chat.CHAT_TASKS_SEED)  # val does not depend on n_train
+        _, val = chat_tasks.chat_tasks(0, chat_tasks.CHAT_TASKS_VAL, chat_tasks.CHAT_TASKS_SEED)  # val does not depend on n_train
         return [(m[:-1], m[-1]["content"]) for m in val]
     examples = []
-    for _, messages in chat.read_conversations(path):
+    for _, messages in chat_format.read_conversations(path):
         if isinstance(messages, records.BadRecord):
             raise EvalError(str(messages))
         examples.append((messages[:-1], messages[-1]["content"]))
@@ -166,7 +166,7 @@ def normalize(text):
 def evaluate_accuracy(generator, examples, batch_size, max_new_tokens=None):
     """Answer every example greedily, in batches. Returns the results and [(messages, reply, expected, right)];
     a conversation whose last user message alone does not fit the context gets no reply (None): wrong."""
-    chat.require_chat_tokens(generator.tokenizer)
+    chat_format.require_chat_tokens(generator.tokenizer)
     answers, trimmed, too_long = [], 0, 0
     for i in range(0, len(examples), batch_size):
         group = examples[i : i + batch_size]
@@ -175,10 +175,10 @@ def evaluate_accuracy(generator, examples, batch_size, max_new_tokens=None):
         asks = {}  # index in group -> the conversation as the model sees it
         for j, (messages, _) in enumerate(group):
             try:
-                asks[j], dropped = chat.fit_to_context(generator.tokenizer, messages, generator.config.block_size,
+                asks[j], dropped = chat_format.fit_to_context(generator.tokenizer, messages, generator.config.block_size,
                                                        new_tokens)
                 trimmed += dropped > 0
-            except chat.ChatError:
+            except chat_format.ChatError:
                 too_long += 1
         replies = dict(zip(asks, generator.replies(list(asks.values()), max_new_tokens=new_tokens, temperature=0)))
         for j, (messages, expected) in enumerate(group):
@@ -202,7 +202,7 @@ def show_examples(answers):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    checkpoint.add_model_arguments(parser)
+    loading.add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="prepared data directory, chat JSONL file, or chat_tasks")
     parser.add_argument("--max", type=int, metavar="N", help="data directory: at most N batches; chat: the first N conversations")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="windows or conversations per forward pass")
@@ -220,14 +220,14 @@ def main(argv=None):
         if not is_data_dir and args.data != "chat_tasks" and not os.path.isfile(args.data):
             raise EvalError(f"--data '{args.data}' is neither a prepared data directory, a chat JSONL or Parquet "
                             "file nor chat_tasks: prepare data with `python prepare.py SOURCE --out DIR` and pass DIR")
-        model, tokenizer = checkpoint.load_model_from_args(args, resolve_device(args.device))
+        model, tokenizer = loading.load_model_from_args(args, resolve_device(args.device))
         if is_data_dir:
             results = evaluate_loss(model, tokenizer, args.data, args.batch_size, args.max)
         else:
             examples = read_examples(args.data)[: args.max]
             results, answers = evaluate_accuracy(Generator(model, tokenizer), examples, args.batch_size,
                                                  args.max_new_tokens)
-    except (EvalError, ConfigError, DataError, chat.ChatError, records.RecordError, checkpoint.CheckpointError,
+    except (EvalError, ConfigError, DataError, chat_format.ChatError, records.RecordError, checkpoint.CheckpointError,
             gpt2.GPT2Error, TokenizerError, OSError) as e:
         sys.exit(f"eval.py: error: {e}")
     results = {"data": args.data, **results}

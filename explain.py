@@ -22,13 +22,13 @@ import sys
 
 import torch
 
-import checkpoint
-import gpt2
-import inspect_html
-from config import ConfigError
-from device import resolve_device
-from inspect_model import explain, fit_prompt, trace
-from tokenizer import TokenizerError
+from nanoforge import checkpoint, loading
+from nanoforge import gpt2
+from nanoforge import inspect_html
+from nanoforge.config import ConfigError
+from nanoforge.device import resolve_device
+from nanoforge.inspect_model import explain, fit_prompt, trace
+from nanoforge.tokenizer import TokenizerError
 
 SHADES = ".:-=+*#%@"  # light to dark: weight 0 to 1 (blank: masked, above the diagonal)
 
@@ -155,7 +155,7 @@ def check_layer_and_head(args, n_layer, n_head):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    checkpoint.add_model_arguments(parser)
+    loading.add_model_arguments(parser)
     parser.add_argument("--prompt", required=True, help="the text to look at")
     parser.add_argument("--top-k", type=int, default=5, help="predictions shown per position")
     parser.add_argument("--layer", type=int, help="with --head: print this layer's pattern as a text heatmap")
@@ -169,7 +169,7 @@ def main(argv=None):
     try:
         check_args(args)
         device = resolve_device(args.device)
-        model, tokenizer = checkpoint.load_model_from_args(args, device)
+        model, tokenizer = loading.load_model_from_args(args, device)
         cfg = model.config
         check_layer_and_head(args, cfg.n_layer, cfg.n_head)
         ids, dropped = fit_prompt(tokenizer.encode(args.prompt), args.max_tokens, cfg.block_size)

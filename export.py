@@ -16,10 +16,10 @@ import argparse
 import os
 import sys
 
-import checkpoint
-import gpt2
-from checkpoint import load_model
-from tokenizer import TokenizerError
+from nanoforge import checkpoint
+from nanoforge import gpt2
+from nanoforge.loading import load_model
+from nanoforge.tokenizer import TokenizerError
 
 
 def main(argv=None):

@@ -30,13 +30,14 @@ import sys
 
 import torch
 
-import checkpoint
-import gpt2
-from chat import ChatError, fit_to_context, require_chat_tokens
-from config import ConfigError
-from device import resolve_device
-from generate import Generator, SettingError, check_lookup
-from tokenizer import TokenizerError
+from nanoforge import checkpoint, loading
+from nanoforge import gpt2
+from nanoforge.chat_format import ChatError, fit_to_context, require_chat_tokens
+from nanoforge.config import ConfigError
+from nanoforge.device import resolve_device
+from nanoforge.engine import Generator
+from nanoforge.sampling import SettingError, check_lookup
+from nanoforge.tokenizer import TokenizerError
 
 
 def unescape(text):
@@ -125,7 +126,7 @@ def chat_session(generator, lines, system, settings, interactive):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    checkpoint.add_model_arguments(parser)
+    loading.add_model_arguments(parser)
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="text to continue (default: a newline, or end-of-text for byte/BPE)")
     prompt.add_argument("--prompt-file", help="file whose text to continue")
@@ -177,7 +178,7 @@ def main(argv=None):
         if args.quantize and args.dtype != "float32":
             raise ConfigError(f"--quantize int8 decodes in bfloat16 from the checkpoint's own weights: drop --dtype "
                               f"{args.dtype}")
-        model, tokenizer = checkpoint.load_model_from_args(args, resolve_device(args.device))
+        model, tokenizer = loading.load_model_from_args(args, resolve_device(args.device))
         generator = Generator(model.to(getattr(torch, args.dtype)), tokenizer, compile=args.compile,
                               quantize=args.quantize)
         del model  # the generator decodes with its own copy of the matrices: let the originals go

@@ -25,17 +25,17 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-import checkpoint
-import gpt2
-from checkpoint import load_model_state
-from config import ConfigError, build_config, help_text, keys_from_weights, load_saved
-from data import DataError, Dataset
-from device import peak_flops, resolve_device, resolve_dtype
-from distributed import Distributed, end_process
-from lock import DirectoryInUse, DirectoryLock
+from nanoforge import checkpoint, loading
+from nanoforge import gpt2
+from nanoforge.loading import load_model_state
+from nanoforge.config import ConfigError, build_config, help_text, keys_from_weights, load_saved
+from nanoforge.data import DataError, Dataset
+from nanoforge.device import peak_flops, resolve_device, resolve_dtype
+from nanoforge.distributed import Distributed, end_process
+from nanoforge.lock import DirectoryInUse, DirectoryLock
 from model import ARCH_KEYS, GPT, GPTConfig, padded_vocab_size
-from optim import build_optimizer, set_lr
-from tracking import Trackers, check_installed
+from nanoforge.optim import build_optimizer, set_lr
+from nanoforge.tracking import Trackers, check_installed
 
 # Keys that fix the model's shape (and the optimizer, whose saved state fits only itself): a
 # checkpoint can only be resumed with the same values.
@@ -243,7 +243,7 @@ def build_model(cfg, data, device):
                               **{key: getattr(cfg, key) for key in ARCH_KEYS})
         return GPT(model_cfg).to(device), cfg
     if checkpoint.is_checkpoint(cfg.init_from):
-        model = checkpoint.init_for_training(cfg.init_from, data.tokenizer, cfg.block_size, cfg.dropout,
+        model = loading.init_for_training(cfg.init_from, data.tokenizer, cfg.block_size, cfg.dropout,
                                              cfg.vocab_multiple)
         return model.to(device), keys_from_weights(cfg, model.config)
     model, cfg = gpt2.init_for_training(cfg, data.tokenizer)

@@ -22,8 +22,8 @@ import time
 import torch
 from torch.nn import functional as F
 
-from data import Dataset
-from generate import Generator
+from nanoforge.data import Dataset
+from nanoforge.engine import Generator
 
 
 @torch.no_grad()

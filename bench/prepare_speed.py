@@ -24,8 +24,8 @@ import time
 
 import numpy as np
 
-import prepare
-from tokenizer import BPETokenizer, ByteTokenizer, tokenizer_from_dict
+from nanoforge import datasets, preparation, sources
+from nanoforge.tokenizer import BPETokenizer, ByteTokenizer, tokenizer_from_dict
 
 SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou", "ee")]
 
@@ -110,7 +110,7 @@ def main():
     args = parser.parse_args()
     mb = 20 if args.quick else args.mb
     os.makedirs(args.work, exist_ok=True)
-    shakespeare_path = prepare.tinyshakespeare(args.shakespeare, args.work)
+    shakespeare_path = datasets.tinyshakespeare(args.shakespeare, args.work)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
@@ -126,18 +126,18 @@ def main():
     print(f"{'corpus':<24} {'vocab':>6} {'train s':>8} {'bytes/token':>12}   (bytes: 1.00 by definition)")
     tokenizers = {}
     sources = {
-        "tinyshakespeare (1 MB)": prepare.text_file_source(shakespeare_path, {"name": "s"}, 0.1, prepare.CHUNK_SIZE),
-        f"generated ({corpus_mb:.0f} MB)": prepare.files_source([corpus], {"name": "g"}, "text", prepare.CHUNK_SIZE),
+        "tinyshakespeare (1 MB)": sources.text_file_source(shakespeare_path, {"name": "s"}, 0.1, sources.CHUNK_SIZE),
+        f"generated ({corpus_mb:.0f} MB)": sources.files_source([corpus], {"name": "g"}, "text", sources.CHUNK_SIZE),
     }
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.workers))
     for name, source in sources.items():
         for vocab in (4096, 16384):
-            tok, seconds = timed(lambda: BPETokenizer.train(prepare.training_texts(source, 0.1, 1337), vocab))
+            tok, seconds = timed(lambda: BPETokenizer.train(preparation.training_texts(source, 0.1, 1337), vocab))
             if name.startswith("tiny"):
                 text = open(shakespeare_path, encoding="utf-8").read()
                 ratio = len(text.encode()) / len(tok.encode(text))
             else:
-                meta = prepare.write_splits(source, tok, os.path.join(args.work, "out"), 0.1, 1337, args.workers)
+                meta = preparation.write_splits(source, tok, os.path.join(args.work, "out"), 0.1, 1337, args.workers)
                 ratio = corpus_text_bytes / (meta["train_tokens"] + meta["val_tokens"] - meta["train_documents"]
                                                - meta["val_documents"] + 2)  # not counting end-of-text tokens
                 tokenizers[vocab] = tok
@@ -153,8 +153,8 @@ def main():
         for label, run in [
             ("tiktoken loop, encode only", lambda: tiktoken_loop(corpus, tok)),
             ("tiktoken loop + write (nanoGPT)", lambda: tiktoken_loop(corpus, tok, os.path.join(args.work, "raw.bin"))),
-            ("prepare.py --workers 1", lambda: prepare.write_splits(source, tok, out, 0.1, 1337, 1)),
-            (f"prepare.py --workers {args.workers}", lambda: prepare.write_splits(source, tok, out, 0.1, 1337, args.workers)),
+            ("prepare.py --workers 1", lambda: preparation.write_splits(source, tok, out, 0.1, 1337, 1)),
+            (f"prepare.py --workers {args.workers}", lambda: preparation.write_splits(source, tok, out, 0.1, 1337, args.workers)),
         ]:
             cpu_before = cpu_seconds()
             _, seconds = timed(run)
@@ -176,8 +176,8 @@ def main():
           f"(pipeline, {n} workers / this ceiling: {many / max(ceilings):.2f})")
     print(f"MB per CPU-second, pipeline / encode-only loop:  {one_cpu / raw_cpu:.2f} (1 worker), "
           f"{many_cpu / raw_cpu:.2f} ({n} workers, the reading process included)")
-    byte_source = prepare.files_source([corpus], {"name": "g"}, "text", prepare.CHUNK_SIZE)
-    _, seconds = timed(lambda: prepare.write_splits(byte_source, ByteTokenizer(), out, 0.1, 1337, args.workers))
+    byte_source = sources.files_source([corpus], {"name": "g"}, "text", sources.CHUNK_SIZE)
+    _, seconds = timed(lambda: preparation.write_splits(byte_source, ByteTokenizer(), out, 0.1, 1337, args.workers))
     print(f"prepare.py --tokenizer byte --workers {args.workers}: {corpus_mb / seconds:.1f} MB/s (reading, splitting, writing: the pipeline's own cost)")
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     shutil.rmtree(out, ignore_errors=True)

@@ -42,10 +42,11 @@ import time
 import numpy as np
 import torch
 
-import gpt2
-from generate import Generator, PackedLinear
+from nanoforge import gpt2
+from nanoforge.cpu_decoding import PackedLinear
+from nanoforge.engine import Generator
 from model import GPT, GPTConfig
-from quantize import Int8Linear
+from nanoforge.cpu_decoding import Int8Linear
 
 MODELS = {
     "shakespeare_char": GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, dropout=0.0),

@@ -29,11 +29,11 @@ from contextlib import nullcontext
 
 import torch
 
-from config import build_config
-from data import Dataset
-from device import resolve_dtype
-from distributed import Distributed
-from optim import build_optimizer, set_lr
+from nanoforge.config import build_config
+from nanoforge.data import Dataset
+from nanoforge.device import resolve_dtype
+from nanoforge.distributed import Distributed
+from nanoforge.optim import build_optimizer, set_lr
 from train import RunState, apply_update, build_model, estimate_loss, get_lr, train_step
 
 RECIPES = {"nanoGPT": "configs/shakespeare_char_cpu.toml", "fast": "configs/shakespeare_char_fast.toml"}

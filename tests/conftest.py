@@ -33,7 +33,7 @@ def corpus(tmp_path):
 @pytest.fixture
 def data_dir(tmp_path, corpus):
     """A char-level prepared data directory of the tiny corpus."""
-    from prepare import prepare
+    from nanoforge.preparation import prepare
 
     out = tmp_path / "data"
     prepare(str(corpus), "char", str(out), 0.1)
@@ -42,7 +42,7 @@ def data_dir(tmp_path, corpus):
 
 def tiny_config(data_dir, out_dir, **overrides):
     """A TrainConfig for a model small enough to train in seconds on a CPU."""
-    from config import TrainConfig
+    from nanoforge.config import TrainConfig
 
     values = dict(
         data_dir=str(data_dir), out_dir=str(out_dir), n_layer=2, n_head=2, n_embd=32, block_size=16,
@@ -79,16 +79,16 @@ def chat_ckpt(tmp_path_factory):
 
     import torch
 
-    import chat
-    import checkpoint
+    from nanoforge import chat_format
+    from nanoforge import checkpoint
     from model import GPT, GPTConfig
-    from tokenizer import ByteTokenizer, with_chat_tokens
+    from nanoforge.tokenizer import ByteTokenizer, with_chat_tokens
 
     tokenizer = with_chat_tokens(ByteTokenizer())
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=32,
                           dropout=0.0, bias=True))
-    rows = [chat.render_conversation(tokenizer, conversation(*pairs)) for pairs in CHAT_LESSONS]
+    rows = [chat_format.render_conversation(tokenizer, conversation(*pairs)) for pairs in CHAT_LESSONS]
     x = torch.zeros(len(rows), 31, dtype=torch.long)
     y = torch.full((len(rows), 31), -1, dtype=torch.long)
     for b, (ids, mask) in enumerate(rows):

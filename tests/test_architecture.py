@@ -8,13 +8,13 @@ import os
 import pytest
 import torch
 
-import checkpoint
-import gpt2
+from nanoforge import checkpoint, loading
+from nanoforge import gpt2
 from conftest import tiny_config
-from generate import Generator, KVCache
+from nanoforge.engine import Generator, KVCache
 from model import GPT, GPTConfig
-from optim import Optimizers
-from tokenizer import CharTokenizer
+from nanoforge.optim import Optimizers
+from nanoforge.tokenizer import CharTokenizer
 from test_robustness import interrupt_at
 from train import TrainingStopped, get_lr, train
 
@@ -92,7 +92,7 @@ def test_untied_checkpoint_loads_for_inference_with_its_own_lm_head(tmp_path, da
     cfg = tiny_config(data_dir, tmp_path / "run", max_iters=4, eval_interval=4, tie_embeddings=False,
                       vocab_multiple=64)
     train(cfg)
-    model, tokenizer = checkpoint.load_model(str(tmp_path / "run"), "cpu")
+    model, tokenizer = loading.load_model(str(tmp_path / "run"), "cpu")
     assert model.lm_head.weight is not model.transformer.wte.weight
     assert model.lm_head.weight.shape == (tokenizer.vocab_size, 32)  # the padding rows cut off
     saved = checkpoint.load(str(tmp_path / "run" / "latest.safetensors")).model_state
@@ -196,7 +196,7 @@ def test_optimizers_state_dict_round_trips_through_a_fresh_pair():
 def test_muon_groups_take_their_own_learning_rate_keys():
     """Each group follows the schedule, scaled to its own peak key: the blocks' matrices (Muon) to matrix_lr,
     embeddings, lm_head and vectors (AdamW) to embedding_lr, unembedding_lr and learning_rate."""
-    from optim import build_optimizer, set_lr
+    from nanoforge.optim import build_optimizer, set_lr
 
     cfg = tiny_config(".", ".", optimizer="muon", tie_embeddings=False, learning_rate=0.004, matrix_lr=0.04,
                       embedding_lr=0.2, unembedding_lr=0.002)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-import chat
-import prepare
-from data import Dataset
-from tokenizer import CHAT_TOKENS, BPETokenizer, ByteTokenizer, CharTokenizer, tokenizer_from_dict, with_chat_tokens
+from nanoforge import chat_format, chat_tasks
+from nanoforge import preparation as prepare
+from nanoforge.data import Dataset
+from nanoforge.tokenizer import CHAT_TOKENS, BPETokenizer, ByteTokenizer, CharTokenizer, tokenizer_from_dict, with_chat_tokens
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -29,7 +29,7 @@ def chat_tokenizers():
 
 @pytest.mark.parametrize("tok", chat_tokenizers(), ids=["byte", "char", "bpe"])
 def test_render_places_chat_tokens_and_masks_exactly_the_assistant_replies(tok):
-    ids, mask = chat.render_conversation(tok, CONVERSATION)
+    ids, mask = chat_format.render_conversation(tok, CONVERSATION)
     c = tok.chat_ids
     enc = tok.encode
     expected = ([c["<|bos|>"], c["<|user_start|>"], *enc("Be brief.\n\nhi"), c["<|user_end|>"],
@@ -41,7 +41,7 @@ def test_render_places_chat_tokens_and_masks_exactly_the_assistant_replies(tok):
     learned = [i for i, m in zip(ids, mask) if m]
     assert learned == [*enc("yo"), c["<|assistant_end|>"], *enc("ok"), c["<|assistant_end|>"]]
     assert len(mask) == len(ids) and set(mask) == {0, 1}
-    reply = chat.render_for_reply(tok, CONVERSATION[:4])
+    reply = chat_format.render_for_reply(tok, CONVERSATION[:4])
     assert reply == expected[: expected.index(c["<|assistant_start|>"], len(expected) - 5) + 1]
     assert reply[-1] == c["<|assistant_start|>"]
 
@@ -49,7 +49,7 @@ def test_render_places_chat_tokens_and_masks_exactly_the_assistant_replies(tok):
 @pytest.mark.parametrize("tok", chat_tokenizers(), ids=["byte", "char", "bpe"])
 def test_message_text_never_becomes_a_chat_token(tok):
     sneaky = " ".join(CHAT_TOKENS) if tok.kind != "char" else "<|user_start|>"
-    ids, _ = chat.render_conversation(tok, [{"role": "user", "content": sneaky},
+    ids, _ = chat_format.render_conversation(tok, [{"role": "user", "content": sneaky},
                                             {"role": "assistant", "content": sneaky}])
     specials = [i for i in ids if i >= tok.base.vocab_size]
     # only the five tokens the format places: bos, user start/end, assistant start/end
@@ -62,7 +62,7 @@ def test_chat_tokenizer_travels_as_json(tok):
     again = tokenizer_from_dict(json.loads(json.dumps(tok.to_dict())))
     assert again.vocab_size == tok.vocab_size == tok.base.vocab_size + len(CHAT_TOKENS)
     assert again.chat_ids == tok.chat_ids
-    assert chat.render_conversation(again, CONVERSATION) == chat.render_conversation(tok, CONVERSATION)
+    assert chat_format.render_conversation(again, CONVERSATION) == chat_format.render_conversation(tok, CONVERSATION)
     assert with_chat_tokens(tok) is tok  # never extended twice
 
 
@@ -78,23 +78,23 @@ def test_chat_tokenizer_travels_as_json(tok):
     ([], "non-empty list"),
 ])
 def test_bad_conversations_name_the_problem(messages, problem):
-    with pytest.raises(chat.ChatError, match=problem.replace("(", r"\(").replace(")", r"\)")):
-        chat.check_conversation(messages)
+    with pytest.raises(chat_format.ChatError, match=problem.replace("(", r"\(").replace(")", r"\)")):
+        chat_format.check_conversation(messages)
 
 
 def test_alpaca_records_become_one_user_and_one_assistant_turn():
-    messages = chat.conversation_from_record({"instruction": "Sum these.", "input": "2 3", "output": "5"})
+    messages = chat_format.conversation_from_record({"instruction": "Sum these.", "input": "2 3", "output": "5"})
     assert messages == [{"role": "user", "content": "Sum these.\n\n2 3"}, {"role": "assistant", "content": "5"}]
-    assert chat.conversation_from_record({"instruction": "Hi.", "output": "Hello."})[0]["content"] == "Hi."
+    assert chat_format.conversation_from_record({"instruction": "Hi.", "output": "Hello."})[0]["content"] == "Hi."
 
 
 def test_builtin_tasks_are_disjoint_between_train_and_val_and_reproducible():
-    train, val = chat.chat_tasks(2000, 200, seed=3)
+    train, val = chat_tasks.chat_tasks(2000, 200, seed=3)
     questions = lambda convs: {c[0]["content"] for c in convs}  # noqa: E731
     assert len(questions(train)) == 2000 and len(questions(val)) == 200
     assert not questions(train) & questions(val)
     assert {q.split()[0] for q in questions(val)} == {"reverse", "add", "count", "spell"}
-    assert chat.chat_tasks(2000, 200, seed=3) == (train, val)
+    assert chat_tasks.chat_tasks(2000, 200, seed=3) == (train, val)
     for conv in train[:50]:
         q, a = conv[0]["content"], conv[1]["content"]
         kind, *args = q.split()

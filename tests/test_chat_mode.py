@@ -9,13 +9,13 @@ import sys
 import pytest
 import torch
 
-import chat
-import checkpoint
+from nanoforge import chat_format
+from nanoforge import checkpoint
 from conftest import CHAT_LESSONS, REPO, conversation
-from generate import Generator
+from nanoforge.engine import Generator
 from model import GPT, GPTConfig
 from test_generate import CHARS, char_generator, small_model
-from tokenizer import CHAT_TOKENS, ByteTokenizer, with_chat_tokens
+from nanoforge.tokenizer import CHAT_TOKENS, ByteTokenizer, with_chat_tokens
 
 
 def test_stop_ids_end_a_sample_at_that_token_and_keep_it_out_of_the_text():
@@ -71,12 +71,12 @@ def test_replies_never_show_chat_tokens():
 
 def test_chat_needs_chat_tokens_and_a_conversation_that_fits():
     gen = char_generator()
-    with pytest.raises(chat.ChatError, match=r"tokenizer \(char, \d+ tokens\) has no chat tokens.*fine-tune"):
+    with pytest.raises(chat_format.ChatError, match=r"tokenizer \(char, \d+ tokens\) has no chat tokens.*fine-tune"):
         gen.chat(conversation(("First", None)))
     tokenizer = with_chat_tokens(ByteTokenizer())
     gen = Generator(GPT(GPTConfig(block_size=16, vocab_size=tokenizer.vocab_size, n_layer=1, n_head=1, n_embd=8)),
                     tokenizer)
-    with pytest.raises(chat.ChatError, match="conversation 1 is 24 tokens, more than the model's block_size 16"):
+    with pytest.raises(chat_format.ChatError, match="conversation 1 is 24 tokens, more than the model's block_size 16"):
         gen.chat(conversation(("x" * 20, None)))
 
 
@@ -84,16 +84,16 @@ def test_fit_to_context_drops_the_oldest_exchanges_and_keeps_the_system_message(
     tokenizer = with_chat_tokens(ByteTokenizer())
     system = [{"role": "system", "content": "be brief"}]
     messages = system + conversation(("aaaa", "bbbb"), ("cccc", "dddd"), ("eeee", None))
-    assert chat.fit_to_context(tokenizer, messages, 64, 8) == (messages, 0)
+    assert chat_format.fit_to_context(tokenizer, messages, 64, 8) == (messages, 0)
     # budget 40 - min(8, 20) = 32 tokens: the full prompt is 42 tokens, without the first exchange 30
-    kept, dropped = chat.fit_to_context(tokenizer, messages, 40, 8)
+    kept, dropped = chat_format.fit_to_context(tokenizer, messages, 40, 8)
     assert dropped == 2 and kept == system + conversation(("cccc", "dddd"), ("eeee", None))
-    assert len(chat.render_for_reply(tokenizer, kept)) <= 32
+    assert len(chat_format.render_for_reply(tokenizer, kept)) <= 32
     # the last message alone is kept when it fits in block_size, though it leaves the reply less room
     alone = system + conversation(("e" * 10, None))  # 24 tokens, over the budget of 40 - min(30, 20)
-    assert chat.fit_to_context(tokenizer, alone, 40, 30) == (alone, 0)
-    with pytest.raises(chat.ChatError, match="the message is too long: 44 tokens .* block_size 40"):
-        chat.fit_to_context(tokenizer, system + conversation(("a", "b"), ("e" * 30, None)), 40, 8)
+    assert chat_format.fit_to_context(tokenizer, alone, 40, 30) == (alone, 0)
+    with pytest.raises(chat_format.ChatError, match="the message is too long: 44 tokens .* block_size 40"):
+        chat_format.fit_to_context(tokenizer, system + conversation(("a", "b"), ("e" * 30, None)), 40, 8)
 
 
 def run_chat(ckpt, *args, stdin=""):

@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from config import ConfigError, TrainConfig, build_config
+from nanoforge.config import ConfigError, TrainConfig, build_config
 from conftest import run_cli
 
 

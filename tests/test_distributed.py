@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-import checkpoint
+from nanoforge import checkpoint
 from conftest import REPO
 
 
@@ -82,7 +82,7 @@ def test_accumulation_steps_must_split_evenly_over_processes(tmp_path, data_dir)
 
 @pytest.mark.parametrize("code, status, message", [(None, 0, ""), (143, 143, ""), ("train.py: error: bad", 1, "train.py: error: bad")])
 def test_a_torchrun_process_ends_with_the_status_and_message_sys_exit_would_give(code, status, message):
-    script = f"import distributed; print('flushed first'); distributed.end_process({code!r})"
+    script = f"from nanoforge import distributed; print('flushed first'); distributed.end_process({code!r})"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as most users run it
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**env, "WORLD_SIZE": "2"},
                             capture_output=True, text=True, timeout=60)

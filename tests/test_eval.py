@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-import chat
-import checkpoint
+from nanoforge import chat_format, chat_tasks
+from nanoforge import checkpoint, loading
 import eval as eval_script  # the script, for its functions
-import prepare
+from nanoforge import preparation as prepare
 from conftest import CHAT_LESSONS, conversation, run_cli
-from data import open_array, open_split, read_meta
+from nanoforge.data import open_array, open_split, read_meta
 from model import GPT, GPTConfig
-from tokenizer import (BPETokenizer, ByteTokenizer, CharTokenizer, token_byte_counts, tokenizer_from_dict,
+from nanoforge.tokenizer import (BPETokenizer, ByteTokenizer, CharTokenizer, token_byte_counts, tokenizer_from_dict,
                        with_chat_tokens)
 
 
@@ -41,7 +41,7 @@ def save_model(path, tokenizer, block_size=16, seed=0):
                           dropout=0.0, bias=True))
     checkpoint.save(str(path), model.state_dict(), {"model": dataclasses.asdict(model.config),
                                                     "tokenizer": tokenizer.to_dict()})
-    return checkpoint.load_model(str(path), "cpu")[0]
+    return loading.load_model(str(path), "cpu")[0]
 
 
 def run_eval(capsys, *args):
@@ -93,8 +93,8 @@ def test_loss_on_plain_data_covers_every_val_token_once(tmp_path, data_dir, caps
     assert first["batches"] == 1 and first["tokens"] == 5 * T
     assert first["loss"] == pytest.approx(reference_loss(model, windows[:5])[0], rel=1e-5)
     # a chat model reads its base tokenizer's data with every id unchanged: loss before and after SFT compare
-    chat_model = save_model(tmp_path / "chat.safetensors", with_chat_tokens(tokenizer))
-    chat_results = eval_json(capsys, "--ckpt", tmp_path / "chat.safetensors", "--data", data_dir, "--batch-size", "5")
+    chat_model = save_model(tmp_path / "chat_format.safetensors", with_chat_tokens(tokenizer))
+    chat_results = eval_json(capsys, "--ckpt", tmp_path / "chat_format.safetensors", "--data", data_dir, "--batch-size", "5")
     assert chat_results["loss"] == pytest.approx(reference_loss(chat_model, windows)[0], rel=1e-5)
 
 
@@ -116,7 +116,7 @@ def test_loss_on_chat_data_counts_only_masked_tokens(chat_ckpt, chat_dir):
     starts = open_array(str(chat_dir), "val_starts.bin", np.int64, meta["val_conversations"]).tolist()
     lengths = np.diff(starts + [len(val)])
     assert lengths.max() > 33  # a conversation that takes two windows is in val
-    model, tokenizer = checkpoint.load_model(str(chat_ckpt), "cpu")
+    model, tokenizer = loading.load_model(str(chat_ckpt), "cpu")
     results = eval_script.evaluate_loss(model, tokenizer, str(chat_dir), batch_size=4)
     assert results["tokens"] == int(mask.sum())  # every reply token and <|assistant_end|>, long ones' too
     reply_text = tokenizer.decode([t for t in val[mask].tolist() if t not in tokenizer.chat_ids.values()])
@@ -160,14 +160,14 @@ def test_accuracy_is_exact_match_after_normalising_whitespace(chat_ckpt, tmp_pat
 def test_chat_tasks_is_the_val_split_that_prepare_writes(tmp_path, seed):
     """Whatever --seed: the tasks have their own, so no val question eval.py asks was trained on."""
     examples = eval_script.read_examples("chat_tasks")
-    assert len(examples) == chat.CHAT_TASKS_VAL
+    assert len(examples) == chat_tasks.CHAT_TASKS_VAL
     prepare.prepare("chat_tasks", "byte", str(tmp_path / "tasks"), 0.1, seed=seed)
     meta = read_meta(str(tmp_path / "tasks"))
     tokenizer = tokenizer_from_dict(meta["tokenizer"])
     val = np.asarray(open_split(str(tmp_path / "tasks"), "val", meta)).tolist()
     rendered = []
     for messages, answer in examples:
-        rendered += chat.render_conversation(tokenizer, messages + [{"role": "assistant", "content": answer}])[0]
+        rendered += chat_format.render_conversation(tokenizer, messages + [{"role": "assistant", "content": answer}])[0]
     assert rendered == val
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import inspect_html
+from nanoforge import inspect_html
 from conftest import TINY_TEXT, run_cli, tiny_config
-from inspect_model import explain, logit_lens, token_label, trace
+from nanoforge.inspect_model import explain, logit_lens, token_label, trace
 from model import GPT, GPTConfig
-from tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, with_chat_tokens
+from nanoforge.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, with_chat_tokens
 
 
 def tiny_model(vocab_size, bias=True, seed=0):
@@ -24,7 +24,7 @@ def tiny_model(vocab_size, bias=True, seed=0):
 
 def trained_run(tmp_path_factory, kind, block_size):
     """A run directory with a checkpoint of a tiny model trained for a few steps on the tiny corpus."""
-    from prepare import prepare
+    from nanoforge.preparation import prepare
     from train import train
 
     root = tmp_path_factory.mktemp(f"{kind}_run")

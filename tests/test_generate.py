@@ -9,14 +9,16 @@ import sys
 import pytest
 import torch
 
-import checkpoint
+from nanoforge import checkpoint
 import sample
 from conftest import TINY_TEXT, run_cli
-from generate import (Generator, KVCache, OneQueryAttention, SettingError, TextStream, candidates, lookup_draft,
-                      penalize_repetition, sample_from)
+from nanoforge.cpu_decoding import OneQueryAttention
+from nanoforge.engine import Generator, KVCache
+from nanoforge.sampling import (SettingError, TextStream, candidates, lookup_draft, penalize_repetition,
+                                sample_from)
 from model import GPT, GPTConfig
-from quantize import Int8Linear
-from tokenizer import ByteTokenizer, CharTokenizer
+from nanoforge.cpu_decoding import Int8Linear
+from nanoforge.tokenizer import ByteTokenizer, CharTokenizer
 
 CHARS = CharTokenizer.train(TINY_TEXT)
 

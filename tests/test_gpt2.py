@@ -14,9 +14,9 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-import gpt2
+from nanoforge import gpt2
 from model import GPTConfig
-from tokenizer import EOT
+from nanoforge.tokenizer import EOT
 from conftest import TINY_TEXT, run_cli
 
 
@@ -232,8 +232,8 @@ def test_tokenizer_from_hf_files_encodes_like_transformers_and_exports_back(hf, 
 
 
 def test_train_refuses_data_whose_vocabulary_exceeds_the_models(tmp_path):
-    from config import TrainConfig
-    from tokenizer import ByteTokenizer
+    from nanoforge.config import TrainConfig
+    from nanoforge.tokenizer import ByteTokenizer
 
     small = tmp_path / "small"
     random_gpt2(vocab_size=200).save_pretrained(small)
@@ -245,9 +245,9 @@ def test_train_refuses_data_whose_vocabulary_exceeds_the_models(tmp_path):
 def test_finetune_sample_export_end_to_end(hf, tmp_path, corpus):
     """train.py from the HF directory (byte-level data: 257 ids fit the model's 1000), resume,
     sample.py from the checkpoint and from the HF directory, export.py, load with transformers."""
-    import checkpoint
-    from prepare import prepare
-    from checkpoint import load_model
+    from nanoforge import checkpoint
+    from nanoforge.preparation import prepare
+    from nanoforge.loading import load_model
 
     _, directory = hf
     data, run = tmp_path / "data", tmp_path / "run"

@@ -9,7 +9,7 @@ import sys
 import time
 
 from conftest import REPO, run_cli
-from lock import DirectoryLock
+from nanoforge.lock import DirectoryLock
 
 LONG_RUN = ["--n_layer=1", "--n_head=1", "--n_embd=16", "--block_size=16", "--batch_size=2", "--max_iters=1000000",
             "--eval_interval=1000000", "--log_interval=1", "--checkpoint_interval=1000000", "--device=cpu"]

@@ -15,7 +15,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def runs(tmp_path_factory):
     """Two runs of the tiny model on the same data; the second stopped at step 10 and resumed to 20."""
     from conftest import TINY_TEXT
-    from prepare import prepare
+    from nanoforge.preparation import prepare
 
     root = tmp_path_factory.mktemp("plot")
     (root / "corpus.txt").write_text(TINY_TEXT, encoding="utf-8")

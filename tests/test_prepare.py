@@ -6,11 +6,12 @@ import urllib.error
 import numpy as np
 import pytest
 
-import prepare
-from data import DataError, Dataset
-from prepare import PrepareError
-from records import RecordError
-from tokenizer import ByteTokenizer, CharTokenizer, TokenizerError, tokenizer_from_dict
+from nanoforge import datasets
+from nanoforge import preparation as prepare
+from nanoforge.data import DataError, Dataset
+from nanoforge.sources import PrepareError
+from nanoforge.records import RecordError
+from nanoforge.tokenizer import ByteTokenizer, CharTokenizer, TokenizerError, tokenizer_from_dict
 
 
 def test_prepare_writes_bins_and_meta(tmp_path, corpus):
@@ -48,16 +49,16 @@ def test_directory_source_reads_text_files_in_sorted_order(tmp_path):
     (root / "sub" / "c.txt").write_text("cccc " * 20)
     (root / "a.txt").write_text("aaaa " * 20)
     (root / "blob.bin").write_bytes(b"\xff\xfe\x00binary")
-    source = prepare.open_source(str(root), None, str(tmp_path / "d"), 0.1)
+    source = datasets.open_source(str(root), None, str(tmp_path / "d"), 0.1)
     assert documents_of(source) == ["aaaa " * 20, "bbbb " * 20, "cccc " * 20]
-    glob_source = prepare.open_source(str(root / "**" / "*.txt"), None, str(tmp_path / "d"), 0.1)
+    glob_source = datasets.open_source(str(root / "**" / "*.txt"), None, str(tmp_path / "d"), 0.1)
     assert documents_of(glob_source) == documents_of(source)
     assert prepare.default_out_dir(str(root / "**" / "*.txt")) == os.path.join("data", "texts")
 
 
 def test_stdlib_corpus_is_deterministic_python_source(tmp_path):
-    docs = documents_of(prepare.open_source("pystdlib", None, str(tmp_path), 0.1))
-    assert docs == documents_of(prepare.open_source("pystdlib", None, str(tmp_path), 0.1))
+    docs = documents_of(datasets.open_source("pystdlib", None, str(tmp_path), 0.1))
+    assert docs == documents_of(datasets.open_source("pystdlib", None, str(tmp_path), 0.1))
     assert len(docs) == 2 and len(docs[0]) > 8 * len(docs[1]) > 3_000_000  # train head, val tail
     assert "def " in docs[0] and "import " in docs[1]
 
@@ -73,7 +74,7 @@ def test_download_offline_fails_with_a_clear_message(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("Name or service not known")
 
-    monkeypatch.setattr(prepare.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(datasets.urllib.request, "urlopen", offline)
     with pytest.raises(PrepareError, match="no network\\? pass --source PATH"):
         prepare.prepare("shakespeare_char", None, str(tmp_path / "d"), 0.1)
     assert not os.path.exists(tmp_path / "d" / "meta.json")
@@ -88,13 +89,13 @@ def test_download_verifies_checksum_and_keeps_nothing_bad(tmp_path, monkeypatch)
         def __enter__(self):
             return self
 
-    monkeypatch.setattr(prepare.urllib.request, "urlopen", lambda *a, **k: Response(b"tampered"))
+    monkeypatch.setattr(datasets.urllib.request, "urlopen", lambda *a, **k: Response(b"tampered"))
     dest = tmp_path / "input.txt"
     with pytest.raises(PrepareError, match="has sha256"):
-        prepare.download("https://example.invalid/x", "0" * 64, str(dest))
+        datasets.download("https://example.invalid/x", "0" * 64, str(dest))
     assert not dest.exists() and not (tmp_path / "input.txt.part").exists()
     good = hashlib.sha256(b"tampered").hexdigest()
-    assert prepare.download("https://example.invalid/x", good, str(dest)) == str(dest)
+    assert datasets.download("https://example.invalid/x", good, str(dest)) == str(dest)
     assert dest.read_bytes() == b"tampered"
 
 
@@ -141,7 +142,7 @@ def test_batches_are_shifted_windows_of_the_stream(data_dir):
 
 
 def test_bpe_tokenizer_travels_as_data():
-    from tokenizer import BPETokenizer
+    from nanoforge.tokenizer import BPETokenizer
 
     # a toy byte-level BPE: all 256 bytes plus two merges
     ranks = {bytes([i]): i for i in range(256)}
@@ -389,8 +390,8 @@ def shard_server(monkeypatch, http_server):
         return (206, data[start:]) if start is not None else (200, data)
 
     url = http_server(respond)
-    monkeypatch.setattr(prepare, "FINEWEB_EDU_API", url + "/api")
-    monkeypatch.setattr(prepare, "FINEWEB_EDU_URL", url + "/files/")
+    monkeypatch.setattr(datasets, "FINEWEB_EDU_API", url + "/api")
+    monkeypatch.setattr(datasets, "FINEWEB_EDU_URL", url + "/files/")
     return files, corrupt, requests
 
 
@@ -431,7 +432,7 @@ def test_fineweb_edu_downloads_resume_and_verify_checksums(tmp_path, shard_serve
 
 
 def test_fineweb_edu_offline_is_a_one_line_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, "FINEWEB_EDU_API", "http://127.0.0.1:9/api")  # nothing listens on port 9
+    monkeypatch.setattr(datasets, "FINEWEB_EDU_API", "http://127.0.0.1:9/api")  # nothing listens on port 9
     with pytest.raises(PrepareError, match="could not download http://127.0.0.1:9/api .*no network\\?"):
         prepare.prepare("fineweb_edu", "byte", str(tmp_path / "fw"))
 

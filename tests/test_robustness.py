@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-import checkpoint
+from nanoforge import checkpoint
 import train as train_module
 from conftest import REPO, run_cli, tiny_config
 from train import TrainingStopped, train
@@ -116,7 +116,7 @@ def test_resume_says_a_longer_wsd_run_changes_training(tmp_path, data_dir, capsy
 
 
 def test_resume_refuses_data_from_another_tokenizer(tmp_path, data_dir, corpus):
-    from prepare import prepare
+    from nanoforge.preparation import prepare
 
     train(tiny_config(data_dir, tmp_path / "run", max_iters=2, eval_interval=2))
     prepare(str(corpus), "byte", str(tmp_path / "bytes"), 0.1)
@@ -181,7 +181,7 @@ def test_truncated_checkpoint_gets_a_clear_error(tmp_path, data_dir):
 SAVER = """
 import sys, torch
 sys.path.insert(0, {repo!r})
-import checkpoint
+from nanoforge import checkpoint
 path, version = sys.argv[1], 0
 while True:
     version += 1

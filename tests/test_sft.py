@@ -14,14 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import chat
-import checkpoint
-import prepare
+from nanoforge import chat_format
+from nanoforge import checkpoint, loading
+from nanoforge import datasets
+from nanoforge import preparation as prepare
 import train as train_module
 from conftest import run_cli, tiny_config
-from data import Dataset
-from prepare import PrepareError
-from tokenizer import CHAT_TOKENS, with_chat_tokens
+from nanoforge.data import Dataset
+from nanoforge.sources import PrepareError
+from nanoforge.tokenizer import CHAT_TOKENS, with_chat_tokens
 from train import TrainingStopped, estimate_loss, train
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
@@ -173,14 +174,14 @@ def hf_server(monkeypatch, http_server):
         if path == "/api":
             listed = state["listed"]
             return 200, json.dumps([{"type": "file", "path": "README.md", "size": 1},
-                                    {"type": "file", "path": prepare.DOLLY_FILE, "size": len(listed),
+                                    {"type": "file", "path": datasets.DOLLY_FILE, "size": len(listed),
                                      "lfs": {"oid": hashlib.sha256(listed).hexdigest(), "size": len(listed)}}]).encode()
         data = state["served"] if state["served"] is not None else state["listed"]
         return (206, data[start:]) if start else (200, data)
 
     url = http_server(respond)
-    monkeypatch.setattr(prepare, "DOLLY_API", url + "/api")
-    monkeypatch.setattr(prepare, "DOLLY_URL", url + "/file")
+    monkeypatch.setattr(datasets, "DOLLY_API", url + "/api")
+    monkeypatch.setattr(datasets, "DOLLY_URL", url + "/file")
     return state
 
 
@@ -191,7 +192,7 @@ def test_dolly_downloads_resume_verify_and_work_offline_from_a_local_copy(tmp_pa
     hf_server["listed"] = data
     out = tmp_path / "dolly"
     (out / "download").mkdir(parents=True)
-    (out / "download" / (prepare.DOLLY_FILE + ".part")).write_bytes(data[:100])  # an interrupted download
+    (out / "download" / (datasets.DOLLY_FILE + ".part")).write_bytes(data[:100])  # an interrupted download
     meta = prepare.prepare("dolly", "byte", str(out), 0.2)
     assert ("/file", 100) in hf_server["requests"]  # resumed, not restarted
     assert meta["chat"] and meta["train_conversations"] + meta["val_conversations"] == 40
@@ -199,13 +200,13 @@ def test_dolly_downloads_resume_verify_and_work_offline_from_a_local_copy(tmp_pa
     text = Dataset(str(out), 64).tokenizer.decode(prepare.np.asarray(prepare.np.memmap(out / "train.bin", "uint16")))
     assert "<|user_start|>Name 0.\n\nContext 0.<|user_end|><|assistant_start|>N0.<|assistant_end|>" in text
 
-    (out / "download" / prepare.DOLLY_FILE).unlink()
+    (out / "download" / datasets.DOLLY_FILE).unlink()
     hf_server["served"] = data.replace(b"N1.", b"X1.")  # the file changed under the pinned listing
     with pytest.raises(PrepareError, match="has sha256 .*, expected .*: the file changed or was corrupted"):
         prepare.prepare("dolly", "byte", str(out), 0.2)
     assert os.listdir(out / "download") == []  # nothing bad kept
 
-    monkeypatch.setattr(prepare, "DOLLY_API", "http://127.0.0.1:9/api")  # nothing listens on port 9
+    monkeypatch.setattr(datasets, "DOLLY_API", "http://127.0.0.1:9/api")  # nothing listens on port 9
     result_error = pytest.raises(PrepareError, match="could not download .* pass --source PATH to a local copy")
     with result_error:
         prepare.prepare("dolly", "byte", str(out), 0.2)
@@ -217,7 +218,7 @@ def test_dolly_downloads_resume_verify_and_work_offline_from_a_local_copy(tmp_pa
 # ------------------------------------------------------------------------------------------ training
 
 def test_init_from_a_checkpoint_grows_the_embedding_and_keeps_old_logits(base_run, task_data):
-    base, tokenizer = checkpoint.load_model(str(base_run), "cpu")
+    base, tokenizer = loading.load_model(str(base_run), "cpu")
     data = Dataset(str(task_data), 24)
     cfg = tiny_config(task_data, "unused", init_from=str(base_run), n_layer=3, n_embd=48, block_size=24,
                       vocab_multiple=8)
@@ -238,7 +239,7 @@ def test_init_from_a_checkpoint_grows_the_embedding_and_keeps_old_logits(base_ru
 
     # an untied lm_head (stored apart from the embedding) grows the same way
     state = {"transformer.wte.weight": torch.randn(5, 3), "lm_head.weight": torch.randn(6, 3)}
-    grown = checkpoint.grow_vocabulary(state, 4, 7)
+    grown = loading.grow_vocabulary(state, 4, 7)
     for name, t in state.items():
         assert torch.equal(grown[name][:4], t[:4]) and torch.allclose(grown[name][4:], t[:4].mean(0).expand(3, -1))
 
@@ -314,29 +315,29 @@ def test_fine_tuning_from_the_command_line_reports_cut_conversations_and_learns(
     assert log[-1]["val_loss"] < log[0]["loss"]
     config = json.loads((run / "config.json").read_text())
     assert (config["n_layer"], config["n_embd"], config["block_size"]) == (2, 32, 20)
-    _, tokenizer = checkpoint.load_model(str(run), "cpu")
+    _, tokenizer = loading.load_model(str(run), "cpu")
     assert tokenizer.to_dict() == json.loads((task_data / "meta.json").read_text())["tokenizer"]
 
 
 # -------------------------------------------------------------------------------- Hugging Face GPT-2
 
 def test_gpt2_tokenizer_with_chat_tokens_round_trips(tmp_path):
-    import gpt2
+    from nanoforge import gpt2
     from test_gpt2 import tiny_bpe
 
     tiny_bpe(tmp_path)
     tok = with_chat_tokens(gpt2.tokenizer_from_hf(str(tmp_path)))
     again = prepare.tokenizer_from_dict(json.loads(json.dumps(tok.to_dict())))
     messages = [{"role": "user", "content": "Speak, <|user_end|> ünï 12"}, {"role": "assistant", "content": "Resolved."}]
-    ids, mask = chat.render_conversation(again, messages)
-    assert (ids, mask) == chat.render_conversation(tok, messages)
+    ids, mask = chat_format.render_conversation(again, messages)
+    assert (ids, mask) == chat_format.render_conversation(tok, messages)
     assert again.decode(ids) == ("<|bos|><|user_start|>Speak, <|user_end|> ünï 12<|user_end|>"
                                  "<|assistant_start|>Resolved.<|assistant_end|>")
     assert sum(i >= tok.base.vocab_size for i in ids) == 5  # the literal "<|user_end|>" stayed text
 
 
 def test_a_hugging_face_gpt2_directory_fine_tunes_on_chat_data(tmp_path):
-    import gpt2
+    from nanoforge import gpt2
     from test_gpt2 import random_gpt2, tiny_bpe
 
     directory = tmp_path / "hf"

@@ -4,9 +4,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import prepare
+from nanoforge import sources
 from conftest import TINY_TEXT
-from tokenizer import (
+from nanoforge.tokenizer import (
     EOT, BPETokenizer, ByteTokenizer, TokenizerError, build_tokenizer, gpt2_tokenizer,
     replace_surrogates, tokenizer_from_dict,
 )
@@ -90,7 +90,7 @@ def test_bpe_vocab_size_errors():
 def test_cutting_at_seams_keeps_the_tokens_of_the_whole_text(bpe, pattern):
     tok = bpe if pattern == "gpt4" else BPETokenizer("g2", GPT2_PATTERN, bpe.ranks, bpe.special_tokens)
     text = (CORPUS + "  \n\n x\r\ny \n  z\n") * 3
-    pieces = list(prepare.pieces([text], 300))
+    pieces = list(sources.pieces([text], 300))
     assert len(pieces) > 10 and "".join(pieces) == text
     seamless = [p for p in pieces[:-1] if p[-1] == "\n" and not p[-2].isspace()]
     assert len(seamless) > len(pieces) // 2  # most cuts are at true seams

@@ -5,7 +5,7 @@ Where a model runs and in what precision: device and dtype resolution, and each 
 
 import torch
 
-from config import ConfigError
+from nanoforge.config import ConfigError
 
 # Dense bf16/fp16 tensor-core peak FLOP/s, matched against torch.cuda.get_device_name().
 # Order matters: the first substring that matches wins ("H100 PCIe" before "H100").

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from tokenizer import EOT
+from nanoforge.tokenizer import EOT
 
 
 def token_bytes(tokenizer, i):

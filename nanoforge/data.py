@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from tokenizer import tokenizer_from_dict
+from nanoforge.tokenizer import tokenizer_from_dict
 
 
 META_VERSION = 1  # bump when meta.json or the .bin layout changes

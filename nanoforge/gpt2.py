@@ -27,9 +27,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from config import keys_from_weights
+from nanoforge.config import keys_from_weights
 from model import ARCH_KEYS, GPT, GPTConfig, padded_vocab_size
-from tokenizer import EOT, BPETokenizer, gpt2_tokenizer
+from nanoforge.tokenizer import EOT, BPETokenizer, gpt2_tokenizer
 
 NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # Conv1D layers: Hugging Face stores their weights as (in, out), nn.Linear as (out, in).

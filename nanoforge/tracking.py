@@ -8,7 +8,7 @@ import dataclasses
 import importlib.util
 import os
 
-from config import ConfigError
+from nanoforge.config import ConfigError
 
 
 def require(module, extra, key):

@@ -1,7 +1,7 @@
 """
 The generation engine: a KV cache, sampling filters, stop conditions and streaming text.
 
-    from generate import Generator
+    from nanoforge.engine import Generator
     gen = Generator.from_checkpoint("out/shakespeare_char_cpu")
     for s in gen.generate(["ROMEO:", "JULIET:"], max_new_tokens=100, top_p=0.9, seed=1):
         print(s.text, s.ids, s.finish_reason)
@@ -29,19 +29,16 @@ How it works:
   tokens other rows need.
 """
 
-import copy
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
-from torch.nn import functional as F
 
-from chat import ChatError, render_for_reply, require_chat_tokens
-from checkpoint import load_model
-from device import resolve_device
-from model import CausalSelfAttention
-from quantize import Int8Linear
+from nanoforge.chat_format import ChatError, render_for_reply, require_chat_tokens
+from nanoforge.loading import load_model
+from nanoforge.device import resolve_device
+from nanoforge.cpu_decoding import decoder_for, fast_attention, fast_linear
+from nanoforge.sampling import (SettingError, TextStream, candidates, check_lookup, check_settings, lookup_draft,
+                                penalize_repetition, sample_from)
 
 
 class KVCache:
@@ -72,198 +69,6 @@ class LayerKVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-class PackedLinear(nn.Module):
-    """nn.Linear's function for decoding on a CPU, with the weight reordered once into the blocked
-    layout oneDNN's matrix kernels stream fastest. At batch 1 a step is one vector times every
-    weight matrix, so its speed is how fast the weights are read: whole decode steps of the GPT-2
-    124M shape ran 16-18 tok/s packed against 9-14 with nn.Linear's [out, in] and 14-18 with a
-    pre-transposed [in, out] copy in float32, and 24-35 against 19-32 and 17-23 in bfloat16 (issue
-    13; one thread, loaded machine). The result equals F.linear's to float32 round-off."""
-
-    def __init__(self, linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)  # tuned for 1 row
-        self.bias = linear.bias
-
-    def forward(self, x):
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.size(-1)), self.packed, self.bias, "none", [], "")
-        return y.view(*x.shape[:-1], self.out_features)
-
-
-class LastPositions(nn.Module):
-    """The decoder's lm_head: logits for the last `keep` positions only. Prefill needs only the
-    next token's logits, and the un-embedding is the biggest matrix: for a 256-token prompt of
-    GPT-2 124M, all positions' logits would cost 256 x 50257 x 768 multiply-adds."""
-
-    def __init__(self, head):
-        super().__init__()
-        self.head, self.keep = head, 1
-
-    def forward(self, x):
-        return self.head(x[:, -self.keep :])  # (B, keep, vocab_size)
-
-
-class OneQueryAttention(CausalSelfAttention):
-    """CausalSelfAttention for decoding in 16-bit floats on a CPU: one new query (a decode step) is
-    attended in float32 by two plain matrix-vector products and a softmax. torch's fused CPU kernel is
-    built for many queries at a time; for one query in bfloat16 it took, per layer of the 124M shape,
-    254 us over 256 cached positions where this took 72 (and the same product in bfloat16, 134: its
-    small bfloat16 matrix products are slow here). Whole bfloat16 generations, interleaved in one
-    process: 124M, 512 tokens, 68.4 against 61.0 tok/s; shakespeare_char, 256 tokens, 456 against
-    434. In float32 the fused kernel is as fast and stays; prefill (many queries) keeps it too."""
-
-    def attend(self, q, k, v):
-        B, n_head, T, head_dim = q.size()
-        if T > 1:
-            return super().attend(q, k, v)
-        group = n_head // self.n_kv_head  # query heads per key/value head (grouped-query attention)
-        q = q.view(B, self.n_kv_head, group, head_dim).float()  # each kv head's group of one-position queries
-        scores = q @ k.float().transpose(-2, -1) / math.sqrt(head_dim)  # (B, n_kv_head, group, S)
-        y = scores.softmax(dim=-1) @ v.float()  # (B, n_kv_head, group, head_dim)
-        return y.to(v.dtype).view(B, n_head, 1, head_dim)
-
-
-def fast_attention(device, dtype):
-    """The attention decoding uses on this device and dtype (None: the model's own)."""
-    return OneQueryAttention if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else None
-
-
-def fast_linear(device, dtype, quantize=None):
-    """The Linear replacement decoding uses on this device and dtype (None: nn.Linear itself,
-    which on CUDA already runs cuBLAS on the layout it streams fastest)."""
-    if quantize == "int8":
-        return Int8Linear
-    cpu_packs = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
-    return PackedLinear if cpu_packs else None
-
-
-def decoder_for(model, linear, attention, dtype):
-    """A copy of model for decoding in dtype: every nn.Linear replaced by linear(it) (None: kept),
-    every CausalSelfAttention made an `attention` (a subclass with the same weights; None: kept),
-    and an lm_head that computes the last position's logits only. The model's own forward runs
-    it, so architecture options in model.py apply unchanged. In the model's dtype the copy shares
-    every other parameter with it (embeddings, norms, biases) and costs one re-laid-out copy of the
-    matrices; in another dtype (int8 decodes in bfloat16) it owns its converted parameters."""
-    same_dtype = next(model.parameters()).dtype == dtype
-    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]} if same_dtype else {}
-    decoder = copy.deepcopy(model, memo=shared).eval()
-    if linear is not None:
-        for module in list(decoder.modules()):
-            for name, child in list(module.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(module, name, linear(child))
-    if attention is not None:
-        for module in decoder.modules():
-            if type(module) is CausalSelfAttention:
-                module.__class__ = attention  # the same module, attending its own way: no new state
-    decoder.lm_head = LastPositions(decoder.lm_head)
-    return decoder if same_dtype else decoder.to(dtype)  # .to converts in place: never on shared parameters
-
-
-def candidates(logits, top_k=None, top_p=1.0):
-    """The tokens sampling may pick from. logits (B, V) -> (values, ids), each (B, K).
-
-    values are logits, set to -inf outside the top_k most likely tokens and outside the top_p
-    nucleus: the smallest set of most likely tokens whose probabilities sum to at least top_p
-    (Holtzman et al. 2019, "The Curious Case of Neural Text Degeneration"). ids maps column j
-    back to a token id; it is None when no filter applies and column j is token j."""
-    ids = None
-    if top_k:
-        logits, ids = torch.topk(logits, min(top_k, logits.size(-1)))  # sorted, most likely first
-    if top_p < 1.0:
-        if ids is None:
-            logits, ids = logits.sort(dim=-1, descending=True)
-        probs = F.softmax(logits, dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens; 0 for the most likely
-        logits = logits.masked_fill(before >= top_p, float("-inf"))
-    return logits, ids
-
-
-def penalize_repetition(logits, seen, penalty):
-    """Make tokens already in the sequence less likely: positive logits are divided by the
-    penalty, negative ones multiplied (Keskar et al. 2019, CTRL). seen: (B, V) bool."""
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
-
-
-def sample_from(values, ids, uniforms):
-    """Pick one token per row by inverse transform: the first column whose cumulative
-    probability exceeds u * total. Columns of probability 0 (-inf logits) can never be picked.
-    values (B, K) logits, uniforms (B,) in [0, 1) -> token ids (B,)."""
-    cdf = F.softmax(values.float(), dim=-1).double().cumsum(dim=-1)  # float64: no round-off past the end
-    # u < 1 is a float32, so u * total stays below total: the search never runs off the end.
-    choice = torch.searchsorted(cdf, (uniforms.double() * cdf[:, -1]).unsqueeze(1), right=True)  # (B, 1)
-    return (choice if ids is None else ids.gather(1, choice)).squeeze(1)
-
-
-class TextStream:
-    """One sample's tokens turned into text as they arrive. Text is released only once it
-    is final: never partway through a multi-byte character (a byte or BPE token can end inside
-    one, and the tokenizer decodes an incomplete character as U+FFFD), and never while its end
-    could be the start of a stop string. The stop string and anything after it are dropped."""
-
-    MAX_PENDING = 16  # a character has at most 4 bytes; past this the bytes are just invalid
-
-    def __init__(self, tokenizer, stop=()):
-        self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
-        self.pending = []  # tokens not yet decoded into text
-        self.text = ""
-        self.released = 0  # characters of text already handed out
-        self.stopped = False  # a stop string was found
-
-    def push(self, token):
-        """Add one token; returns the text that became final (often "")."""
-        self.pending.append(token)
-        piece = self.tokenizer.decode(self.pending)
-        if piece.endswith("\ufffd") and len(self.pending) < self.MAX_PENDING:
-            return ""  # wait: the next token may complete the character
-        self.pending = []
-        self.add(piece)
-        return self.release()
-
-    def finish(self):
-        """The sample ended: release everything that is left."""
-        if self.pending and not self.stopped:
-            self.add(self.tokenizer.decode(self.pending))
-            self.pending = []
-        self.stopped = True
-        return self.release()
-
-    def add(self, piece):
-        search_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=1) + 1)
-        self.text += piece
-        found = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
-        if found:
-            self.text, self.stopped = self.text[: min(found)], True
-
-    def release(self):
-        end = len(self.text)
-        if not self.stopped:  # hold back a tail that may grow into a stop string
-            for s in self.stop:
-                for k in range(min(len(s) - 1, end), 0, -1):
-                    if self.text.endswith(s[:k]):
-                        end = min(end, len(self.text) - k)
-                        break
-        out, self.released = self.text[self.released : end], max(self.released, end)
-        return out
-
-
-def lookup_draft(tokens, k, max_ngram=3):
-    """Prompt lookup decoding (Saxena 2023): the up to k tokens that followed the latest earlier
-    occurrence of the sequence's last n tokens, trying n = max_ngram first; [] when none. Free to
-    compute and often right on text that repeats itself (code, quotes, lists, names)."""
-    if k < 1:
-        return []
-    for n in range(min(max_ngram, len(tokens) - 1), 0, -1):
-        tail = tokens[-n:]
-        for start in range(len(tokens) - n - 1, -1, -1):
-            if tokens[start : start + n] == tail:
-                return tokens[start + n : start + n + k]
-    return []
-
-
 @dataclass
 class Sample:
     """One generated continuation. ids are the generated token ids (ending with the
@@ -275,36 +80,6 @@ class Sample:
     ids: list
     text: str
     finish_reason: str
-
-
-class SettingError(ValueError):
-    """A generation setting out of its range; name is the keyword argument's name."""
-
-    def __init__(self, name, expected, value):
-        super().__init__(f"{name} must be {expected}, got {value!r}")
-        self.name, self.expected, self.value = name, expected, value
-
-
-def check_lookup(lookup, temperature, repetition_penalty, n_prompts):
-    """Prompt lookup is exact for greedy decoding of one prompt only."""
-    if lookup and not (lookup > 0 and temperature == 0 and repetition_penalty == 1.0 and n_prompts == 1):
-        raise SettingError("lookup", "0 (off), or above 0 with one prompt (--num-samples 1), temperature 0 and "
-                           "repetition_penalty 1", lookup)
-
-
-def check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, slide, block_size):
-    if max_new_tokens < 1:
-        raise SettingError("max_new_tokens", "at least 1", max_new_tokens)
-    if not temperature >= 0:
-        raise SettingError("temperature", "at least 0 (0 picks the most likely token)", temperature)
-    if top_k is not None and top_k < 0:
-        raise SettingError("top_k", "at least 0 (0 keeps every token)", top_k)
-    if not 0 < top_p <= 1:
-        raise SettingError("top_p", "in (0, 1] (1 keeps every token)", top_p)
-    if not repetition_penalty > 0:
-        raise SettingError("repetition_penalty", "above 0 (1 leaves the logits alone)", repetition_penalty)
-    if not 1 <= slide <= block_size:
-        raise SettingError("slide", f"between 1 and the model's block_size {block_size}", slide)
 
 
 class Generator:

@@ -1,0 +1,138 @@
+"""
+Weight-only int8 quantization for decoding: each Linear's weight is stored as int8 with one
+scale per output channel (w ~ scale[o] * q[o, i], q in [-127, 127]), a quarter of float32's
+bytes. At batch 1 a decode step reads every weight once, so fewer bytes are fewer seconds.
+
+It runs on the CPU, through torch's int8 weight-only kernel (_weight_int8pack_mm), with bfloat16
+activations: the kernel is vectorised for bfloat16 inputs only; with float32 inputs it ran ~10x
+slower (0.7 against 7.2 GB/s of weights read, issue 13). On a GPU there is no such kernel here
+(dequantizing a whole matrix per step would read more bytes than bfloat16 does), so Generator
+refuses int8 there.
+"""
+
+import torch
+import torch.nn as nn
+import copy
+import math
+from model import CausalSelfAttention
+
+
+def quantize_per_channel(weight):
+    """weight (out, in) float -> (q int8 (out, in), scale float32 (out,)): the scale maps each
+    row's largest magnitude to 127, so rounding moves a weight by at most scale / 2."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """nn.Linear's function with an int8 weight and per-output-channel scales."""
+
+    def __init__(self, linear):
+        super().__init__()
+        q, scale = quantize_per_channel(linear.weight)
+        self.register_buffer("weight", q)  # (out, in) int8
+        self.register_buffer("scale", scale)  # (out,), converted with the module (bfloat16 when decoding)
+        self.bias = linear.bias
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scale.to(torch.bfloat16))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], -1).to(x.dtype)
+
+    def dequantized(self):
+        """The weight this layer multiplies by, as a float32 (out, in) matrix (for tests and error bounds)."""
+        return self.weight.float() * self.scale.float()[:, None]
+
+
+class PackedLinear(nn.Module):
+    """nn.Linear's function for decoding on a CPU, with the weight reordered once into the blocked
+    layout oneDNN's matrix kernels stream fastest. At batch 1 a step is one vector times every
+    weight matrix, so its speed is how fast the weights are read: whole decode steps of the GPT-2
+    124M shape ran 16-18 tok/s packed against 9-14 with nn.Linear's [out, in] and 14-18 with a
+    pre-transposed [in, out] copy in float32, and 24-35 against 19-32 and 17-23 in bfloat16 (issue
+    13; one thread, loaded machine). The result equals F.linear's to float32 round-off."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)  # tuned for 1 row
+        self.bias = linear.bias
+
+    def forward(self, x):
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.size(-1)), self.packed, self.bias, "none", [], "")
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class LastPositions(nn.Module):
+    """The decoder's lm_head: logits for the last `keep` positions only. Prefill needs only the
+    next token's logits, and the un-embedding is the biggest matrix: for a 256-token prompt of
+    GPT-2 124M, all positions' logits would cost 256 x 50257 x 768 multiply-adds."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head, self.keep = head, 1
+
+    def forward(self, x):
+        return self.head(x[:, -self.keep :])  # (B, keep, vocab_size)
+
+
+class OneQueryAttention(CausalSelfAttention):
+    """CausalSelfAttention for decoding in 16-bit floats on a CPU: one new query (a decode step) is
+    attended in float32 by two plain matrix-vector products and a softmax. torch's fused CPU kernel is
+    built for many queries at a time; for one query in bfloat16 it took, per layer of the 124M shape,
+    254 us over 256 cached positions where this took 72 (and the same product in bfloat16, 134: its
+    small bfloat16 matrix products are slow here). Whole bfloat16 generations, interleaved in one
+    process: 124M, 512 tokens, 68.4 against 61.0 tok/s; shakespeare_char, 256 tokens, 456 against
+    434. In float32 the fused kernel is as fast and stays; prefill (many queries) keeps it too."""
+
+    def attend(self, q, k, v):
+        B, n_head, T, head_dim = q.size()
+        if T > 1:
+            return super().attend(q, k, v)
+        group = n_head // self.n_kv_head  # query heads per key/value head (grouped-query attention)
+        q = q.view(B, self.n_kv_head, group, head_dim).float()  # each kv head's group of one-position queries
+        scores = q @ k.float().transpose(-2, -1) / math.sqrt(head_dim)  # (B, n_kv_head, group, S)
+        y = scores.softmax(dim=-1) @ v.float()  # (B, n_kv_head, group, head_dim)
+        return y.to(v.dtype).view(B, n_head, 1, head_dim)
+
+
+def fast_attention(device, dtype):
+    """The attention decoding uses on this device and dtype (None: the model's own)."""
+    return OneQueryAttention if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else None
+
+
+def fast_linear(device, dtype, quantize=None):
+    """The Linear replacement decoding uses on this device and dtype (None: nn.Linear itself,
+    which on CUDA already runs cuBLAS on the layout it streams fastest)."""
+    if quantize == "int8":
+        return Int8Linear
+    cpu_packs = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+    return PackedLinear if cpu_packs else None
+
+
+def decoder_for(model, linear, attention, dtype):
+    """A copy of model for decoding in dtype: every nn.Linear replaced by linear(it) (None: kept),
+    every CausalSelfAttention made an `attention` (a subclass with the same weights; None: kept),
+    and an lm_head that computes the last position's logits only. The model's own forward runs
+    it, so architecture options in model.py apply unchanged. In the model's dtype the copy shares
+    every other parameter with it (embeddings, norms, biases) and costs one re-laid-out copy of the
+    matrices; in another dtype (int8 decodes in bfloat16) it owns its converted parameters."""
+    same_dtype = next(model.parameters()).dtype == dtype
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]} if same_dtype else {}
+    decoder = copy.deepcopy(model, memo=shared).eval()
+    if linear is not None:
+        for module in list(decoder.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(module, name, linear(child))
+    if attention is not None:
+        for module in decoder.modules():
+            if type(module) is CausalSelfAttention:
+                module.__class__ = attention  # the same module, attending its own way: no new state
+    decoder.lm_head = LastPositions(decoder.lm_head)
+    return decoder if same_dtype else decoder.to(dtype)  # .to converts in place: never on shared parameters

@@ -1,0 +1,163 @@
+"""
+The built-in datasets by name: where each comes from (pinned URLs and sha256 checksums), resumable
+downloads, and the Source for a name, a file, a directory or a glob pattern.
+"""
+
+import glob
+import hashlib
+import json
+import os
+import urllib.error
+import urllib.request
+
+from tqdm import tqdm
+
+from nanoforge.sources import CHUNK_SIZE, PrepareError, files_source, stdlib_source, text_file_source
+
+TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+# The Hugging Face API lists a folder's files with their sizes and sha256 (Git LFS object ids).
+FINEWEB_EDU_API = "https://huggingface.co/api/datasets/HuggingFaceFW/fineweb-edu/tree/main/sample/10BT"
+FINEWEB_EDU_URL = "https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu/resolve/main/"
+# Databricks Dolly 15k (CC BY-SA 3.0): 15,011 human-written instruction/response pairs, one JSONL file.
+# The revision is pinned: its sha256 is the Git LFS object id the API lists for the file at that commit,
+# which no later push can change (we could not read the hash itself without network when writing this).
+DOLLY_REVISION = "bdd27f4d94b9c1f951818a7da7fd7aeea5dbff1a"
+DOLLY_FILE = "databricks-dolly-15k.jsonl"
+DOLLY_API = f"https://huggingface.co/api/datasets/databricks/databricks-dolly-15k/tree/{DOLLY_REVISION}"
+DOLLY_URL = f"https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/{DOLLY_REVISION}/{DOLLY_FILE}"
+
+# name -> (default tokenizer, what it is)
+BUILTINS = {
+    "pystdlib": ("char", "this Python's standard-library sources (offline)"),
+    "shakespeare_char": ("char", "tinyshakespeare, character-level"),
+    "shakespeare": ("gpt2", "tinyshakespeare, GPT-2 BPE"),
+    "fineweb_edu": ("gpt2", "FineWeb-Edu 10BT sample, GPT-2 BPE"),
+    "chat_tasks": ("char", "small generated tasks for chat fine-tuning (offline)"),
+    "dolly": ("gpt2", "Databricks Dolly 15k instructions and responses, for chat fine-tuning"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Downloads: resumable (HTTP Range into a .part file) and checksummed
+
+
+def sha256_of_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def offline_error(url, e):
+    return PrepareError(
+        f"could not download {url} ({getattr(e, 'reason', e)}): no network? "
+        "pass --source PATH to a local copy of the file"
+    )
+
+
+def download(url, sha256, dest):
+    """Fetch url into dest, verifying its sha256. An interrupted download resumes from dest.part
+    with an HTTP Range request; a good copy already at dest is reused."""
+    if os.path.isfile(dest) and sha256_of_file(dest) == sha256:
+        return dest
+    tmp = dest + ".part"
+    have = os.path.getsize(tmp) if os.path.isfile(tmp) else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            if have and getattr(response, "status", 200) != 206:
+                have = 0  # the server ignored the Range header: start again
+            total = int(response.headers.get("Content-Length") or 0) + have or None
+            with open(tmp, "ab" if have else "wb") as out, tqdm(
+                total=total, initial=have, unit="B", unit_scale=True, desc=os.path.basename(dest), leave=False
+            ) as bar:
+                while block := response.read(1 << 20):
+                    out.write(block)
+                    bar.update(len(block))
+    except (urllib.error.URLError, OSError) as e:
+        raise offline_error(url, e) from None
+    got = sha256_of_file(tmp)
+    if got != sha256:
+        os.remove(tmp)
+        raise PrepareError(f"download of {url} has sha256 {got}, expected {sha256}: the file changed or was corrupted")
+    os.replace(tmp, dest)
+    return dest
+
+
+def hf_listing(api_url):
+    """A Hugging Face API folder listing: [{"path", "size", "lfs": {"oid": sha256, ...}}, ...]."""
+    try:
+        with urllib.request.urlopen(api_url, timeout=30) as response:
+            return json.load(response)
+    except (urllib.error.URLError, OSError) as e:
+        raise offline_error(api_url, e) from None
+
+
+def download_dolly(download_dir):
+    """Download Dolly 15k at its pinned revision, checked against the sha256 the API lists for it."""
+    listed = [f for f in hf_listing(DOLLY_API) if f.get("path") == DOLLY_FILE and "lfs" in f]
+    if not listed:
+        raise PrepareError(f"{DOLLY_API} does not list {DOLLY_FILE}: pass --source PATH to a local copy of it")
+    os.makedirs(download_dir, exist_ok=True)
+    return download(DOLLY_URL, listed[0]["lfs"]["oid"], os.path.join(download_dir, DOLLY_FILE))
+
+
+def fineweb_edu_shards(download_dir, shards):
+    """Download the first `shards` parquet files of FineWeb-Edu's 10BT sample (all when None)."""
+    listing = hf_listing(FINEWEB_EDU_API)
+    files = sorted((f for f in listing if f.get("path", "").endswith(".parquet")), key=lambda f: f["path"])
+    if not files:
+        raise PrepareError(f"{FINEWEB_EDU_API} lists no parquet files: the dataset layout changed")
+    os.makedirs(download_dir, exist_ok=True)
+    paths = []
+    for f in tqdm(files[:shards], desc="shards", unit="shard", disable=len(files[:shards]) < 2):
+        dest = os.path.join(download_dir, os.path.basename(f["path"]))
+        paths.append(download(FINEWEB_EDU_URL + f["path"], f["lfs"]["oid"], dest))
+    return paths
+
+
+def tinyshakespeare(source_path, out_dir):
+    if not source_path:
+        os.makedirs(out_dir, exist_ok=True)
+        return download(TINYSHAKESPEARE_URL, TINYSHAKESPEARE_SHA256, os.path.join(out_dir, "input.txt"))
+    if sha256_of_file(source_path) != TINYSHAKESPEARE_SHA256:
+        raise PrepareError(
+            f"'{source_path}' is not tinyshakespeare (sha256 {sha256_of_file(source_path)}, "
+            f"expected {TINYSHAKESPEARE_SHA256}): pass the unmodified input.txt"
+        )
+    return source_path
+
+
+def open_source(name, source_path, out_dir, val_fraction, text_field="text", shards=None, chunk_size=CHUNK_SIZE):
+    """The Source for a built-in name, a file, a directory or a glob pattern."""
+    if name == "pystdlib":
+        return stdlib_source(val_fraction, chunk_size)
+    if name in ("shakespeare_char", "shakespeare"):
+        path = tinyshakespeare(source_path, out_dir)
+        return text_file_source(path, {"name": "tinyshakespeare", "url": TINYSHAKESPEARE_URL}, val_fraction, chunk_size)
+    if name == "fineweb_edu":
+        if source_path:
+            paths = sorted(glob.glob(os.path.join(source_path, "*.parquet")))[:shards]
+            if not paths:
+                raise PrepareError(f"no .parquet files in '{source_path}': pass the directory of downloaded shards")
+        else:
+            paths = fineweb_edu_shards(os.path.join(out_dir, "download"), shards)
+        return files_source(paths, {"name": "fineweb_edu", "url": FINEWEB_EDU_API, "shards": len(paths)}, "text", chunk_size)
+    if os.path.isfile(name):
+        description = {"name": os.path.abspath(name)}
+        if name.endswith((".jsonl", ".parquet")):
+            return files_source([name], description, text_field, chunk_size)
+        return text_file_source(name, description, val_fraction, chunk_size)
+    if os.path.isdir(name):
+        paths = glob.glob(os.path.join(name, "**", "*"), recursive=True)
+    else:
+        paths = glob.glob(name, recursive=True) if glob.has_magic(name) else []
+    paths = sorted(p for p in paths if os.path.isfile(p))
+    if not paths:
+        raise PrepareError(
+            f"'{name}' is neither a built-in dataset ({', '.join(BUILTINS)}) nor an existing file, "
+            "directory or glob pattern matching files"
+        )
+    return files_source(paths, {"name": os.path.abspath(name) if os.path.isdir(name) else name}, text_field, chunk_size)
