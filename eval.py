@@ -36,8 +36,8 @@ prepared it.
 """
 
 import argparse
-import json
 import itertools
+import json
 import math
 import os
 import sys
@@ -46,20 +46,18 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from nanoforge import chat_format, chat_tasks
-from nanoforge import checkpoint, loading
-from nanoforge import gpt2
-from nanoforge import records
+from nanoforge import chat_format, chat_tasks, checkpoint, cli, gpt2, loading, records
 from nanoforge.config import ConfigError
 from nanoforge.data import DataError, open_array, open_split, read_meta
 from nanoforge.device import resolve_device
 from nanoforge.engine import Generator
+from nanoforge.errors import UserError
 from nanoforge.tokenizer import TokenizerError, token_byte_counts, tokenizer_from_dict
 
 EXAMPLES = 3  # right and wrong answers shown
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """Data that this model cannot be evaluated on; the message says why and what to do."""
 
 
@@ -202,7 +200,7 @@ def show_examples(answers):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    loading.add_model_arguments(parser)
+    cli.add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="prepared data directory, chat JSONL file, or chat_tasks")
     parser.add_argument("--max", type=int, metavar="N", help="data directory: at most N batches; chat: the first N conversations")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="windows or conversations per forward pass")

@@ -22,9 +22,7 @@ import sys
 
 import torch
 
-from nanoforge import checkpoint, loading
-from nanoforge import gpt2
-from nanoforge import inspect_html
+from nanoforge import checkpoint, cli, gpt2, inspect_html, loading
 from nanoforge.config import ConfigError
 from nanoforge.device import resolve_device
 from nanoforge.inspect_model import explain, fit_prompt, trace
@@ -155,7 +153,7 @@ def check_layer_and_head(args, n_layer, n_head):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    loading.add_model_arguments(parser)
+    cli.add_model_arguments(parser)
     parser.add_argument("--prompt", required=True, help="the text to look at")
     parser.add_argument("--top-k", type=int, default=5, help="predictions shown per position")
     parser.add_argument("--layer", type=int, help="with --head: print this layer's pattern as a text heatmap")

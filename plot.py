@@ -18,10 +18,12 @@ import json
 import os
 import sys
 
+from nanoforge.errors import UserError
+
 X_LABELS = {"step": "step", "tokens": "tokens", "time": "wall time (minutes)"}
 
 
-class PlotError(ValueError):
+class PlotError(UserError):
     """A run directory or option that cannot be plotted, phrased for the user."""
 
 

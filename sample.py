@@ -30,8 +30,7 @@ import sys
 
 import torch
 
-from nanoforge import checkpoint, loading
-from nanoforge import gpt2
+from nanoforge import checkpoint, cli, gpt2, loading
 from nanoforge.chat_format import ChatError, fit_to_context, require_chat_tokens
 from nanoforge.config import ConfigError
 from nanoforge.device import resolve_device
@@ -126,7 +125,7 @@ def chat_session(generator, lines, system, settings, interactive):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    loading.add_model_arguments(parser)
+    cli.add_model_arguments(parser)
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="text to continue (default: a newline, or end-of-text for byte/BPE)")
     prompt.add_argument("--prompt-file", help="file whose text to continue")

@@ -125,12 +125,12 @@ def main():
     print("\nBPE training (rustbpe, on the train split) and compression (tiktoken, whole corpus)")
     print(f"{'corpus':<24} {'vocab':>6} {'train s':>8} {'bytes/token':>12}   (bytes: 1.00 by definition)")
     tokenizers = {}
-    sources = {
+    corpora = {
         "tinyshakespeare (1 MB)": sources.text_file_source(shakespeare_path, {"name": "s"}, 0.1, sources.CHUNK_SIZE),
         f"generated ({corpus_mb:.0f} MB)": sources.files_source([corpus], {"name": "g"}, "text", sources.CHUNK_SIZE),
     }
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.workers))
-    for name, source in sources.items():
+    for name, source in corpora.items():
         for vocab in (4096, 16384):
             tok, seconds = timed(lambda: BPETokenizer.train(preparation.training_texts(source, 0.1, 1337), vocab))
             if name.startswith("tiny"):
@@ -145,7 +145,7 @@ def main():
 
     print(f"\nEncode throughput on the generated corpus ({corpus_mb:.0f} MB of JSONL), BPE 16k, MB/s of JSONL read")
     tok = tokenizers[16384]
-    source = sources[f"generated ({corpus_mb:.0f} MB)"]
+    source = corpora[f"generated ({corpus_mb:.0f} MB)"]
     out = os.path.join(args.work, "out")
     runs, cpu, ceilings = {}, {}, []
     # interleaved twice so that a burst of load from elsewhere hits both sides alike; the best of each is kept

@@ -14,11 +14,12 @@ to stop), 0 on everything else, <|assistant_start|> included (the format, not th
 
 
 from nanoforge import records
+from nanoforge.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 
 
-class ChatError(ValueError):
+class ChatError(UserError):
     """A conversation that breaks the format; the message names the problem."""
 
 

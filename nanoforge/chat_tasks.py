@@ -5,7 +5,6 @@ model can learn in minutes on a CPU, so SFT can be seen working offline.
 
 import random
 
-
 CHAT_TASKS_TRAIN, CHAT_TASKS_VAL = 20000, 500  # conversations of the built-in task set
 CHAT_TASKS_SEED = 1337  # the tasks' one seed (prepare.py's --seed does not move them): eval.py's val questions
 LETTERS = "abcdefghijklmnopqrstuvwxyz"

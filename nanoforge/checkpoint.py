@@ -21,17 +21,17 @@ import sys
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from nanoforge.errors import UserError
 from nanoforge.tokenizer import tokenizer_from_dict
 
 FORMAT = "nanoforge-checkpoint"
 VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, damaged or from an incompatible version."""
 
 

@@ -13,13 +13,15 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from nanoforge.errors import UserError
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A problem with a config file or override, phrased for the user."""
 
 

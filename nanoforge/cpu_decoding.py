@@ -10,10 +10,12 @@ slower (0.7 against 7.2 GB/s of weights read, issue 13). On a GPU there is no su
 refuses int8 there.
 """
 
-import torch
-import torch.nn as nn
 import copy
 import math
+
+import torch
+import torch.nn as nn
+
 from model import CausalSelfAttention
 
 

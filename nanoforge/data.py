@@ -21,13 +21,13 @@ import os
 
 import numpy as np
 
+from nanoforge.errors import UserError
 from nanoforge.tokenizer import tokenizer_from_dict
-
 
 META_VERSION = 1  # bump when meta.json or the .bin layout changes
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A prepared data directory that is missing, incomplete or inconsistent."""
 
 

@@ -12,7 +12,13 @@ import urllib.request
 
 from tqdm import tqdm
 
-from nanoforge.sources import CHUNK_SIZE, PrepareError, files_source, stdlib_source, text_file_source
+from nanoforge.sources import (
+    CHUNK_SIZE,
+    PrepareError,
+    files_source,
+    stdlib_source,
+    text_file_source,
+)
 
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"

@@ -34,11 +34,19 @@ from dataclasses import dataclass
 import torch
 
 from nanoforge.chat_format import ChatError, render_for_reply, require_chat_tokens
-from nanoforge.loading import load_model
-from nanoforge.device import resolve_device
 from nanoforge.cpu_decoding import decoder_for, fast_attention, fast_linear
-from nanoforge.sampling import (SettingError, TextStream, candidates, check_lookup, check_settings, lookup_draft,
-                                penalize_repetition, sample_from)
+from nanoforge.device import resolve_device
+from nanoforge.loading import load_model
+from nanoforge.sampling import (
+    SettingError,
+    TextStream,
+    candidates,
+    check_lookup,
+    check_settings,
+    lookup_draft,
+    penalize_repetition,
+    sample_from,
+)
 
 
 class KVCache:

@@ -27,8 +27,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from nanoforge.config import keys_from_weights
 from model import ARCH_KEYS, GPT, GPTConfig, padded_vocab_size
+from nanoforge.config import keys_from_weights
+from nanoforge.errors import UserError
 from nanoforge.tokenizer import EOT, BPETokenizer, gpt2_tokenizer
 
 NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -38,7 +39,7 @@ TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "ml
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 
-class GPT2Error(ValueError):
+class GPT2Error(UserError):
     """A pretrained model that cannot be found, read or mapped onto ours."""
 
 

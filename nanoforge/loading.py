@@ -8,9 +8,8 @@ import torch
 
 from model import GPT, GPTConfig, padded_vocab_size
 from nanoforge import gpt2
-from nanoforge.checkpoint import CheckpointError, load, checkpoint_path
+from nanoforge.checkpoint import CheckpointError, checkpoint_path, load
 from nanoforge.tokenizer import tokenizer_from_dict
-
 
 # ---------------------------------------------------------------------------------------------
 # Loading a model for inference (sample.py, eval.py, export.py, the engine).
@@ -40,16 +39,8 @@ def load_model(ckpt, device):
     return model.to(device).eval(), tokenizer
 
 
-def add_model_arguments(parser):
-    """--ckpt or --init-from: where the scripts that run a trained model (sample.py, explain.py, eval.py) get it."""
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt", help="run directory or checkpoint file")
-    source.add_argument("--init-from", metavar="NAME|PATH",
-                        help="pretrained GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face directory")
-
-
 def load_model_from_args(args, device):
-    """Model (eval mode, on device) and tokenizer from add_model_arguments' --ckpt or --init-from."""
+    """Model (eval mode, on device) and tokenizer from cli.add_model_arguments' --ckpt or --init-from."""
     if args.ckpt:
         return load_model(args.ckpt, device)
     model, tokenizer = gpt2.model_and_tokenizer(args.init_from)

@@ -11,8 +11,10 @@ import contextlib
 import fcntl
 import os
 
+from nanoforge.errors import UserError
 
-class DirectoryInUse(RuntimeError):
+
+class DirectoryInUse(UserError):
     """Another live process holds the directory's lock."""
 
 

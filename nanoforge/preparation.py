@@ -17,16 +17,25 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from nanoforge import chat_format
-from nanoforge import records
+from nanoforge import chat_format, chat_tasks, records
 from nanoforge.data import META_VERSION
+from nanoforge.datasets import (
+    BUILTINS,
+    DOLLY_URL,
+    download_dolly,
+    open_source,
+    sha256_of_file,
+)
 from nanoforge.lock import DirectoryLock
-from nanoforge.tokenizer import (TokenizerError, build_tokenizer, check_tokenizer_args, tokenizer_from_dict, utf8,
-                       with_chat_tokens)
-from nanoforge import chat_tasks
-from nanoforge.datasets import BUILTINS, DOLLY_URL, download_dolly, open_source, sha256_of_file
 from nanoforge.sources import CHUNK_SIZE, TRAIN, VAL, PrepareError, as_text, pieces
-
+from nanoforge.tokenizer import (
+    TokenizerError,
+    build_tokenizer,
+    check_tokenizer_args,
+    tokenizer_from_dict,
+    utf8,
+    with_chat_tokens,
+)
 
 # ---------------------------------------------------------------------------------------------
 # The pipeline: split documents, cut them into chunks, encode the chunks in a pool, write in order
@@ -138,8 +147,10 @@ def prepare(name, tokenizer_kind=None, out_dir=None, val_fraction=0.1, source_pa
 def checkpoint_tokenizer(ckpt):
     """The tokenizer of one of our checkpoints (a run directory or file, read from the file's header
     alone), or of a Hugging Face GPT-2 directory (its vocab.json and merges.txt, or tokenizer.json)."""
-    from nanoforge import checkpoint  # here, not at the top: they import torch, which every worker process would then load
-    from nanoforge import gpt2
+    from nanoforge import (
+        checkpoint,  # here, not at the top: they import torch, which every worker process would then load
+        gpt2,
+    )
 
     try:
         if not checkpoint.is_checkpoint(ckpt) and os.path.isfile(os.path.join(ckpt, "config.json")):

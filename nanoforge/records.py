@@ -7,8 +7,10 @@ eval.py conversations.
 
 import json
 
+from nanoforge.errors import UserError
 
-class RecordError(ValueError):
+
+class RecordError(UserError):
     """A file that cannot be read as records; str() is one line saying what to do."""
 
 

@@ -7,6 +7,8 @@ random numbers, turning tokens into streamed text with stop strings, and prompt 
 import torch
 from torch.nn import functional as F
 
+from nanoforge.errors import UserError
+
 
 def candidates(logits, top_k=None, top_p=1.0):
     """The tokens sampling may pick from. logits (B, V) -> (values, ids), each (B, K).
@@ -111,7 +113,7 @@ def lookup_draft(tokens, k, max_ngram=3):
     return []
 
 
-class SettingError(ValueError):
+class SettingError(UserError):
     """A generation setting out of its range; name is the keyword argument's name."""
 
     def __init__(self, name, expected, value):

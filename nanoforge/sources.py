@@ -11,15 +11,14 @@ import re
 import sys
 import sysconfig
 
-
-from nanoforge import chat_format
-from nanoforge import records
+from nanoforge import chat_format, records
+from nanoforge.errors import UserError
 
 CHUNK_SIZE = 1 << 20  # characters of text per task sent to a worker
 TRAIN, VAL = 0, 1
 
 
-class PrepareError(RuntimeError):
+class PrepareError(UserError):
     pass
 
 

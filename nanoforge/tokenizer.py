@@ -21,6 +21,8 @@ import tempfile
 
 import numpy as np
 
+from nanoforge.errors import UserError
+
 # GPT-4's pre-split regex (cl100k_base, as rustbpe uses it): contractions, letter runs with one
 # leading non-letter, digit groups of up to three, punctuation runs, newlines, other whitespace.
 # Training and encoding split text with the same pattern, so every trained merge can apply.
@@ -53,7 +55,7 @@ def without_surrogates(text):
         return replace_surrogates(text)
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """Text the tokenizer cannot encode, or a tokenizer that cannot be built."""
 
 
