@@ -34,7 +34,6 @@ default, so the default stays GPT-2 and its weights load name for name:
   (Gemma 2), so no logit runs away early in training.
 """
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -350,19 +349,6 @@ class GPT(nn.Module):
         (appendix B): 6N for the weight matrix multiplies plus 12 * L * T * C for attention."""
         cfg = self.config
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        # Decay the matrices (Linear weights, embeddings); leave biases and LayerNorm gains alone.
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        extra = {"fused": True} if fused else {}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):

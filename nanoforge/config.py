@@ -9,10 +9,12 @@ prints them all. Unknown keys and ill-typed values are errors that name the fix.
 import dataclasses
 import difflib
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
 
+from model import GPTConfig
 from nanoforge.errors import UserError
 
 try:
@@ -29,31 +31,41 @@ def _key(default, help):
     return field(default=default, metadata={"help": help})
 
 
+def key_help(name):
+    """The one-line description of a config key."""
+    return MODEL_KEY_HELP.get(name) or KEYS[name].metadata["help"]
+
+
+# The model's keys are GPTConfig's fields, declared once in model.py with GPT-2's values as their defaults;
+# TrainConfig adds the run's keys after them. vocab_size is not a key: the data's tokenizer sets it.
+MODEL_KEY_HELP = {
+    "block_size": "context length in tokens",
+    "n_layer": "number of transformer blocks",
+    "n_head": "attention heads per block (must divide n_embd)",
+    "n_embd": "width of the residual stream",
+    "dropout": "dropout probability (0 for pretraining, 0.1+ for small data)",
+    "bias": "biases in Linear layers and LayerNorms, as in GPT-2",
+    "pos_emb": "position information: 'learned' embeddings (GPT-2) or 'rope' (rotary, in attention)",
+    "norm": "'layernorm' (GPT-2) or 'rmsnorm'",
+    "mlp": "MLP activation: 'gelu' (GPT-2), 'relu2' (ReLU squared) or 'swiglu'",
+    "qk_norm": "RMSNorm each head's queries and keys before attention",
+    "n_kv_head": "key/value heads, for grouped-query attention (must divide n_head; 0 means n_head)",
+    "tie_embeddings": "the un-embedding (lm_head) shares the token embedding's weights, as in GPT-2",
+    "zero_init_proj": "start the residual output projections (c_proj) at zero",
+    "logit_softcap": "squash the logits into (-cap, cap) by cap * tanh(logits / cap) (0 disables)",
+}
+MODEL_KEYS = tuple(MODEL_KEY_HELP)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(GPTConfig):
     # data and run directory
     data_dir: str = _key("data/quickstart", "prepared data directory holding train.bin, val.bin and meta.json")
     out_dir: str = _key("out", "run directory: resolved config, log.jsonl and checkpoints go here")
-    init_from: str = _key("scratch", "'scratch' builds a new model from the model keys below; a run directory or "
+    init_from: str = _key("scratch", "'scratch' builds a new model from the model keys; a run directory or "
                           "checkpoint file of ours, gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face GPT-2 "
                           "directory starts from those weights")
-    # model
-    n_layer: int = _key(4, "number of transformer blocks")
-    n_head: int = _key(4, "attention heads per block (must divide n_embd)")
-    n_embd: int = _key(128, "width of the residual stream")
-    block_size: int = _key(64, "context length in tokens")
-    dropout: float = _key(0.0, "dropout probability (0 for pretraining, 0.1+ for small data)")
-    bias: bool = _key(True, "biases in Linear layers and LayerNorms, as in GPT-2")
     vocab_multiple: int = _key(1, "pad the vocabulary up to a multiple of this (64 speeds up GPU matmuls)")
-    # architecture options (the defaults are GPT-2's; model.py's docstring says what each does)
-    pos_emb: str = _key("learned", "position information: 'learned' embeddings (GPT-2) or 'rope' (rotary, in attention)")
-    norm: str = _key("layernorm", "'layernorm' (GPT-2) or 'rmsnorm'")
-    mlp: str = _key("gelu", "MLP activation: 'gelu' (GPT-2), 'relu2' (ReLU squared) or 'swiglu'")
-    qk_norm: bool = _key(False, "RMSNorm each head's queries and keys before attention")
-    n_kv_head: int = _key(0, "key/value heads, for grouped-query attention (must divide n_head; 0 means n_head)")
-    tie_embeddings: bool = _key(True, "the un-embedding (lm_head) shares the token embedding's weights, as in GPT-2")
-    zero_init_proj: bool = _key(False, "start the residual output projections (c_proj) at zero")
-    logit_softcap: float = _key(0.0, "squash the logits into (-cap, cap) by cap * tanh(logits / cap) (0 disables)")
     # optimisation
     batch_size: int = _key(12, "sequences per micro-batch")
     gradient_accumulation_steps: int = _key(1, "micro-batches summed into one optimizer step")
@@ -64,13 +76,13 @@ class TrainConfig:
     embedding_lr: float = _key(0.01, "peak learning rate of the embeddings under optimizer=muon (AdamW)")
     unembedding_lr: float = _key(0.004, "peak learning rate of an untied lm_head under optimizer=muon (AdamW)")
     muon_momentum: float = _key(0.95, "Muon's momentum (optimizer=muon)")
-    lr_schedule: str = _key("cosine", "'cosine' (decays to min_lr at lr_decay_iters) or 'wsd' (warmup, stable, "
-                            "then linear decay to min_lr over the last decay_fraction of max_iters)")
-    min_lr: float = _key(1e-4, "learning rate at the end of the decay (other groups: the same fraction of their peak)")
+    lr_schedule: str = _key("cosine", "after warmup: 'constant', 'cosine' (decays to min_lr at lr_decay_iters) or "
+                            "'wsd' (warmup-stable-decay: constant, then a straight line down to min_lr at "
+                            "lr_decay_iters over its last decay_fraction)")
     warmup_iters: int = _key(100, "steps of linear learning-rate warmup from 0")
-    lr_decay_iters: int = _key(2000, "step at which the cosine decay reaches min_lr")
-    decay_fraction: float = _key(0.2, "share of max_iters the wsd schedule spends decaying to min_lr")
-    decay_lr: bool = _key(True, "false keeps the learning rate at learning_rate after warmup")
+    lr_decay_iters: int = _key(0, "step at which the decay reaches min_lr, for every schedule (0: max_iters)")
+    decay_fraction: float = _key(0.2, "wsd: the share of lr_decay_iters spent decaying")
+    min_lr: float = _key(1e-4, "learning rate at the end of the decay (other groups: the same fraction of their peak)")
     weight_decay: float = _key(0.1, "weight decay, applied to matrices only (with muon: to the blocks' matrices)")
     beta1: float = _key(0.9, "AdamW beta1")
     beta2: float = _key(0.99, "AdamW beta2")
@@ -85,49 +97,54 @@ class TrainConfig:
     wandb_log: bool = _key(False, "also send log.jsonl's records to Weights & Biases (pip install -e '.[wandb]')")
     wandb_project: str = _key("nanoforge", "Weights & Biases project of the run")
     wandb_run_name: str = _key("", "Weights & Biases name of the run ('' uses the name of out_dir)")
-    tensorboard_dir: str = _key("", "also write log.jsonl's records as TensorBoard scalars to this directory "
-                                "('' is off; pip install -e '.[tensorboard]')")
+    tensorboard_log: bool = _key(False, "also write log.jsonl's records as TensorBoard scalars to out_dir/tensorboard "
+                                 "(pip install -e '.[tensorboard]')")
     # system
     device: str = _key("auto", "'auto' (cuda, then mps, then cpu), or a torch device such as cpu, cuda, cuda:1, mps")
     dtype: str = _key("auto", "'auto' (bfloat16 on CUDA that has it, else float16; float32 elsewhere), float32, bfloat16, float16")
     compile: bool = _key(False, "torch.compile the model (faster on GPU after a warm-up)")
     seed: int = _key(1337, "random seed for initialisation, batches and dropout")
 
+    def model_config(self, vocab_size):
+        """The GPTConfig this config describes, for a vocabulary of vocab_size tokens."""
+        return GPTConfig(vocab_size=vocab_size, **{key: getattr(self, key) for key in MODEL_KEYS})
+
+    def to_dict(self):
+        """The config's keys and values, as config.json and checkpoints record them."""
+        return {name: getattr(self, name) for name in KEYS}
+
+    @property
+    def decay_end(self):
+        """The step at which the learning rate reaches min_lr."""
+        return self.lr_decay_iters or self.max_iters
+
     def validate(self):
-        positive = ["n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
-                    "max_iters", "eval_interval", "eval_iters", "log_interval", "vocab_multiple",
-                    "checkpoint_interval", "max_bad_steps"]
-        for name in positive:
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
+                     "max_iters", "eval_interval", "eval_iters", "log_interval", "vocab_multiple",
+                     "checkpoint_interval", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key '{name}' must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_iters", "lr_decay_iters", "keep_last_n", "n_kv_head"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"config key '{name}' must be 0 or more, got {getattr(self, name)}")
+        for name, (low, high, text) in FLOAT_RANGES.items():
+            value = getattr(self, name)
+            if not (math.isfinite(value) and low(value) and high(value)):
+                raise ConfigError(f"config key '{name}' must be {text}, got {value}")
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
                               f"try n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype must be one of auto, float32, bfloat16, float16; got '{self.dtype}'")
         if not self.init_from:  # names and paths are checked when training starts: the weights may be elsewhere now
             raise ConfigError("init_from must be 'scratch', a run directory or checkpoint file, a GPT-2 name "
                               "(gpt2, gpt2-medium, gpt2-large, gpt2-xl) or the path of a Hugging Face GPT-2 directory")
-        if self.keep_last_n < 0:
-            raise ConfigError(f"keep_last_n must be 0 or more, got {self.keep_last_n}")
-        if self.warmup_iters < 0 or self.learning_rate <= 0 or self.min_lr < 0:
-            raise ConfigError("learning_rate must be > 0, and min_lr and warmup_iters >= 0")
-        choices = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2", "swiglu"),
-                   "optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd")}
-        for name, allowed in choices.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"config key '{name}' must be one of {', '.join(allowed)}; got '{getattr(self, name)}'")
-        if self.n_kv_head < 0 or (self.n_kv_head and self.n_head % self.n_kv_head):
+        if self.n_kv_head and self.n_head % self.n_kv_head:
             raise ConfigError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head}), or be 0 for n_head")
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise ConfigError(f"pos_emb='rope' rotates pairs of channels: the head size n_embd / n_head "
                               f"({self.n_embd // self.n_head}) must be even")
-        if min(self.matrix_lr, self.embedding_lr, self.unembedding_lr) <= 0 or self.logit_softcap < 0:
-            raise ConfigError("matrix_lr, embedding_lr and unembedding_lr must be > 0, and logit_softcap >= 0")
-        if not 0.0 <= self.decay_fraction <= 1.0 or not 0.0 <= self.muon_momentum < 1.0:
-            raise ConfigError("decay_fraction must be in [0, 1] and muon_momentum in [0, 1)")
         if self.optimizer == "muon":
             import torch  # here only: reading a config should not pay torch's import
 
@@ -136,19 +153,42 @@ class TrainConfig:
                                   "(it arrived in 2.9): upgrade torch, or use optimizer='adamw'")
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2", "swiglu"),
+           "optimizer": ("adamw", "muon"), "lr_schedule": ("constant", "cosine", "wsd"), "dtype": DTYPES}
+# Every float key: finite (nan and inf are refused) and in its range.
+_positive = (lambda v: v > 0, lambda v: True, "a finite number > 0")
+_non_negative = (lambda v: v >= 0, lambda v: True, "a finite number >= 0")
+_unit = (lambda v: v >= 0, lambda v: v < 1, "in [0, 1)")
+FLOAT_RANGES = {
+    "learning_rate": _positive, "matrix_lr": _positive, "embedding_lr": _positive, "unembedding_lr": _positive,
+    "min_lr": _non_negative, "weight_decay": _non_negative, "grad_clip": _non_negative,
+    "logit_softcap": _non_negative, "dropout": _unit, "beta1": _unit, "beta2": _unit, "muon_momentum": _unit,
+    "decay_fraction": (lambda v: v >= 0, lambda v: v <= 1, "in [0, 1]"),
+}
+# Keys of earlier versions, each with what replaced it: an old config file gets one line naming the new key.
+REPLACED_KEYS = {
+    "decay_lr": "lr_schedule (decay_lr = false is lr_schedule = \"constant\")",
+    "tensorboard_dir": "tensorboard_log = true (it writes to out_dir/tensorboard)",
+}
+KEYS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "vocab_size"}
 TYPES = {int: "int", float: "float", bool: "bool", str: "str"}
 
 
 def unknown_key_error(name, where):
-    close = difflib.get_close_matches(name, FIELDS, n=1, cutoff=0.5)
+    if name in REPLACED_KEYS:
+        return ConfigError(f"config key '{name}' {where} was replaced: use {REPLACED_KEYS[name]}")
+    if name == "vocab_size":
+        return ConfigError(f"config key 'vocab_size' {where}: the data's tokenizer sets the vocabulary; "
+                           "vocab_multiple pads it")
+    close = difflib.get_close_matches(name, KEYS, n=1, cutoff=0.5)
     hint = f"did you mean '{close[0]}'?" if close else "run `python train.py --help` for the list of keys"
     return ConfigError(f"unknown config key '{name}' {where}: {hint}")
 
 
 def coerce(name, value):
     """Check a TOML value against the field's type (ints are accepted where floats are expected)."""
-    want = FIELDS[name].type
+    want = KEYS[name].type
     ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
@@ -159,7 +199,7 @@ def coerce(name, value):
 
 def parse_override(name, text):
     """Turn the text of `--name=text` into the field's type."""
-    want = FIELDS[name].type
+    want = KEYS[name].type
     if want is bool:
         lowered = text.lower()
         if lowered in ("true", "1", "yes"):
@@ -184,21 +224,30 @@ def load_toml(path):
         raise ConfigError(f"config file '{path}' is not valid TOML: {e}")
 
 
+def parse_overrides(items):
+    """`--key=value` strings -> {key: value text}. A key may be spelled with dashes or underscores
+    (--out-dir=x is --out_dir=x): both spellings mean the same key everywhere."""
+    parsed = {}
+    for item in items:
+        name, sep, text = item[2:].partition("=")
+        name = name.replace("-", "_")
+        if name not in KEYS:
+            raise unknown_key_error(name, "on the command line")
+        if not sep:
+            raise ConfigError(f"override '{item}' has no value: write --{name}=VALUE")
+        parsed[name] = text
+    return parsed
+
+
 def build_config(path=None, overrides=(), base=None):
     """TrainConfig from a TOML file (or a saved config dict, `base`) plus `--key=value` strings, validated."""
     values = {}
     source = load_toml(path) if path is not None else (base or {})
     for name, value in source.items():
-        if name not in FIELDS:
+        if name not in KEYS:
             raise unknown_key_error(name, f"in {path or 'the saved config'}")
         values[name] = coerce(name, value)
-    for item in overrides:
-        name, sep, text = item[2:].partition("=")
-        name = name.replace("-", "_")
-        if name not in FIELDS:
-            raise unknown_key_error(name, "on the command line")
-        if not sep:
-            raise ConfigError(f"override '{item}' has no value: write --{name}=VALUE")
+    for name, text in parse_overrides(overrides).items():
         values[name] = parse_override(name, text)
     cfg = TrainConfig(**values)
     cfg.validate()
@@ -209,8 +258,8 @@ def load_saved(overrides):
     """The config.json of the run directory named by --out_dir (or the default out_dir), or None
     when there is none (a run killed before writing it has no checkpoint either: resuming then
     says so)."""
-    out_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("--out_dir=")), TrainConfig.out_dir)
-    path = f"{out_dir}/config.json"
+    out_dir = parse_overrides(overrides).get("out_dir", TrainConfig.out_dir)
+    path = os.path.join(out_dir, "config.json")
     if not os.path.exists(path):
         return None
     try:
@@ -225,7 +274,7 @@ def keys_from_weights(cfg, model_config):
     any architecture field the two share) set to the pretrained model's value, said on stderr, so the
     run's config.json describes the model it trains. block_size (cfg may crop it), dropout and
     vocab_size stay cfg's."""
-    ours = {f.name for f in dataclasses.fields(TrainConfig)} - {"block_size", "dropout", "vocab_size"}
+    ours = set(MODEL_KEYS) - {"block_size", "dropout"}
     weights = {f.name: getattr(model_config, f.name) for f in dataclasses.fields(model_config) if f.name in ours}
     replaced = [f"{k}={v!r} (config had {getattr(cfg, k)!r})" for k, v in weights.items() if getattr(cfg, k) != v]
     if replaced:
@@ -235,7 +284,7 @@ def keys_from_weights(cfg, model_config):
 
 def help_text():
     lines = ["Config keys (set in a .toml file or as --key=value):", ""]
-    for f in dataclasses.fields(TrainConfig):
+    for f in KEYS.values():
         default = json.dumps(f.default)
-        lines.append(f"  --{f.name:<28} {TYPES[f.type]:<5} default {default:<18} {f.metadata['help']}")
+        lines.append(f"  --{f.name:<28} {TYPES[f.type]:<5} default {default:<18} {key_help(f.name)}")
     return "\n".join(lines)

@@ -58,11 +58,20 @@ class Optimizers:
             first_group, offset = first_group + n_groups, offset + n_params
 
 
+def adamw(groups, cfg, device_type):
+    """torch's AdamW over the parameter groups, fused on CUDA (one kernel for all parameters)."""
+    fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             **({"fused": True} if fused else {}))
+
+
 def build_optimizer(model, cfg, device_type):
-    """The optimizer cfg.optimizer names, over the model's trainable parameters."""
+    """The optimizer cfg.optimizer names, over the model's trainable parameters. All parameter grouping is here."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # a tied lm_head is listed once, as wte
     if cfg.optimizer == "adamw":
-        return model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+        # nanoGPT's groups: the matrices (Linear weights, embeddings) decay; biases and norm gains do not.
+        return adamw([{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                      {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}], cfg, device_type)
     embeddings = [p for n, p in named if n.startswith(("transformer.wte.", "transformer.wpe."))]
     unembedding = [p for n, p in named if n.startswith("lm_head.")]  # only when untied
     vectors = [p for _, p in named if p.dim() < 2]
@@ -73,10 +82,8 @@ def build_optimizer(model, cfg, device_type):
     groups = [{"params": embeddings, "lr_key": "embedding_lr"},
               {"params": unembedding, "lr_key": "unembedding_lr"},
               {"params": vectors, "lr_key": "learning_rate"}]
-    fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-    adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                              weight_decay=0.0, **({"fused": True} if fused else {}))
-    return Optimizers(muon, adamw)
+    groups = [{**g, "weight_decay": 0.0} for g in groups if g["params"]]
+    return Optimizers(muon, adamw(groups, cfg, device_type))
 
 
 def set_lr(optimizer, lr, cfg):

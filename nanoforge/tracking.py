@@ -4,7 +4,6 @@ nanoGPT's keys) and TensorBoard (tensorboard_dir). Both are off by default and o
 each receives the same records train.py writes to log.jsonl. Only the master process logs.
 """
 
-import dataclasses
 import importlib.util
 import os
 
@@ -21,8 +20,8 @@ def check_installed(cfg):
     writes anything, since the trackers themselves start only when its loop does."""
     if cfg.wandb_log:
         require("wandb", "wandb", "wandb_log = true")
-    if cfg.tensorboard_dir:
-        require("tensorboard", "tensorboard", "tensorboard_dir")
+    if cfg.tensorboard_log:
+        require("tensorboard", "tensorboard", "tensorboard_log = true")
 
 
 class Trackers:
@@ -38,11 +37,11 @@ class Trackers:
             # The run's own files (and offline runs, WANDB_MODE=offline) go in the run directory.
             name = cfg.wandb_run_name or os.path.basename(os.path.normpath(cfg.out_dir))
             self.wandb_run = wandb.init(project=cfg.wandb_project, name=name, dir=cfg.out_dir,
-                                        config=dataclasses.asdict(cfg))
-        if cfg.tensorboard_dir:
+                                        config=cfg.to_dict())
+        if cfg.tensorboard_log:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(cfg.tensorboard_dir)
+            self.tensorboard = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
 
     def log(self, record):
         """A log.jsonl record: its numbers (None is left out) at its step."""

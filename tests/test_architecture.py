@@ -126,7 +126,7 @@ def test_n_kv_head_equal_to_n_head_is_gpt2s_own_attention(tmp_path, data_dir):
 
 
 def test_wsd_schedule_values_at_its_boundaries(tmp_path):
-    cfg = tiny_config(tmp_path, tmp_path, lr_schedule="wsd", max_iters=100, warmup_iters=10, decay_fraction=0.2,
+    cfg = tiny_config(tmp_path, tmp_path, lr_schedule="wsd", max_iters=100, warmup_iters=10, decay_fraction=0.2, lr_decay_iters=0,
                       learning_rate=1e-3, min_lr=1e-5)
     assert get_lr(0, cfg) == pytest.approx(1e-3 / 11)  # warmup, as for cosine
     assert get_lr(9, cfg) == pytest.approx(1e-3 * 10 / 11)

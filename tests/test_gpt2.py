@@ -195,7 +195,8 @@ def test_model_names_are_found_in_the_hf_cache_or_explained(hf, tmp_path, monkey
     import train
 
     for script, main, args in (
-        ("train.py", train.main, ["--init_from=gpt2-xl", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'run'}"]),
+        ("train.py", train.main, ["--init_from=gpt2-xl", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'run'}",
+                                   "--block_size=16"]),
         ("sample.py", sample.main, ["--init-from", "gpt2-xl"]),
     ):
         with pytest.raises(SystemExit) as exit:
@@ -257,7 +258,7 @@ def test_finetune_sample_export_end_to_end(hf, tmp_path, corpus):
             "--vocab_multiple=64", "--learning_rate=3e-4", "--warmup_iters=0", "--device=cpu", "--dtype=float32"]
     result = run_cli("train.py", *args)
     assert result.returncode == 0, result.stderr
-    assert "the weights set n_layer=2 (config had 4), n_embd=64 (config had 128)" in result.stderr
+    assert "the weights set n_layer=2 (config had 12), n_head=4 (config had 12), n_embd=64 (config had 768)" in result.stderr
     assert "the data was not tokenized with" in result.stderr  # byte ids are not the BPE's
     info = checkpoint.load(str(run / "latest.safetensors")).info
     assert info["model"] == {**dataclasses.asdict(GPTConfig()), "block_size": 32, "vocab_size": 1024, "n_layer": 2,

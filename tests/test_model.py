@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
+from nanoforge.config import TrainConfig
+from nanoforge.optim import build_optimizer
 
 
 def small_model(seed=0, **overrides):
@@ -74,7 +76,7 @@ def test_tiny_model_overfits_one_batch():
     model = small_model(vocab_size=50, block_size=16, n_embd=32, n_head=2).train()
     idx = torch.randint(0, 50, (4, 17))
     x, y = idx[:, :-1], idx[:, 1:]
-    optimizer = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), "cpu")
+    optimizer = build_optimizer(model, TrainConfig(weight_decay=0.0, learning_rate=3e-3, beta2=0.99), "cpu")
     for _ in range(300):
         _, loss = model(x, y)
         optimizer.zero_grad()
@@ -94,7 +96,7 @@ def test_lm_head_is_tied_and_residual_projections_are_scaled():
 
 def test_weight_decay_applies_to_matrices_only():
     model = small_model()
-    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    optimizer = build_optimizer(model, TrainConfig(weight_decay=0.1, learning_rate=1e-3, beta2=0.95), "cpu")
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])

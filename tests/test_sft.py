@@ -309,7 +309,7 @@ def test_fine_tuning_from_the_command_line_reports_cut_conversations_and_learns(
                      "--block_size=20", "--batch_size=16", "--max_iters=20", "--eval_interval=20", "--eval_iters=2",
                      "--learning_rate=3e-3", "--warmup_iters=0", "--device=cpu", "--dtype=float32")
     assert result.returncode == 0, result.stderr
-    assert "init_from " + str(base_run) + ": the weights set n_layer=2 (config had 4)" in result.stderr
+    assert "init_from " + str(base_run) + ": the weights set n_layer=2 (config had 12)" in result.stderr
     assert "data: train: " in result.stderr and "conversations are longer than block_size + 1 = 21 tokens" in result.stderr
     log = [json.loads(line) for line in open(run / "log.jsonl")]
     assert log[-1]["val_loss"] < log[0]["loss"]

@@ -42,7 +42,7 @@ def test_wandb_and_tensorboard_receive_the_log_records(tmp_path, data_dir, monke
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
     train(tiny_config(data_dir, out, max_iters=10, wandb_log=True, wandb_run_name="tiny",
-                      tensorboard_dir=str(tmp_path / "tb")))
+                      tensorboard_log=True))
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [5, 10] and "val_loss" in records[-1]
 
@@ -54,14 +54,14 @@ def test_wandb_and_tensorboard_receive_the_log_records(tmp_path, data_dir, monke
             if key != "step" and value is not None:
                 assert row[key] == pytest.approx(value), key
 
-    events = EventAccumulator(str(tmp_path / "tb"))
+    events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(r["step"], pytest.approx(r["loss"])) for r in records]
     assert [e.step for e in events.Scalars("val_loss")] == [10]
 
 
 @pytest.mark.parametrize("key,module,extra", [("--wandb_log=true", "wandb", "wandb"),
-                                              ("--tensorboard_dir=tb", "tensorboard", "tensorboard")])
+                                              ("--tensorboard_log=true", "tensorboard", "tensorboard")])
 def test_a_tracker_without_its_package_is_a_one_line_error(tmp_path, data_dir, monkeypatch, key, module, extra):
     import importlib.util
 
@@ -71,7 +71,8 @@ def test_a_tracker_without_its_package_is_a_one_line_error(tmp_path, data_dir, m
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real_find_spec(name, *a))
     monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(SystemExit) as stopped:
-        train_script.main([f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'run'}", "--device=cpu", key])
+        train_script.main([f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'run'}", "--device=cpu", "--block_size=16",
+                           key])
     message = str(stopped.value)
     assert message.startswith("train.py: error: ") and "\n" not in message
     assert f"needs the {module} package, which is not installed: pip install -e '.[{extra}]'" in message
