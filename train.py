@@ -25,44 +25,44 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from nanoforge import checkpoint, loading
+from nanoforge import checkpoint, cli, loading
 from nanoforge import gpt2
 from nanoforge.loading import load_model_state
-from nanoforge.config import ConfigError, build_config, help_text, keys_from_weights, load_saved
-from nanoforge.data import DataError, Dataset
+from nanoforge.config import MODEL_KEYS, ConfigError, build_config, help_text, keys_from_weights, load_saved
+from nanoforge.data import Dataset
 from nanoforge.device import peak_flops, resolve_device, resolve_dtype
 from nanoforge.distributed import Distributed, end_process
-from nanoforge.lock import DirectoryInUse, DirectoryLock
-from model import ARCH_KEYS, GPT, GPTConfig, padded_vocab_size
+from nanoforge.lock import DirectoryLock
+from model import GPT, GPTConfig, padded_vocab_size
 from nanoforge.optim import build_optimizer, set_lr
 from nanoforge.tracking import Trackers, check_installed
 
 # Keys that fix the model's shape (and the optimizer, whose saved state fits only itself): a
 # checkpoint can only be resumed with the same values.
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_multiple", *ARCH_KEYS, "optimizer")
+SHAPE_KEYS = (*(key for key in MODEL_KEYS if key != "dropout"), "vocab_multiple", "optimizer")
 # Keys a resumed run may change without changing what it computes up to the old end.
 SAFE_TO_CHANGE = ("max_iters", "eval_interval", "eval_iters", "log_interval", "checkpoint_interval",
                   "keep_last_n", "max_bad_steps", "out_dir", "device", "compile",
-                  "wandb_log", "wandb_project", "wandb_run_name", "tensorboard_dir")
+                  "wandb_log", "wandb_project", "wandb_run_name", "tensorboard_log")
 
 def get_lr(step, cfg):
-    """Learning rate for the update that follows `step` completed updates: linear warmup, then either
-    cosine to min_lr at lr_decay_iters, or (wsd: warmup-stable-decay, as the speedruns use) constant
-    until the last decay_fraction of max_iters and a straight line down to min_lr at max_iters."""
+    """Learning rate for the update that follows `step` completed updates: linear warmup, then constant,
+    or cosine down to min_lr at lr_decay_iters, or (wsd: warmup-stable-decay, as the speedruns use)
+    constant until the last decay_fraction of lr_decay_iters and a straight line down to min_lr there."""
     if step < cfg.warmup_iters:
         return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
-    if not cfg.decay_lr:
+    if cfg.lr_schedule == "constant":
         return cfg.learning_rate
+    end = cfg.decay_end
     if cfg.lr_schedule == "wsd":
-        decay_steps = round(cfg.decay_fraction * cfg.max_iters)
-        decay_start = max(cfg.warmup_iters, cfg.max_iters - decay_steps)
+        decay_start = max(cfg.warmup_iters, end - round(cfg.decay_fraction * end))
         if step < decay_start:
             return cfg.learning_rate
-        progress = min(1.0, (step - decay_start) / max(1, cfg.max_iters - decay_start))
+        progress = min(1.0, (step - decay_start) / max(1, end - decay_start))
         return cfg.learning_rate + progress * (cfg.min_lr - cfg.learning_rate)
-    if step >= cfg.lr_decay_iters:
+    if step >= end:
         return cfg.min_lr
-    progress = (step - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    progress = (step - cfg.warmup_iters) / max(1, end - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
@@ -130,16 +130,17 @@ def check_writable(out_dir):
 
 def resume_changes(saved, cfg):
     """Compare a checkpoint's config with the new one: refuse shape changes, describe the rest."""
-    new = dataclasses.asdict(cfg)
+    new = cfg.to_dict()
     differing = {k: (saved.get(k), new[k]) for k in new if saved.get(k) != new[k]}
-    shape = {k: v for k, v in differing.items() if k in MODEL_KEYS}
+    shape = {k: v for k, v in differing.items() if k in SHAPE_KEYS}
     if shape:
         details = ", ".join(f"{k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in shape.items())
         raise ConfigError(f"cannot resume: the model's shape or optimizer differs ({details}); use the checkpoint's "
                           "values")
     notes = []
-    # The wsd schedule's decay is placed by max_iters: then changing it changes the learning rates.
-    safe = [k for k in SAFE_TO_CHANGE if not (k == "max_iters" and cfg.lr_schedule == "wsd")]
+    # With lr_decay_iters = 0 the decay ends at max_iters: then changing max_iters changes the learning rates.
+    decay_follows_max_iters = cfg.lr_decay_iters == 0 and cfg.lr_schedule != "constant"
+    safe = [k for k in SAFE_TO_CHANGE if not (k == "max_iters" and decay_follows_max_iters)]
     for key, (old, new_value) in differing.items():
         caveat = "" if key in safe else " (changes training: the run will differ from an uninterrupted one)"
         notes.append(f"resume: {key} changed from {old!r} to {new_value!r}{caveat}")
@@ -239,9 +240,7 @@ def build_model(cfg, data, device):
     a checkpoint's or GPT-2's weights then fix cfg's shape keys."""
     if cfg.init_from == "scratch":
         vocab_size = padded_vocab_size(data.vocab_size, cfg.vocab_multiple)
-        model_cfg = GPTConfig(cfg.block_size, vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout, cfg.bias,
-                              **{key: getattr(cfg, key) for key in ARCH_KEYS})
-        return GPT(model_cfg).to(device), cfg
+        return GPT(cfg.model_config(vocab_size)).to(device), cfg
     if checkpoint.is_checkpoint(cfg.init_from):
         model = loading.init_for_training(cfg.init_from, data.tokenizer, cfg.block_size, cfg.dropout,
                                              cfg.vocab_multiple)
@@ -298,7 +297,7 @@ def save_checkpoint(path, cfg, model, optimizer, scaler, tokenizer, state, ddp, 
     run_info, tensors = state.to_checkpoint(ddp, device)
     if not ddp.is_master:
         return
-    info = {"config": dataclasses.asdict(cfg), "model": dataclasses.asdict(model.config),
+    info = {"config": cfg.to_dict(), "model": dataclasses.asdict(model.config),
             "tokenizer": tokenizer.to_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             **run_info}
     args = (model.state_dict(), info, optimizer.state_dict(), tensors)
@@ -397,13 +396,8 @@ def train(cfg, resume=False, ddp=None):
         return run_training(cfg, resume, ddp, device, dtype, micro_steps, data)
 
 
-def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
-    """The training run itself, in a run directory this process has locked."""
-    start_run_directory(cfg, resume, ddp)
-    say = tqdm.write if ddp.is_master else (lambda *args, **kwargs: None)
-    for note in data.notes:  # e.g. how many conversations are cut to block_size
-        say(f"data: {note}", file=sys.stderr)
-
+def start_model(cfg, resume, ddp, device, dtype, data):
+    """The model, its optimizer, the loss scaler and the run's state: new, or as the checkpoint left them."""
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     if resume:
         ckpt = checkpoint.load_for_resume(cfg.out_dir, device=device)
@@ -417,9 +411,19 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
     state = RunState.start(cfg, ddp.rank, device)
     if resume:
         state = restore(ckpt, cfg, data, model, optimizer, scaler, ddp, device)
+    return model, cfg, optimizer, scaler, state
+
+
+def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
+    """The training run itself, in a run directory this process has locked."""
+    start_run_directory(cfg, resume, ddp)
+    say = tqdm.write if ddp.is_master else (lambda *args, **kwargs: None)
+    for note in data.notes:  # e.g. how many conversations are cut to block_size
+        say(f"data: {note}", file=sys.stderr)
+    model, cfg, optimizer, scaler, state = start_model(cfg, resume, ddp, device, dtype, data)
     if ddp.is_master:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
+            json.dump(cfg.to_dict(), f, indent=2)
 
     runner = torch.compile(model) if cfg.compile else model  # `model` stays uncompiled: plain state-dict names
     if ddp.enabled:
@@ -503,6 +507,7 @@ def write_record(log, bar, trackers, record):
                     tok_s=f"{record['tokens_per_sec']:,.0f}", mfu=f"{mfu:.1%}" if mfu else "n/a", refresh=False)
 
 
+@cli.command(interrupted="interrupted; the last checkpoint written is intact: continue with --resume")
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
@@ -515,21 +520,17 @@ def main(argv=None):
     if args and not args[0].startswith("--"):
         path, args = args[0], args[1:]
     stray = [a for a in args if not a.startswith("--")]
+    if stray:
+        raise ConfigError(f"unexpected argument '{stray[0]}': overrides are written --key=value")
     ddp = Distributed()
     try:
-        if stray:
-            raise ConfigError(f"unexpected argument '{stray[0]}': overrides are written --key=value")
         # `--resume` without a config file continues with the run directory's saved config.
         base = load_saved(args) if resume and path is None else None
         cfg = build_config(path, args, base)
         best = train(cfg, resume=resume, ddp=ddp)
-    except (ConfigError, DataError, checkpoint.CheckpointError, gpt2.GPT2Error, DirectoryInUse) as e:
-        sys.exit(f"train.py: error: {e}")
     except TrainingStopped as e:
         print(f"train.py: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        sys.exit("train.py: interrupted; the last checkpoint written is intact: continue with --resume")
     finally:
         ddp.close()
     if ddp.is_master:
