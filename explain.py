@@ -2,10 +2,9 @@
 Look inside a model: what it predicts after each token of a prompt, where its attention heads
 look, and one forward pass told stage by stage. Nothing is trained or changed.
 
-    python explain.py (--ckpt out/quickstart | --init-from gpt2) --prompt TEXT [--top-k K]
-                      [--layer L --head H] [--trace] [--html FILE] [--png DIR] [--max-tokens N]
+    python explain.py --ckpt out/quickstart --prompt "def main():" --html explain.html
 
-By default it prints the prompt's tokens; at each position the top-k next-token predictions,
+By default it prints the prompt's tokens; at each position the --top most likely next tokens,
 and the probability and rank of the token that actually comes next; the prompt's loss; and for
 every layer and head a line of what each position attends to most. --layer/--head print that
 head's T x T attention pattern as a shaded text heatmap. --trace prints one forward pass, stage
@@ -16,17 +15,15 @@ view, the predictions and the logit lens; --png writes one heatmap image per lay
 A prompt longer than --max-tokens or the model's block_size keeps its end.
 """
 
-import argparse
 import os
 import sys
 
 import torch
 
-from nanoforge import checkpoint, cli, gpt2, inspect_html, loading
+from nanoforge import cli, inspect_html, loading
 from nanoforge.config import ConfigError
 from nanoforge.device import resolve_device
 from nanoforge.inspect_model import explain, fit_prompt, trace
-from nanoforge.tokenizer import TokenizerError
 
 SHADES = ".:-=+*#%@"  # light to dark: weight 0 to 1 (blank: masked, above the diagonal)
 
@@ -137,8 +134,8 @@ def write_pngs(e, directory):
 
 def check_args(args):
     """What can be checked before the model loads (GPT-2 takes a while)."""
-    if args.max_tokens < 1 or args.top_k < 1:
-        raise ConfigError("--max-tokens and --top-k must be at least 1")
+    if args.max_tokens < 1 or args.top < 1:
+        raise ConfigError("--max-tokens and --top must be at least 1")
     if (args.layer is None) != (args.head is None):
         raise ConfigError("--layer and --head go together: give both, e.g. --layer 0 --head 0")
     if not args.prompt:
@@ -151,48 +148,47 @@ def check_layer_and_head(args, n_layer, n_head):
                           f"got --layer {args.layer} --head {args.head}")
 
 
+@cli.command
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     cli.add_model_arguments(parser)
     parser.add_argument("--prompt", required=True, help="the text to look at")
-    parser.add_argument("--top-k", type=int, default=5, help="predictions shown per position")
+    parser.add_argument("--top", type=int, default=5, metavar="N", help="predictions shown per position")
     parser.add_argument("--layer", type=int, help="with --head: print this layer's pattern as a text heatmap")
     parser.add_argument("--head", type=int, help="with --layer: the head whose pattern to print")
     parser.add_argument("--trace", action="store_true", help="print one forward pass stage by stage")
     parser.add_argument("--html", metavar="FILE", help="write a self-contained HTML page")
     parser.add_argument("--png", metavar="DIR", help="write a heatmap image per layer (needs matplotlib)")
-    parser.add_argument("--max-tokens", type=int, default=256, help="look at the last N tokens of the prompt at most")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--max-tokens", type=int, default=256, metavar="N",
+                        help="look at the last N tokens of the prompt at most")
+    cli.add_device_arguments(parser, dtype=False)
     args = parser.parse_args(argv)
-    try:
-        check_args(args)
-        device = resolve_device(args.device)
-        model, tokenizer = loading.load_model_from_args(args, device)
-        cfg = model.config
-        check_layer_and_head(args, cfg.n_layer, cfg.n_head)
-        ids, dropped = fit_prompt(tokenizer.encode(args.prompt), args.max_tokens, cfg.block_size)
-        if dropped:
-            print(f"the prompt is {len(ids) + dropped} tokens: kept its last {len(ids)} (--max-tokens "
-                  f"{args.max_tokens}, block_size {cfg.block_size})", file=sys.stderr)
-        e = explain(model, tokenizer, ids)
-        print(f"{len(ids)} tokens ({tokenizer.kind} tokenizer): " + " ".join(quoted(s) for s in e.labels))
-        print_predictions(e, args.top_k)
-        print_attention_summary(e)
-        if args.layer is not None:
-            print_heatmap(e, args.layer, args.head)
-        if args.trace:
-            print_trace(model, ids, device)
-        if args.html:
-            page = inspect_html.render(e, f"explain.py: {args.ckpt or args.init_from}", args.top_k)
-            with open(args.html + ".tmp", "w", encoding="utf-8") as f:
-                f.write(page)
-            os.replace(args.html + ".tmp", args.html)  # never a half-written page
-            print(f"wrote {args.html} ({len(page.encode()) / 1e6:.2f} MB)")
-        if args.png:
-            paths = write_pngs(e, args.png)
-            print(f"wrote {len(paths)} images to {args.png}")
-    except (ConfigError, checkpoint.CheckpointError, gpt2.GPT2Error, TokenizerError, OSError) as e:
-        sys.exit(f"explain.py: error: {e}")
+    check_args(args)
+    device = resolve_device(args.device)
+    model, tokenizer = loading.load_model_from_args(args, device)
+    cfg = model.config
+    check_layer_and_head(args, cfg.n_layer, cfg.n_head)
+    ids, dropped = fit_prompt(tokenizer.encode(args.prompt), args.max_tokens, cfg.block_size)
+    if dropped:
+        print(f"the prompt is {len(ids) + dropped} tokens: kept its last {len(ids)} (--max-tokens "
+              f"{args.max_tokens}, block_size {cfg.block_size})", file=sys.stderr)
+    e = explain(model, tokenizer, ids)
+    print(f"{len(ids)} tokens ({tokenizer.kind} tokenizer): " + " ".join(quoted(s) for s in e.labels))
+    print_predictions(e, args.top)
+    print_attention_summary(e)
+    if args.layer is not None:
+        print_heatmap(e, args.layer, args.head)
+    if args.trace:
+        print_trace(model, ids, device)
+    if args.html:
+        page = inspect_html.render(e, f"explain.py: {args.ckpt or args.init_from}", args.top)
+        with open(args.html + ".tmp", "w", encoding="utf-8") as f:
+            f.write(page)
+        os.replace(args.html + ".tmp", args.html)  # never a half-written page
+        print(f"wrote {args.html} ({len(page.encode()) / 1e6:.2f} MB)")
+    if args.png:
+        paths = write_pngs(e, args.png)
+        print(f"wrote {len(paths)} images to {args.png}")
 
 
 if __name__ == "__main__":

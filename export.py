@@ -12,26 +12,21 @@ vocab.json, merges.txt and tokenizer_config.json, so that
 load it. The vocabulary is cut to the tokenizer's: vocab_multiple padding is not exported.
 """
 
-import argparse
 import os
 import sys
 
-from nanoforge import checkpoint
-from nanoforge import gpt2
+from nanoforge import cli, gpt2
 from nanoforge.loading import load_model
-from nanoforge.tokenizer import TokenizerError
 
 
+@cli.command
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="run directory or checkpoint file")
-    parser.add_argument("--out", required=True, help="directory to write the Hugging Face model to")
+    parser = cli.parser(__doc__)
+    parser.add_argument("--ckpt", required=True, metavar="RUN", help="run directory or checkpoint file")
+    parser.add_argument("--out", required=True, metavar="DIR", help="directory to write the Hugging Face model to")
     args = parser.parse_args(argv)
-    try:
-        model, tokenizer = load_model(args.ckpt, "cpu")
-        gpt2.export(model, args.out, tokenizer)
-    except (checkpoint.CheckpointError, gpt2.GPT2Error, TokenizerError, OSError) as e:
-        sys.exit(f"export.py: error: {e}")
+    model, tokenizer = load_model(args.ckpt, "cpu")
+    gpt2.export(model, args.out, tokenizer)
     files = ", ".join(sorted(os.listdir(args.out)))
     print(f"wrote {args.out} ({files}): load it with transformers.GPT2LMHeadModel.from_pretrained")
     if not gpt2.is_gpt2_bpe(tokenizer):

@@ -2,7 +2,7 @@
 Plot training runs from their log.jsonl: training and validation loss of one or more runs on
 one figure (the legend names the runs), the learning rate and tokens/s beneath.
 
-    python plot.py out/quickstart [out/other ...] [--out loss.png] [--x step|tokens|time] [--smooth N]
+    python plot.py --ckpt out/quickstart out/shakespeare_char_fast --png loss.png --x time
 
 Works while a run is still writing its log (a half-written last line is left out). A resumed
 run appends to the same log, so it plots as one run; records written again after a resume
@@ -13,11 +13,11 @@ before train.py recorded it, estimates time from tokens/s (training time only, n
 --smooth N averages the training loss over N log records.
 """
 
-import argparse
 import json
 import os
 import sys
 
+from nanoforge import cli
 from nanoforge.errors import UserError
 
 X_LABELS = {"step": "step", "tokens": "tokens", "time": "wall time (minutes)"}
@@ -121,25 +121,24 @@ def plot(run_dirs, out, x="step", smooth=1):
     return notes
 
 
+@cli.command
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (train.py's out_dir)")
-    parser.add_argument("--out", default="loss.png", help="image to write (default loss.png)")
+    parser = cli.parser(__doc__)
+    parser.add_argument("--ckpt", nargs="+", required=True, metavar="RUN", help="run directories (train.py's out_dir)")
+    parser.add_argument("--png", default="loss.png", metavar="FILE", help="image to write (default loss.png)")
     parser.add_argument("--x", default="step", choices=list(X_LABELS), help="x axis (default step)")
-    parser.add_argument("--smooth", type=int, default=1, help="average the training loss over N log records")
+    parser.add_argument("--smooth", type=int, default=1, metavar="N", help="average the training loss over N log "
+                        "records")
     args = parser.parse_args(argv)
+    if args.smooth < 1:
+        raise PlotError(f"--smooth must be at least 1, got {args.smooth}")
     try:
-        if args.smooth < 1:
-            raise PlotError(f"--smooth must be at least 1, got {args.smooth}")
-        try:
-            import matplotlib  # noqa: F401
-        except ModuleNotFoundError:
-            raise PlotError("plot.py needs matplotlib: pip install -e '.[plot]'") from None
-        for note in plot(args.run_dirs, args.out, args.x, args.smooth):
-            print(note, file=sys.stderr)
-    except (PlotError, OSError) as e:
-        sys.exit(f"plot.py: error: {e}")
-    print(f"wrote {args.out}")
+        import matplotlib  # noqa: F401
+    except ModuleNotFoundError:
+        raise PlotError("plot.py needs matplotlib: pip install -e '.[plot]'") from None
+    for note in plot(args.ckpt, args.png, args.x, args.smooth):
+        print(note, file=sys.stderr)
+    print(f"wrote {args.png}")
 
 
 if __name__ == "__main__":

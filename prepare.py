@@ -1,9 +1,8 @@
 """
 Prepare a corpus for training: read documents, tokenize them in parallel, write train.bin, val.bin, meta.json.
 
-    python prepare.py SOURCE [--tokenizer char|byte|bpe|gpt2] [--vocab-size N] [--tokenizer-from CKPT] [--out DIR]
-                      [--val-fraction F] [--seed S] [--workers N] [--text-field NAME] [--source PATH] [--shards N]
-                      [--skip-bad] [--chunk-size N]
+    python prepare.py pystdlib
+    python prepare.py my_corpus/ --tokenizer bpe --vocab-size 4096 --out data/my_corpus
 
 SOURCE is a built-in dataset name, or a local file, directory or glob pattern:
     pystdlib          the local Python installation's standard-library sources (offline, the quickstart
@@ -41,26 +40,24 @@ bounded by chunk size x workers however large the corpus. Output files are writt
 names and renamed when complete; meta.json is written last, so a directory with a meta.json is
 always a complete preparation.
 """
-import argparse
-import sys
 
 
-from nanoforge import records
-from nanoforge.lock import DirectoryInUse
-from nanoforge.tokenizer import (KINDS, TokenizerError)
+from nanoforge import cli
 from nanoforge.preparation import default_out_dir, prepare
-from nanoforge.sources import CHUNK_SIZE, PrepareError
+from nanoforge.sources import CHUNK_SIZE
+from nanoforge.tokenizer import KINDS
 
 
+@cli.command(interrupted="interrupted: nothing was written (no meta.json); run the command again")
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("name", metavar="SOURCE", help="built-in dataset name, or a file, directory or glob pattern")
     parser.add_argument("--tokenizer", choices=KINDS, help="default: char (gpt2 for shakespeare, fineweb_edu, dolly)")
     parser.add_argument("--tokenizer-from", metavar="CKPT",
                         help="the tokenizer of this run directory, checkpoint file or Hugging Face GPT-2 directory "
                              "(to fine-tune or continue training it)")
     parser.add_argument("--vocab-size", type=int, help="with --tokenizer bpe: tokens to learn, end-of-text included")
-    parser.add_argument("--out", help="output directory (default: data/<name>)")
+    parser.add_argument("--out", metavar="DIR", help="output directory (default: data/<name>)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out for val.bin")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the document split (chat_tasks has its own)")
     parser.add_argument("--workers", type=int, help="tokenizer processes (default: all cores)")
@@ -72,14 +69,9 @@ def main(argv=None):
     parser.add_argument("--chunk-size", type=int, default=CHUNK_SIZE,
                         help="characters per task sent to a worker; memory grows with chunk size x workers")
     args = parser.parse_args(argv)
-    try:
-        meta = prepare(args.name, args.tokenizer, args.out, args.val_fraction, args.source, args.vocab_size,
-                       args.workers, args.seed, args.text_field, args.shards, args.chunk_size, args.tokenizer_from,
-                       args.skip_bad)
-    except (PrepareError, records.RecordError, TokenizerError, DirectoryInUse, OSError) as e:
-        sys.exit(f"prepare.py: error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("prepare.py: interrupted: nothing was written (no meta.json); run the command again")
+    meta = prepare(args.name, args.tokenizer, args.out, args.val_fraction, args.source, args.vocab_size,
+                   args.workers, args.seed, args.text_field, args.shards, args.chunk_size, args.tokenizer_from,
+                   args.skip_bad)
     out = args.out or default_out_dir(args.name)
     print(
         f"wrote {out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens "

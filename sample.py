@@ -2,10 +2,8 @@
 Generate text from a checkpoint. The checkpoint carries the model's config and tokenizer,
 so nothing else is needed.
 
-    python sample.py (--ckpt out/quickstart | --init-from gpt2) [--prompt TEXT | --prompt-file F | --interactive]
-                     [--chat [--system TEXT]] [--num-samples N] [--max-new-tokens N] [--temperature T]
-                     [--top-k K] [--top-p P] [--repetition-penalty R] [--stop S ...] [--ignore-eot]
-                     [--slide N] [--seed S] [--no-stream] [--compile] [--dtype D] [--quantize int8] [--device D]
+    python sample.py --ckpt out/quickstart --prompt "def "
+    python sample.py --init-from gpt2 --prompt "Hello, I'm a language model,"
 
 --ckpt takes a run directory (best.safetensors is used when present, else latest.safetensors)
 or a checkpoint file. Each sample is printed after its prompt and followed by a line of 40
@@ -24,16 +22,15 @@ conversation with a system message. Notes go to stderr, replies to stdout; one r
 (--num-samples does not apply).
 """
 
-import argparse
 import re
 import sys
 
 import torch
 
-from nanoforge import checkpoint, cli, gpt2, loading
+from nanoforge import cli, loading
 from nanoforge.chat_format import ChatError, fit_to_context, require_chat_tokens
 from nanoforge.config import ConfigError
-from nanoforge.device import resolve_device
+from nanoforge.device import resolve_device, resolve_dtype
 from nanoforge.engine import Generator
 from nanoforge.sampling import SettingError, check_lookup
 from nanoforge.tokenizer import TokenizerError
@@ -123,91 +120,104 @@ def chat_session(generator, lines, system, settings, interactive):
             note("(empty reply: this exchange is left out of the conversation)")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments():
+    parser = cli.parser(__doc__)
     cli.add_model_arguments(parser)
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="text to continue (default: a newline, or end-of-text for byte/BPE)")
-    prompt.add_argument("--prompt-file", help="file whose text to continue")
+    prompt.add_argument("--prompt-file", metavar="FILE", help="file whose text to continue")
     prompt.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line")
     parser.add_argument("--chat", action="store_true", help="talk with a chat model: one message per line of "
                         "stdin (/clear starts over), or one turn with --prompt")
     parser.add_argument("--system", help="with --chat: a system message that starts the conversation")
-    parser.add_argument("--num-samples", type=int, default=3, help="samples per prompt, generated as one batch")
-    parser.add_argument("--max-new-tokens", type=int, default=500)
+    parser.add_argument("--num-samples", type=int, default=3, metavar="N", help="samples per prompt, generated as "
+                        "one batch")
+    parser.add_argument("--max-new-tokens", type=int, default=500, metavar="N")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token (greedy)")
-    parser.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens (0: all)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens "
-                        "whose probabilities sum to at least p (nucleus sampling; 1: all)")
+    parser.add_argument("--top-k", type=int, default=200, metavar="K", help="sample among the k most likely "
+                        "tokens (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="sample from the smallest set of "
+                        "tokens whose probabilities sum to at least p (nucleus sampling; 1: all)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 makes tokens already "
                         "in the text less likely (1: off)")
     parser.add_argument("--stop", action="append", default=[], help="end a sample at this text (not printed); "
                         "repeatable; backslash escapes such as \\n work")
     parser.add_argument("--ignore-eot", action="store_true", help="go on past the end-of-text token")
-    parser.add_argument("--slide", type=int, default=None, help="past block_size, drop this many tokens at a "
-                        "time and re-prefill (default block_size / 4; 1: every step sees a full window, exactly like "
-                        "GPT.generate, at the reference's cost)")
+    parser.add_argument("--slide", type=int, default=None, metavar="N", help="past block_size, drop this many "
+                        "tokens at a time and re-prefill (default block_size / 4; 1: every step sees a full window, "
+                        "exactly like GPT.generate, at the reference's cost)")
     parser.add_argument("--seed", type=int, default=1337, help="sample i of a batch uses seed + i")
     parser.add_argument("--no-stream", action="store_true", help="print each sample whole when it is done")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="weights' dtype for generation (bfloat16 reads half the bytes per token)")
     parser.add_argument("--quantize", choices=["int8"], default=None, help="int8: weight-only int8 matrices with "
                         "one scale per output channel, decoded in bfloat16 (a quarter of float32's bytes per token)")
-    parser.add_argument("--lookup", type=int, default=0, help="with --temperature 0 and one sample: draft up to "
-                        "this many tokens per step from earlier text and check them in one pass (prompt lookup: the "
-                        "same output as plain greedy decoding, faster on repetitive text; 0: off)")
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args(argv)
+    parser.add_argument("--lookup", type=int, default=0, metavar="K", help="with --temperature 0 and one sample: "
+                        "draft up to K tokens per step from earlier text and check them in one pass (prompt lookup: "
+                        "the same output as plain greedy decoding, faster on repetitive text; 0: off)")
+    cli.add_device_arguments(parser)
+    return parser
 
+
+def check(args):
+    """The flag combinations that cannot work, refused before the model loads."""
+    if args.num_samples < 1:
+        raise ConfigError(f"--num-samples must be at least 1, got {args.num_samples}")
+    if args.chat and (args.interactive or args.prompt_file):
+        raise ConfigError("--chat reads messages from stdin (or one from --prompt): drop --interactive/--prompt-file")
+    if args.system is not None and not args.chat:
+        raise ConfigError("--system only applies with --chat")
+    # a chat turn is one prompt
+    check_lookup(args.lookup, args.temperature, args.repetition_penalty, 1 if args.chat else args.num_samples)
+    if args.quantize and args.dtype not in ("auto", "float32"):
+        raise ConfigError(f"--quantize int8 decodes in bfloat16 from the checkpoint's own weights: drop --dtype "
+                          f"{args.dtype}")
+
+
+def sample(args, generator, settings):
+    """Print the continuations of the prompts args names (or of stdin's lines with --interactive)."""
+    if args.interactive:
+        prompts = read_prompts()
+    elif args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts = [f.read()]
+    else:
+        prompts = [args.prompt or ""]
+    tokenizer = generator.tokenizer
+    for text in prompts:
+        try:
+            ids = generator.encode(text)  # an empty prompt becomes end-of-text, or a newline
+        except TokenizerError as e:
+            if not args.interactive:
+                raise
+            print(f"sample.py: error: {e}", file=sys.stderr)  # one bad line does not end the session
+            continue
+        heading = "" if args.interactive else tokenizer.decode([i for i in ids if i != tokenizer.eot_id])
+        printer = SamplePrinter(args.num_samples, heading, stream=not args.no_stream)
+        generator.generate([ids] * args.num_samples, on_text=printer, **settings)
+        printer.finish()
+
+
+@cli.command
+def main(argv=None):
+    args = arguments().parse_args(argv)
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                     stop=[unescape(s) for s in args.stop], stop_at_eot=not args.ignore_eot, slide=args.slide,
                     lookup=args.lookup)
     try:
-        if args.num_samples < 1:
-            raise ConfigError(f"--num-samples must be at least 1, got {args.num_samples}")
-        if args.chat and (args.interactive or args.prompt_file):
-            raise ConfigError("--chat reads messages from stdin (or one from --prompt): "
-                              "drop --interactive/--prompt-file")
-        if args.system is not None and not args.chat:
-            raise ConfigError("--system only applies with --chat")
-        # before the model loads: a chat turn is one prompt
-        check_lookup(args.lookup, args.temperature, args.repetition_penalty, 1 if args.chat else args.num_samples)
-        if args.quantize and args.dtype != "float32":
-            raise ConfigError(f"--quantize int8 decodes in bfloat16 from the checkpoint's own weights: drop --dtype "
-                              f"{args.dtype}")
-        model, tokenizer = loading.load_model_from_args(args, resolve_device(args.device))
-        generator = Generator(model.to(getattr(torch, args.dtype)), tokenizer, compile=args.compile,
-                              quantize=args.quantize)
+        check(args)
+        device = resolve_device(args.device)
+        dtype = torch.float32 if args.quantize else resolve_dtype(args.dtype, device.type)
+        model, tokenizer = loading.load_model_from_args(args, device)
+        generator = Generator(model.to(dtype), tokenizer, compile=args.compile, quantize=args.quantize)
         del model  # the generator decodes with its own copy of the matrices: let the originals go
         if args.chat:
             require_chat_tokens(tokenizer)
             lines = [args.prompt] if args.prompt is not None else read_prompts()
             return chat_session(generator, lines, args.system, settings, interactive=args.prompt is None)
-        if args.interactive:
-            prompts = read_prompts()
-        elif args.prompt_file:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                prompts = [f.read()]
-        else:
-            prompts = [args.prompt or ""]
-        for text in prompts:
-            try:
-                ids = generator.encode(text)  # an empty prompt becomes end-of-text, or a newline
-            except TokenizerError as e:
-                if not args.interactive:
-                    raise
-                print(f"sample.py: error: {e}", file=sys.stderr)  # one bad line does not end the session
-                continue
-            heading = "" if args.interactive else tokenizer.decode([i for i in ids if i != tokenizer.eot_id])
-            printer = SamplePrinter(args.num_samples, heading, stream=not args.no_stream)
-            generator.generate([ids] * args.num_samples, on_text=printer, **settings)
-            printer.finish()
-    except SettingError as e:
-        sys.exit(f"sample.py: error: --{e.name.replace('_', '-')} must be {e.expected}, got {e.value}")
-    except (ConfigError, checkpoint.CheckpointError, gpt2.GPT2Error, TokenizerError, ChatError, OSError) as e:
-        sys.exit(f"sample.py: error: {e}")
+        sample(args, generator, settings)
+    except SettingError as e:  # named as the flag that set it
+        raise ConfigError(f"--{e.name.replace('_', '-')} must be {e.expected}, got {e.value}") from None
 
 
 if __name__ == "__main__":

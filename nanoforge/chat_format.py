@@ -90,14 +90,14 @@ def require_chat_tokens(tokenizer):
     """Raise ChatError unless the tokenizer has the chat tokens (a model trained on chat data has them)."""
     if not hasattr(tokenizer, "chat_ids"):
         raise ChatError(f"this model's tokenizer ({tokenizer.kind}, {tokenizer.vocab_size} tokens) has no chat "
-                        "tokens, so it cannot chat: fine-tune it on chat data first (README: Fine-tuning for chat)")
+                        "tokens, so it cannot chat: fine-tune it on chat data first (docs/chat.md)")
 
 
 def fit_to_context(tokenizer, messages, block_size, max_new_tokens):
     """Drop the oldest user/assistant exchanges (a system message stays) until the prompt for the next
     reply leaves room for it: at most block_size - min(max_new_tokens, block_size // 2) tokens. The last
     user message is never dropped: alone, it may fill up to block_size (the reply then goes on past
-    block_size as generate.py's sliding window does). messages ends with a user message. Returns
+    block_size as the engine's sliding window does). messages ends with a user message. Returns
     (messages kept, number of messages dropped); ChatError when the last message alone is too long."""
     budget = block_size - min(max_new_tokens, block_size // 2)
     head = messages[:1] if messages and messages[0].get("role") == "system" else []

@@ -90,3 +90,24 @@ def test_sample_lookup_prints_what_plain_greedy_prints_and_refuses_sampling(tmp_
                                       "(--num-samples 1), temperature 0 and repetition_penalty 1, got 6")
     negative = run_cli("sample.py", "--ckpt", out, "--lookup", "-1")
     assert negative.returncode != 0 and negative.stderr.strip().endswith("repetition_penalty 1, got -1")
+
+
+def test_every_command_has_help_in_the_shared_dialect():
+    """One spelling per concept: the commands that run a model take --ckpt/--init-from, --device (and
+    --dtype auto where precision is a choice); outputs are --out DIR or --png FILE; --top-k is only sampling's."""
+    shared = {
+        "prepare.py": ["--out DIR"],
+        "sample.py": ["--ckpt RUN", "--init-from NAME|PATH", "--device", "--dtype", "--top-k K"],
+        "eval.py": ["--ckpt RUN", "--init-from NAME|PATH", "--data", "--max N", "--device", "--json"],
+        "explain.py": ["--ckpt RUN", "--init-from NAME|PATH", "--device", "--top N"],
+        "plot.py": ["--ckpt RUN", "--png FILE"],
+        "export.py": ["--ckpt RUN", "--out DIR"],
+        "train.py": ["--out_dir", "--init_from", "--device", "--dtype"],
+    }
+    for script, flags in shared.items():
+        result = run_cli(script, "--help")
+        assert result.returncode == 0, result.stderr
+        for flag in flags:
+            assert flag in result.stdout, f"{script} --help lacks {flag}"
+        if script != "sample.py":
+            assert "--top-k" not in result.stdout, script

@@ -12,7 +12,8 @@ import torch
 
 from nanoforge import chat_format, chat_tasks
 from nanoforge import checkpoint, loading
-import eval as eval_script  # the script, for its functions
+import eval as eval_script  # the command
+from nanoforge import evaluation
 from nanoforge import preparation as prepare
 from conftest import CHAT_LESSONS, conversation, run_cli
 from nanoforge.data import open_array, open_split, read_meta
@@ -87,9 +88,9 @@ def test_loss_on_plain_data_covers_every_val_token_once(tmp_path, data_dir, caps
     assert results["perplexity"] == pytest.approx(math.exp(expected_loss), rel=1e-5)
     assert results["bits_per_byte"] == pytest.approx(expected_loss * tokens / math.log(2) / results["bytes"], rel=1e-5)
     assert results["batches"] == math.ceil(len(windows) / 5)
-    # --max N: the first N batches only; the same batches give the same numbers (deterministic)
+    # --max N: the first N windows only; the same windows give the same numbers (deterministic)
     first = eval_json(capsys, "--ckpt", tmp_path / "m.safetensors", "--data", data_dir, "--batch-size", "5",
-                      "--max", "1")
+                      "--max", "5")
     assert first["batches"] == 1 and first["tokens"] == 5 * T
     assert first["loss"] == pytest.approx(reference_loss(model, windows[:5])[0], rel=1e-5)
     # a chat model reads its base tokenizer's data with every id unchanged: loss before and after SFT compare
@@ -117,11 +118,11 @@ def test_loss_on_chat_data_counts_only_masked_tokens(chat_ckpt, chat_dir):
     lengths = np.diff(starts + [len(val)])
     assert lengths.max() > 33  # a conversation that takes two windows is in val
     model, tokenizer = loading.load_model(str(chat_ckpt), "cpu")
-    results = eval_script.evaluate_loss(model, tokenizer, str(chat_dir), batch_size=4)
+    results = evaluation.evaluate_loss(model, tokenizer, str(chat_dir), batch_size=4)
     assert results["tokens"] == int(mask.sum())  # every reply token and <|assistant_end|>, long ones' too
     reply_text = tokenizer.decode([t for t in val[mask].tolist() if t not in tokenizer.chat_ids.values()])
     assert results["bytes"] == len(reply_text.encode("utf-8"))
-    windows = list(eval_script.val_windows(str(chat_dir), tokenizer, model.config.block_size))
+    windows = list(evaluation.val_windows(str(chat_dir), tokenizer, model.config.block_size))
     assert len(windows) == sum(math.ceil((n - 1) / 32) for n in lengths)  # each conversation on its own
     assert results["loss"] == pytest.approx(reference_loss(model, windows)[0], rel=1e-5)
     # the model learned the lessons by heart: their replies cost it little, the unseen story a lot
@@ -159,7 +160,7 @@ def test_accuracy_is_exact_match_after_normalising_whitespace(chat_ckpt, tmp_pat
 @pytest.mark.parametrize("seed", [1337, 7])
 def test_chat_tasks_is_the_val_split_that_prepare_writes(tmp_path, seed):
     """Whatever --seed: the tasks have their own, so no val question eval.py asks was trained on."""
-    examples = eval_script.read_examples("chat_tasks")
+    examples = evaluation.read_examples("chat_tasks")
     assert len(examples) == chat_tasks.CHAT_TASKS_VAL
     prepare.prepare("chat_tasks", "byte", str(tmp_path / "tasks"), 0.1, seed=seed)
     meta = read_meta(str(tmp_path / "tasks"))
@@ -206,7 +207,7 @@ def test_init_from_loads_a_hugging_face_gpt2_and_its_tokenizer(tmp_path, capsys)
     tiny_bpe(tmp_path)  # a base model: its BPE has no chat tokens
     out, error = run_eval(capsys, "--init-from", tmp_path, "--data", "chat_tasks")
     assert re.fullmatch(r"eval.py: error: this model's tokenizer \(bpe, \d+ tokens\) has no chat tokens, so it "
-                        r"cannot chat: fine-tune it on chat data first \(README: Fine-tuning for chat\)", error)
+                        r"cannot chat: fine-tune it on chat data first \(docs/chat.md\)", error)
 
 
 def test_a_parquet_chat_file_is_read_as_its_jsonl_twin_is(chat_ckpt, tmp_path, capsys):

@@ -131,7 +131,7 @@ def test_page_data_holds_no_markup_and_no_double_slash():
 
 def test_terminal_output_heatmap_trace_and_cropping(char_run):
     r = run_cli("explain.py", "--ckpt", char_run, "--prompt", "First Citizen:\nBefore we", "--layer", "1",
-                "--head", "0", "--trace", "--max-tokens", "12", "--top-k", "3")
+                "--head", "0", "--trace", "--max-tokens", "12", "--top", "3")
     assert r.returncode == 0, r.stderr
     assert "kept its last 12" in r.stderr
     assert "12 tokens (char tokenizer)" in r.stdout
@@ -164,8 +164,8 @@ def test_bad_arguments_are_one_line_errors(char_run):
         explain_main("--ckpt", char_run, "--prompt", "ünknown ☃")
     # checked before the model loads: a missing checkpoint is not what they report
     missing = char_run.parent / "no-such-run"
-    for args, message in [(["--layer", "0"], "--layer and --head go together"), (["--top-k", "0"], "--max-tokens and --top-k must be at least 1"),
-                          (["--max-tokens", "0"], "--max-tokens and --top-k must be at least 1"),
+    for args, message in [(["--layer", "0"], "--layer and --head go together"), (["--top", "0"], "--max-tokens and --top must be at least 1"),
+                          (["--max-tokens", "0"], "--max-tokens and --top must be at least 1"),
                           (["--prompt", ""], "--prompt is empty")]:
         with pytest.raises(SystemExit, match=f"^explain.py: error: {message}"):
             explain_main("--ckpt", missing, "--prompt", "First", *args)

@@ -31,7 +31,7 @@ def test_one_run_while_its_log_is_being_written(runs, tmp_path, capsys):
     with open(straight / "log.jsonl", "a") as f:
         f.write('{"step": 25, "loss": 1.2, "lr"')  # the run is writing this line right now
     try:
-        plot.main([str(straight), "--out", str(tmp_path / "one.png")])
+        plot.main(["--ckpt", str(straight), "--png", str(tmp_path / "one.png")])
     finally:
         text = (straight / "log.jsonl").read_text()
         (straight / "log.jsonl").write_text(text[: text.rindex("\n") + 1])
@@ -45,7 +45,7 @@ def test_smoothing_is_a_trailing_mean():
 
 
 def test_two_runs_on_tokens_with_smoothing(runs, tmp_path):
-    plot.main([*map(str, runs), "--out", str(tmp_path / "two.png"), "--x", "tokens", "--smooth", "2"])
+    plot.main(["--ckpt", *map(str, runs), "--png", str(tmp_path / "two.png"), "--x", "tokens", "--smooth", "2"])
     assert (tmp_path / "two.png").read_bytes()[:8] == PNG
     assert plot.x_values(plot.read_log(runs[0]), runs[0], "tokens")[0] == [5 * 64, 10 * 64, 15 * 64, 20 * 64]
 
@@ -59,7 +59,7 @@ def test_a_resumed_run_is_one_run(runs, tmp_path):
     with open(resumed / "log.jsonl", "a") as f:
         f.write(json.dumps({**records[-1], "loss": 0.5}) + "\n")
     assert plot.read_log(resumed)[-1]["loss"] == 0.5
-    plot.main([str(resumed), "--out", str(tmp_path / "resumed.png"), "--x", "time"])
+    plot.main(["--ckpt", str(resumed), "--png", str(tmp_path / "resumed.png"), "--x", "time"])
     assert (tmp_path / "resumed.png").read_bytes()[:8] == PNG
 
 
@@ -75,4 +75,4 @@ def test_time_axis_uses_elapsed_s_or_says_it_estimates(tmp_path):
 
 def test_a_directory_without_a_log_is_a_one_line_error(tmp_path):
     with pytest.raises(SystemExit, match=r"^plot.py: error: no log.jsonl in .*: pass a run directory"):
-        plot.main([str(tmp_path)])
+        plot.main(["--ckpt", str(tmp_path)])
