@@ -153,7 +153,11 @@ def files_source(paths, description, field, chunk_size):
 
 def text_file_source(path, description, val_fraction, chunk_size):
     """One text file as one document: its first 1 - val_fraction of bytes train, the rest val
-    (moved forward to the start of a UTF-8 character)."""
+    (moved forward to the start of a UTF-8 character). A file that does not start like text (NUL bytes, or
+    bytes that are not UTF-8) is refused: it is most likely binary, and would make a vocabulary of noise."""
+    if not is_text(path):
+        raise PrepareError(f"'{path}' is not UTF-8 text (it starts with NUL bytes or bytes that are not UTF-8): "
+                           "pass a text file, or a directory (whose binary files are skipped)")
     size = os.path.getsize(path)
     cut = int(size * (1 - val_fraction))
     with open(path, "rb") as f:

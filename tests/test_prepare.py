@@ -12,6 +12,7 @@ from nanoforge.data import DataError, Dataset
 from nanoforge.sources import PrepareError
 from nanoforge.records import RecordError
 from nanoforge.tokenizer import ByteTokenizer, CharTokenizer, TokenizerError, tokenizer_from_dict
+from conftest import run_cli
 
 
 def test_prepare_writes_bins_and_meta(tmp_path, corpus):
@@ -446,3 +447,12 @@ def test_a_split_left_empty_is_an_error_naming_the_fix(tmp_path):
     with pytest.raises(PrepareError, match="val split is empty: .* has 3 documents .* --val-fraction or --seed"):
         prepare.prepare(str(root), "char", str(tmp_path / "d"), 0.1, seed=0)
     assert not (tmp_path / "d").exists()  # nothing left: not even the directory the lock made
+
+
+def test_a_binary_file_is_refused_in_one_line(tmp_path):
+    binary = tmp_path / "image.bin"
+    binary.write_bytes(bytes(range(256)) * 40)  # NUL bytes and bytes that are not UTF-8
+    result = run_cli("prepare.py", str(binary), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1, result.stdout
+    assert "is not UTF-8 text" in result.stderr and result.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "out" / "meta.json").exists()
