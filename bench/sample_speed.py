@@ -1,11 +1,11 @@
 """
-Generation speed: the cache-free reference (GPT.generate), our engine (generate.py) and,
+Generation speed: the cache-free reference (GPT.generate), our engine (nanoforge/engine.py) and,
 when transformers is installed, Hugging Face's generate on the same weights, side by side in
 one run and at equal precision, so the ratios hold even on a busy machine.
 
     python -m bench.sample_speed            # both model sizes, batch 1 and 8, 256 and 1024 new tokens
     python -m bench.sample_speed --quick    # 64 and 256 new tokens, fewer reference probes
-    python -m bench.sample_speed --threads 1 --batches 1 --new-tokens 256   # the README's rows
+    python -m bench.sample_speed --threads 1 --batches 1 --new-tokens 256   # the rows in docs/performance.md
 
 Models have random weights: (a) the shakespeare_char config (6 layers, 6 heads, 384 wide,
 block_size 256, 65 tokens) and (b) GPT-2 124M (12, 12, 768, block_size 1024, 50257 tokens).

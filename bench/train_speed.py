@@ -15,7 +15,7 @@ How it is made fair on a shared machine:
 - Both recipes train in this one process, interleaved: the one that has used less time so far
   takes the next step, so both see the same machine load at the same moments.
 - Both use the same thread count (--threads, default 1: on a 2-core machine shared with other
-  jobs, two threads per process spend most of their time waiting; see README).
+  jobs, two threads per process spend most of their time waiting; see docs/performance.md).
 - Both evaluate on the same val split with their own configs' eval settings; the fast recipe's
   evaluation must cover at least as many val tokens as nanoGPT's (checked).
 - Steps are the real training code: train.py's get_lr, train_step, apply_update and estimate_loss.

@@ -5,7 +5,7 @@ A prepared data directory holds train.bin and val.bin (token ids as a flat array
 uint16 or uint32) and meta.json (the tokenizer, vocab size, dtype and token counts).
 The .bin files are memory-mapped, never read whole into RAM.
 
-Chat data (meta.json has "chat": true) holds conversations rendered by chat.py, one after another,
+Chat data (meta.json has "chat": true) holds conversations rendered by chat_format, one after another,
 and beside each split's .bin two more files:
     {split}_mask.bin    uint8, one per token: 1 where the token is one the model learns to say
     {split}_starts.bin  int64, one per conversation: the index of its first token (<|bos|>)

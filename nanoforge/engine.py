@@ -1,5 +1,6 @@
 """
-The generation engine: a KV cache, sampling filters, stop conditions and streaming text.
+The generation engine: a KV cache, prefill and decode, batches of prompts and their stop conditions. What to
+pick at each step is sampling.py's; the layers a CPU decodes with are cpu_decoding.py's.
 
     from nanoforge.engine import Generator
     gen = Generator.from_checkpoint("out/shakespeare_char_cpu")
@@ -95,7 +96,7 @@ class Generator:
     model with its matrices in the layout this device reads fastest (decoder_for); the model is
     left as it is. The decoder is a snapshot of the matrices: after changing the model's weights
     (training), make a new Generator. quantize="int8" stores the matrices as int8 with one scale per output channel
-    (quantize.py) and decodes in bfloat16. compile=True compiles the one-position decode step with
+    (cpu_decoding.Int8Linear) and decodes in bfloat16. compile=True compiles the one-position decode step with
     torch.compile; the cache length is a dynamic dimension, so it compiles once (and once more for
     the cache's last position, a size dynamo specialises), not per step."""
 

@@ -30,7 +30,7 @@ GPT4_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
 EOT = "<|endoftext|>"
-# The chat format's tokens (chat.py places them): a conversation starts with <|bos|>, and each turn sits
+# The chat format's tokens (chat_format places them): a conversation starts with <|bos|>, and each turn sits
 # between its role's start and end tokens. System text is merged into the first user turn, as nanochat does.
 CHAT_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>")
 
@@ -187,7 +187,7 @@ class ChatTokenizer:
     """A tokenizer plus CHAT_TOKENS, as ids right after its own vocabulary, so a model trained with the
     base tokenizer keeps its ids and only grows by these rows. Text goes through the base tokenizer
     alone: a message holding the literal text "<|user_start|>" encodes as ordinary characters, and only
-    the chat format (chat.py) ever places a chat token."""
+    the chat format (chat_format) ever places a chat token."""
 
     def __init__(self, base):
         self.base = base
