@@ -156,8 +156,8 @@ def text_file_source(path, description, val_fraction, chunk_size):
     (moved forward to the start of a UTF-8 character). A file that does not start like text (NUL bytes, or
     bytes that are not UTF-8) is refused: it is most likely binary, and would make a vocabulary of noise."""
     if not is_text(path):
-        raise PrepareError(f"'{path}' is not UTF-8 text (it starts with NUL bytes or bytes that are not UTF-8): "
-                           "pass a text file, or a directory (whose binary files are skipped)")
+        raise PrepareError(f"'{path}' is not UTF-8 text (NUL bytes, or bytes that are not UTF-8, near its start): "
+                           "convert it to UTF-8, or leave it out if it is binary")
     size = os.path.getsize(path)
     cut = int(size * (1 - val_fraction))
     with open(path, "rb") as f:

@@ -109,9 +109,9 @@ def test_resume_refuses_a_different_model_shape_and_reports_safe_changes(tmp_pat
 
 
 def test_resume_says_a_longer_wsd_run_changes_training(tmp_path, data_dir, capsys):
-    """wsd places its decay by max_iters: extending the run moves the decay, unlike the cosine's."""
-    train(tiny_config(data_dir, tmp_path / "run", max_iters=4, lr_schedule="wsd"))
-    train(tiny_config(data_dir, tmp_path / "run", max_iters=8, lr_schedule="wsd"), resume=True)
+    """With lr_decay_iters = 0 the decay ends at max_iters: extending the run moves the decay."""
+    train(tiny_config(data_dir, tmp_path / "run", max_iters=4, lr_schedule="wsd", lr_decay_iters=0))
+    train(tiny_config(data_dir, tmp_path / "run", max_iters=8, lr_schedule="wsd", lr_decay_iters=0), resume=True)
     assert "max_iters changed from 4 to 8 (changes training" in capsys.readouterr().err
 
 
