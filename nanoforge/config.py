@@ -79,6 +79,10 @@ class TrainConfig:
     eval_interval: int = _key(250, "evaluate train/val loss every this many steps (and at the end)")
     eval_iters: int = _key(20, "batches averaged per evaluation")
     log_interval: int = _key(10, "write a log.jsonl record every this many steps")
+    hellaswag_interval: int = _key(0, "also score HellaSwag (acc, acc_norm) into log.jsonl every this many steps "
+                                   "and at the end (0 is off)")
+    hellaswag_max: int = _key(500, "HellaSwag examples scored each time (the first ones; 0 is all 10,042)")
+    hellaswag_data: str = _key("", "a local HellaSwag JSONL file ('' downloads the validation split into data/hellaswag)")
     checkpoint_interval: int = _key(250, "write latest.safetensors every this many steps (and at the end)")
     keep_last_n: int = _key(0, "also keep this many step-numbered checkpoints (step_NNNNNNN.safetensors)")
     max_bad_steps: int = _key(5, "stop after this many steps in a row with a non-finite loss or gradient")
@@ -110,6 +114,8 @@ class TrainConfig:
         if not self.init_from:  # names and paths are checked when training starts: the weights may be elsewhere now
             raise ConfigError("init_from must be 'scratch', a run directory or checkpoint file, a GPT-2 name "
                               "(gpt2, gpt2-medium, gpt2-large, gpt2-xl) or the path of a Hugging Face GPT-2 directory")
+        if self.hellaswag_interval < 0 or self.hellaswag_max < 0:
+            raise ConfigError("hellaswag_interval and hellaswag_max must be 0 or more")
         if self.keep_last_n < 0:
             raise ConfigError(f"keep_last_n must be 0 or more, got {self.keep_last_n}")
         if self.warmup_iters < 0 or self.learning_rate <= 0 or self.min_lr < 0:

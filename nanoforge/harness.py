@@ -47,7 +47,7 @@ class NanoforgeLM(LM):
     def loglikelihood(self, requests):
         pairs = [encode_pair(self.tokenizer, context, continuation) for context, continuation in
                  (r.args for r in requests)]
-        return continuation_logprobs(self.model, pairs, self.batch_size)
+        return continuation_logprobs(self.model, pairs, self.batch_size, self.tokenizer.vocab_size)
 
     def loglikelihood_rolling(self, requests):
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -60,7 +60,8 @@ class NanoforgeLM(LM):
                 windows.append(make_disjoint_window(window))
                 owner.append(i)
         totals = [0.0] * len(requests)
-        for i, (logprob, _) in zip(owner, continuation_logprobs(self.model, windows, self.batch_size)):
+        for i, (logprob, _) in zip(owner, continuation_logprobs(self.model, windows, self.batch_size,
+                                                                        self.tokenizer.vocab_size)):
             totals[i] += logprob
         return totals
 

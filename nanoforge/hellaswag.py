@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 
-from nanoforge import datasets
+from nanoforge import datasets, multiple_choice
 from nanoforge.multiple_choice import Example, TaskError
 from nanoforge.sources import PrepareError
 
@@ -92,4 +92,25 @@ def read_examples(path, limit=None):
 
 def load(path=None, limit=None):
     """Examples of a local copy (path), or of the downloaded validation split."""
+    if path and not os.path.isfile(path):
+        raise TaskError(f"the HellaSwag file '{path}' does not exist: pass the path of {HELLASWAG_FILE} or of a "
+                        "file in its format")
     return read_examples(path or download(), limit)
+
+
+def during_training(cfg, say):
+    """The examples a training run scores (cfg.hellaswag_interval > 0), read before the first step so a
+    missing or malformed file stops the run before it trains; None when the key is off."""
+    if not cfg.hellaswag_interval:
+        return None
+    examples = load(cfg.hellaswag_data or None, cfg.hellaswag_max or None)
+    say(f"hellaswag: scoring {len(examples)} examples every {cfg.hellaswag_interval} steps")
+    return examples
+
+
+def log_fields(model, tokenizer, examples, ddp, autocast):
+    """{hellaswag_acc, hellaswag_acc_norm, hellaswag_n} for a log.jsonl record; the processes share the examples."""
+    with autocast:
+        report = multiple_choice.evaluate(model, tokenizer, examples, ddp=ddp)
+    return {"hellaswag_acc": round(report["acc"], 6), "hellaswag_acc_norm": round(report["acc_norm"], 6),
+            "hellaswag_n": report["n"]}

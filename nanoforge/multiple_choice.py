@@ -74,10 +74,12 @@ def fit_row(context_ids, continuation_ids, block_size):
 
 
 @torch.no_grad()
-def continuation_logprobs(model, pairs, batch_size=32):
+def continuation_logprobs(model, pairs, batch_size=32, vocab_size=None):
     """For each (context ids, continuation ids): (summed log-probability of the continuation given the
     context, whether greedy decoding would have produced it), in the order given. The rows run in
-    batches of batch_size, longest first, right-padded (padding comes after every scored position)."""
+    batches of batch_size, longest first, right-padded (padding comes after every scored position).
+    vocab_size: the tokenizer's; a model in training may pad its vocabulary (vocab_multiple) with ids no
+    text maps to, and these are left out of the softmax, as loading a checkpoint for inference cuts them."""
     device = next(model.parameters()).device
     rows = [fit_row(c, x, model.config.block_size) for c, x in pairs]
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
@@ -93,7 +95,7 @@ def continuation_logprobs(model, pairs, batch_size=32):
         for b, i in enumerate(chunk):
             row, n = rows[i]
             # positions len(row) - 1 - n .. len(row) - 2 predict the continuation's n tokens
-            scored = logits[b, len(row) - 1 - n : len(row) - 1].float().log_softmax(-1)  # (n, vocab_size)
+            scored = logits[b, len(row) - 1 - n : len(row) - 1, :vocab_size].float().log_softmax(-1)  # (n, vocab)
             target = torch.tensor(row[-n:], device=device)
             logprob = scored.gather(1, target[:, None]).sum().item()
             results[i] = (logprob, bool((scored.argmax(-1) == target).all()))
@@ -116,7 +118,7 @@ def encode_examples(tokenizer, examples):
 def score_examples(model, tokenizer, examples, batch_size=32):
     """[(summed log-likelihoods, token counts)] per example, one entry per ending."""
     pairs = encode_examples(tokenizer, examples)
-    logprobs = continuation_logprobs(model, pairs, batch_size)
+    logprobs = continuation_logprobs(model, pairs, batch_size, tokenizer.vocab_size)
     scores, i = [], 0
     for example in examples:
         k = len(example.endings)

@@ -22,15 +22,15 @@ from test_gpt2 import random_gpt2, tiny_bpe
 WORDS = TINY_TEXT.split()
 
 
-def hellaswag_records(n, seed=0, long_every=0):
+def hellaswag_records(n, seed=0, long_every=0, ending_words=9):
     """n records in HellaSwag's format made of the tiny corpus's words (every long_every-th one with a
-    context of a few hundred words, longer than the test models' block_size)."""
+    context of a few hundred words, longer than the test models' block_size), endings of 1 to ending_words."""
     rng = random.Random(seed)
     records = []
     for i in range(n):
         length = 300 if long_every and i % long_every == 0 else rng.randint(3, 25)
         ctx = " ".join(rng.choice(WORDS) for _ in range(length))
-        endings = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 9))) for _ in range(4)]
+        endings = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, ending_words))) for _ in range(4)]
         records.append({"ind": i, "activity_label": "Speaking", "ctx_a": ctx, "ctx_b": "", "ctx": ctx,
                         "split": "val", "split_type": "indomain", "label": rng.randrange(4), "endings": endings,
                         "source_id": f"tiny~{i}"})
