@@ -241,7 +241,8 @@ def main(argv=None):
     parser.add_argument("--harness-include", metavar="DIR", help="directory of extra harness task YAML files")
     parser.add_argument("--max", type=int, metavar="N", help="data directory: at most N batches; chat: the first N "
                         "conversations; --task: the first N examples; --harness: N examples per task")
-    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="windows or conversations per forward pass")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="windows, conversations or task rows "
+                        "(endings) per forward pass")
     parser.add_argument("--max-new-tokens", type=int, metavar="N", help="chat: most tokens per reply "
                         "(default: the batch's longest expected answer + 8)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with the results")

@@ -104,6 +104,19 @@ def test_batched_scores_equal_model_forward_on_our_architectures(name):
     torch.testing.assert_close(torch.tensor([lp for lp, _ in got]), torch.tensor(want), rtol=1e-5, atol=1e-4)
 
 
+def test_a_chat_model_reads_the_task_with_its_base_tokenizer(chat_ckpt):
+    """A chat fine-tune is scored on plain text: its base tokenizer's ids, the chat tokens in the softmax."""
+    from nanoforge import loading
+
+    model, tokenizer = loading.load_model(str(chat_ckpt), "cpu")
+    assert hasattr(tokenizer, "chat_ids")
+    examples = [Example("hi", [" yo", " ok"], 0), Example("add 2 3", [" 5", " cba"], 0)]
+    scores = multiple_choice.score_examples(model, tokenizer, examples)
+    want = [direct_logprob(model, tokenizer.base.encode(e.context), tokenizer.base.encode(ending))
+            for e in examples for ending in e.endings]
+    assert [lp for sums, _ in scores for lp in sums] == pytest.approx(want, rel=1e-5)
+
+
 def test_accuracy_counts_both_conventions_and_the_interval():
     examples = [Example("c", [" a", " b"], 0), Example("c", [" a", " b"], 1)]
     # example 1: ending 0 wins by sum (-2 > -3) but ending 1 per token (-3/3 > -2/1); example 2 likewise
