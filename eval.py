@@ -3,6 +3,8 @@ Measure a model: loss on a prepared data directory, or exact-match accuracy on c
 
     python eval.py --ckpt out/quickstart --data data/pystdlib
     python eval.py --ckpt out/sft_quickstart --data chat_tasks
+    python eval.py --ckpt out/quickstart --task hellaswag [--data FILE.jsonl] [--max N]
+    python eval.py --init-from gpt2 --harness hellaswag,lambada_openai [--harness-include DIR] [--max N]
 
 PATH is one of:
     a prepared data directory  loss, perplexity and bits per byte on its val split (below)
@@ -31,6 +33,15 @@ longer than block_size gets no reply and counts as wrong (too_long). Needs a mod
 data (its tokenizer has the chat tokens); a data directory works with any model whose tokenizer
 prepared it.
 
+--task hellaswag: multiple-choice accuracy on HellaSwag's validation split (downloaded once into
+data/hellaswag/, or --data FILE.jsonl, a local copy in HellaSwag's own format), acc and acc_norm with
+their 95 % intervals, beside GPT-2 124M's published scores (docs/evaluation.md says how they are scored).
+--max N scores the first N examples.
+
+--harness TASK[,TASK...]: the tasks of EleutherAI's lm-evaluation-harness (pip install -e '.[harness]'),
+run on this model through lm_eval.simple_evaluate; prints its table. --harness-include DIR adds the
+task YAML files of DIR; --max N limits each task to N examples.
+
 --json prints one JSON object instead: {"loss", "perplexity", "bits_per_byte", "tokens", "bytes",
 "batches", ...} or {"accuracy", "n", "correct", "trimmed", "too_long", ...}.
 """
@@ -38,7 +49,7 @@ prepared it.
 import json
 import os
 
-from nanoforge import cli, loading
+from nanoforge import cli, harness, hellaswag, loading, multiple_choice
 from nanoforge.config import ConfigError
 from nanoforge.device import resolve_device
 from nanoforge.engine import Generator
@@ -58,15 +69,41 @@ def show_examples(answers):
             print(f"  {question[:60]!r} -> {said}" + ("" if want else f" (expected {expected!r})"))
 
 
+def run_task(args):
+    """--task hellaswag or --harness TASK,...: print the accuracy (or the harness's table)."""
+    if args.task and args.harness:
+        raise ConfigError("pass --task or --harness, not both")
+    model, tokenizer = loading.load_model_from_args(args, resolve_device(args.device))
+    if args.harness:
+        tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
+        results, table = harness.run_tasks(model, tokenizer, tasks, args.max, args.harness_include, args.batch_size)
+        print(json.dumps(results["results"]) if args.json else table)
+        return
+    examples = hellaswag.load(args.data, args.max)
+    results = {"task": args.task, **multiple_choice.evaluate(model, tokenizer, examples, args.batch_size)}
+    if args.json:
+        print(json.dumps(results))
+        return
+    for name in ("acc", "acc_norm"):
+        low, high = results[f"{name}_ci95"]
+        right = results["correct" if name == "acc" else "correct_norm"]
+        print(f"{args.task} {name:8s} {results[name]:.2%} (95 % CI {low:.2%} to {high:.2%}; {right}/{results['n']})")
+    print(f"reference: {hellaswag.REFERENCE}")
+
+
 @cli.command
 def main(argv=None):
     parser = cli.parser(__doc__)
     cli.add_model_arguments(parser)
-    parser.add_argument("--data", required=True, help="prepared data directory, chat JSONL or Parquet file, or "
-                        "chat_tasks")
+    parser.add_argument("--data", help="prepared data directory, chat JSONL or Parquet file, or chat_tasks; with "
+                        "--task hellaswag: a local copy of its validation file")
+    parser.add_argument("--task", choices=["hellaswag"], help="multiple-choice accuracy on this task")
+    parser.add_argument("--harness", metavar="TASK[,TASK...]", help="lm-evaluation-harness tasks to run")
+    parser.add_argument("--harness-include", metavar="DIR", help="directory of extra harness task YAML files")
     parser.add_argument("--max", type=int, metavar="N", help="at most N examples: val windows of a data directory, "
-                        "or conversations")
-    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="examples per forward pass")
+                        "conversations, task examples (per task with --harness)")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="examples per forward pass (task "
+                        "rows: one per ending)")
     parser.add_argument("--max-new-tokens", type=int, metavar="N", help="chat: most tokens per reply "
                         "(default: the batch's longest expected answer + 8)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with the results")
@@ -76,6 +113,10 @@ def main(argv=None):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.task or args.harness:
+        return run_task(args)
+    if args.data is None:
+        raise ConfigError("pass --data PATH (or --task hellaswag, or --harness TASK)")
     is_data_dir = os.path.isdir(args.data)
     if not is_data_dir and args.data != "chat_tasks" and not os.path.isfile(args.data):
         raise EvalError(f"--data '{args.data}' is neither a prepared data directory, a chat JSONL or Parquet "

@@ -1,6 +1,7 @@
 """
 Plot training runs from their log.jsonl: training and validation loss of one or more runs on
-one figure (the legend names the runs), the learning rate and tokens/s beneath.
+one figure (the legend names the runs), the learning rate and tokens/s beneath, and HellaSwag's acc_norm
+when a run scored it (train.py's hellaswag_interval).
 
     python plot.py --ckpt out/quickstart out/shakespeare_char_fast --png loss.png --x time
 
@@ -90,11 +91,14 @@ def plot(run_dirs, out, x="step", smooth=1):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_lr, ax_speed) = plt.subplots(3, 1, figsize=(9, 8), sharex=True,
-                                                   gridspec_kw={"height_ratios": [3, 1, 1]})
+    logs = [read_log(run_dir) for run_dir in run_dirs]
+    # A panel for HellaSwag when a run scored it (train.py's hellaswag_interval)
+    hellaswag = any("hellaswag_acc_norm" in r for records in logs for r in records)
+    fig, axes = plt.subplots(3 + hellaswag, 1, figsize=(9, 8 + 2 * hellaswag), sharex=True,
+                             gridspec_kw={"height_ratios": [3, 1, 1] + [1.5] * hellaswag})
+    ax_loss, ax_lr, ax_speed = axes[:3]
     notes = []
-    for i, run_dir in enumerate(run_dirs):
-        records = read_log(run_dir)
+    for i, (run_dir, records) in enumerate(zip(run_dirs, logs)):
         xs, note = x_values(records, run_dir, x)
         notes += [note] if note else []
         name = os.path.basename(os.path.normpath(run_dir))
@@ -108,12 +112,18 @@ def plot(run_dirs, out, x="step", smooth=1):
             ax_loss.plot(*zip(*evals), color=color, linestyle="--", marker="o", markersize=4, label=f"{name} val")
         ax_lr.plot(xs, [r.get("lr") for r in records], color=color)
         ax_speed.plot(xs, [r.get("tokens_per_sec") for r in records], color=color)
+        scored = [(xv, 100 * r["hellaswag_acc_norm"]) for xv, r in zip(xs, records) if "hellaswag_acc_norm" in r]
+        if scored:
+            axes[3].plot(*zip(*scored), color=color, marker="o", markersize=4)
     ax_loss.set_ylabel("loss" + (f" (train: mean of {smooth} records)" if smooth > 1 else ""))
     ax_loss.legend()
     ax_lr.set_ylabel("learning rate")
     ax_speed.set_ylabel("tokens/s")
-    ax_speed.set_xlabel(X_LABELS[x])
-    for ax in (ax_loss, ax_lr, ax_speed):
+    if hellaswag:
+        axes[3].set_ylabel("HellaSwag acc_norm (%)")
+        axes[3].axhline(25, color="gray", linestyle=":", linewidth=1)  # chance: one ending in four
+    axes[-1].set_xlabel(X_LABELS[x])
+    for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=100)

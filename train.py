@@ -25,7 +25,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from nanoforge import checkpoint, cli, loading
+from nanoforge import checkpoint, cli, hellaswag, loading
 from nanoforge import gpt2
 from nanoforge.loading import load_model_state
 from nanoforge.config import MODEL_KEYS, ConfigError, build_config, help_text, keys_from_weights, load_saved
@@ -43,7 +43,8 @@ SHAPE_KEYS = (*(key for key in MODEL_KEYS if key != "dropout"), "vocab_multiple"
 # Keys a resumed run may change without changing what it computes up to the old end.
 SAFE_TO_CHANGE = ("max_iters", "eval_interval", "eval_iters", "log_interval", "checkpoint_interval",
                   "keep_last_n", "max_bad_steps", "out_dir", "device", "compile",
-                  "wandb_log", "wandb_project", "wandb_run_name", "tensorboard_log")
+                  "wandb_log", "wandb_project", "wandb_run_name", "tensorboard_log", "hellaswag_interval",
+                  "hellaswag_max", "hellaswag_data")
 
 def get_lr(step, cfg):
     """Learning rate for the update that follows `step` completed updates: linear warmup, then constant,
@@ -416,8 +417,9 @@ def start_model(cfg, resume, ddp, device, dtype, data):
 
 def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
     """The training run itself, in a run directory this process has locked."""
-    start_run_directory(cfg, resume, ddp)
     say = tqdm.write if ddp.is_master else (lambda *args, **kwargs: None)
+    hellaswag_examples = hellaswag.during_training(cfg, say)  # a bad file stops the run before it writes
+    start_run_directory(cfg, resume, ddp)
     for note in data.notes:  # e.g. how many conversations are cut to block_size
         say(f"data: {note}", file=sys.stderr)
     model, cfg, optimizer, scaler, state = start_model(cfg, resume, ddp, device, dtype, data)
@@ -470,8 +472,10 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
                     "learning_rate or check the data, then continue with --resume", 1)
 
             is_eval = state.step % cfg.eval_interval == 0 or state.step == cfg.max_iters
+            is_hellaswag = bool(hellaswag_examples) and (state.step % cfg.hellaswag_interval == 0
+                                                         or state.step == cfg.max_iters)
             improved = False
-            if state.step % cfg.log_interval == 0 or is_eval:
+            if state.step % cfg.log_interval == 0 or is_eval or is_hellaswag:
                 record = window.record(state, lr)
                 if is_eval:
                     losses = estimate_loss(runner, data, cfg, autocast, device, ddp)
@@ -479,6 +483,9 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
                     say(f"step {state.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                     improved = losses["val"] < state.best_val_loss
                     state.best_val_loss = min(state.best_val_loss, losses["val"])
+                if is_hellaswag:
+                    record.update(hellaswag.log_fields(model, data.tokenizer, hellaswag_examples, ddp, autocast))
+                    say(f"step {state.step}: hellaswag acc_norm {record['hellaswag_acc_norm']:.2%}")
                 record["elapsed_s"] = round(state.elapsed(), 3)  # after the evaluation: time-to-loss includes it
                 write_record(log, bar, trackers, record)
                 state.loss_sum.zero_()

@@ -91,6 +91,10 @@ class TrainConfig(GPTConfig):
     eval_interval: int = _key(250, "evaluate train/val loss every this many steps (and at the end)")
     eval_iters: int = _key(20, "batches averaged per evaluation")
     log_interval: int = _key(10, "write a log.jsonl record every this many steps")
+    hellaswag_interval: int = _key(0, "also score HellaSwag (acc, acc_norm) into log.jsonl every this many steps "
+                                   "and at the end (0 is off)")
+    hellaswag_max: int = _key(500, "HellaSwag examples scored each time (the first ones; 0 is all 10,042)")
+    hellaswag_data: str = _key("", "a local HellaSwag JSONL file ('' downloads the validation split into data/hellaswag)")
     checkpoint_interval: int = _key(250, "write latest.safetensors every this many steps (and at the end)")
     keep_last_n: int = _key(0, "also keep this many step-numbered checkpoints (step_NNNNNNN.safetensors)")
     max_bad_steps: int = _key(5, "stop after this many steps in a row with a non-finite loss or gradient")
@@ -124,7 +128,7 @@ class TrainConfig(GPTConfig):
                      "checkpoint_interval", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key '{name}' must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_iters", "lr_decay_iters", "keep_last_n", "n_kv_head"):
+        for name in ("warmup_iters", "lr_decay_iters", "keep_last_n", "n_kv_head", "hellaswag_interval", "hellaswag_max"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config key '{name}' must be 0 or more, got {getattr(self, name)}")
         for name, (low, high, text) in FLOAT_RANGES.items():

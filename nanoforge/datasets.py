@@ -63,10 +63,11 @@ def offline_error(url, e):
     )
 
 
-def download(url, sha256, dest):
-    """Fetch url into dest, verifying its sha256. An interrupted download resumes from dest.part
-    with an HTTP Range request; a good copy already at dest is reused."""
-    if os.path.isfile(dest) and sha256_of_file(dest) == sha256:
+def download(url, sha256, dest, digest=sha256_of_file):
+    """Fetch url into dest, verifying its sha256 (or what digest(path) returns, for a file pinned by
+    another hash). An interrupted download resumes from dest.part with an HTTP Range request; a good copy
+    already at dest is reused."""
+    if os.path.isfile(dest) and digest(dest) == sha256:
         return dest
     tmp = dest + ".part"
     have = os.path.getsize(tmp) if os.path.isfile(tmp) else 0
@@ -84,10 +85,11 @@ def download(url, sha256, dest):
                     bar.update(len(block))
     except (urllib.error.URLError, OSError) as e:
         raise offline_error(url, e) from None
-    got = sha256_of_file(tmp)
+    got = digest(tmp)
     if got != sha256:
         os.remove(tmp)
-        raise PrepareError(f"download of {url} has sha256 {got}, expected {sha256}: the file changed or was corrupted")
+        kind = "sha256" if digest is sha256_of_file else digest.__name__
+        raise PrepareError(f"download of {url} has {kind} {got}, expected {sha256}: the file changed or was corrupted")
     os.replace(tmp, dest)
     return dest
 
