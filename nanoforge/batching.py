@@ -57,6 +57,7 @@ class Scheduler:
         self.running = 0  # jobs in the batch being decoded
         self.batches = 0  # batches decoded so far, and the size of the largest
         self.largest_batch = 0
+        self.cancelled = 0  # jobs whose client went away before they were done
         self.changed = threading.Condition()
         self.closed = False
         self.worker = threading.Thread(target=self.work, name="nanoforge-batching", daemon=True)
@@ -85,6 +86,7 @@ class Scheduler:
         time.sleep(GATHER_SECONDS)
         with self.changed:
             jobs = [job for job in self.waiting[: self.max_batch] if not job.cancelled]
+            self.cancelled += len(self.waiting[: self.max_batch]) - len(jobs)
             del self.waiting[: self.max_batch]
             self.running = len(jobs)
             return jobs
@@ -118,4 +120,5 @@ class Scheduler:
                 job.emit(("error", e))
             return
         for job, sample in zip(jobs, samples):
+            self.cancelled += sample.finish_reason == "cancelled"
             job.emit(("done", sample))

@@ -171,18 +171,12 @@ class Generator:
             return []
         n = len(prompts)
         slide = max(1, cfg.block_size // 4) if slide is None else slide
-        max_new, temperatures, top_ps = (per_row(v, n, name) for v, name in (
-            (max_new_tokens, "max_new_tokens"), (temperature, "temperature"), (top_p, "top_p")))
+        max_new, temperatures, top_ps, seeds, stops = row_settings(n, max_new_tokens, temperature, top_p, seed, stop)
         for row_max_new, row_temperature, row_top_p in zip(max_new, temperatures, top_ps):
             check_settings(row_max_new, row_temperature, top_k, row_top_p, repetition_penalty, slide, cfg.block_size)
         check_lookup(lookup, temperature, repetition_penalty, n)
         if lookup and on_token:
             raise SettingError("lookup", "0 when per-token log-probabilities are asked for", lookup)
-        seeds = per_row(seed, n, "seed") if isinstance(seed, list) else [seed + i if seed is not None else None
-                                                                          for i in range(n)]
-        stops = stop if stop and isinstance(stop[0], (list, tuple)) else [stop] * n
-        if len(stops) != n:
-            raise SettingError("stop", f"a list of strings, or {n} such lists (one per prompt)", stop)
         # The model sees at most block_size tokens, so a longer prompt keeps its end (as in GPT.generate).
         batch = Batch([self.encode(p)[-cfg.block_size :] for p in prompts], max_new, cfg.vocab_size,
                       self.device, seeds)
@@ -291,6 +285,19 @@ class Generator:
             else:
                 next_ids[rows] = picked
         return torch.where(batch.prompt_len > t, batch.seq[:, t], next_ids)
+
+
+def row_settings(n, max_new_tokens, temperature, top_p, seed, stop):
+    """generate()'s per-row settings as lists of n values each: (max_new_tokens, temperature, top_p, seed,
+    stop). A seed given once gives row i seed + i; stop given once is a list of strings."""
+    max_new, temperatures, top_ps = (per_row(v, n, name) for v, name in (
+        (max_new_tokens, "max_new_tokens"), (temperature, "temperature"), (top_p, "top_p")))
+    seeds = per_row(seed, n, "seed") if isinstance(seed, list) else [None if seed is None else seed + i
+                                                                      for i in range(n)]
+    stops = stop if stop and isinstance(stop[0], (list, tuple)) else [stop] * n
+    if len(stops) != n:
+        raise SettingError("stop", f"a list of strings, or {n} such lists (one per prompt)", stop)
+    return max_new, temperatures, top_ps, seeds, stops
 
 
 def per_row(value, n, name):

@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass
 
 from nanoforge.chat_format import ChatError, fit_to_context, render_for_reply
+from nanoforge.errors import UserError
 from nanoforge.inspect_model import token_bytes
 from nanoforge.tokenizer import CHAT_TOKENS
 
@@ -118,6 +119,13 @@ def check_fields(body, kind, model_name):
 
 def parse_request(body, kind, tokenizer, block_size, model_name):
     """A JSON body of /v1/chat/completions (kind "chat") or /v1/completions ("text") -> Request, or APIError."""
+    try:
+        return checked_request(body, kind, tokenizer, block_size, model_name)
+    except UserError as e:  # text the tokenizer cannot encode (a character outside a char model's vocabulary)
+        raise bad(str(e), "messages" if kind == "chat" else "prompt") from None
+
+
+def checked_request(body, kind, tokenizer, block_size, model_name):
     check_fields(body, kind, model_name)
     chat = hasattr(tokenizer, "chat_ids")
     max_tokens = number(body, "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens",

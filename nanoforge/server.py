@@ -21,9 +21,10 @@ import contextlib
 import json
 import os
 import secrets
+import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from nanoforge.batching import Job, QueueFull, Scheduler
@@ -35,6 +36,7 @@ from nanoforge.openai_api import (APIError, chat_prompt, chunk, new_id, parse_re
 MAX_BODY_BYTES = 1 << 20  # a request body past this is refused (413) before it is read whole
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat_page.html")
 EXPLAIN_TOP_K = 10  # alternatives the "why" view shows
+DISCONNECT_CHECK_SECONDS = 0.5  # how often a waiting request asks whether its client is still there
 
 
 class Service:
@@ -81,16 +83,20 @@ def failure(error):
     return APIError(500, f"generation failed: {type(error).__name__}: {error}", type="server_error")
 
 
-async def next_event(events, request=None, job=None):
-    """The scheduler's next event for a job. With request: every half second check whether the client is
-    still there (a streamed response is cancelled by the server itself when its client goes)."""
+async def events_until_gone(events, request):
+    """The scheduler's events for a job, until the client goes away: checked every half second, since a
+    non-streaming client's leaving shows only when asked for (a streamed response is cancelled by the
+    server itself when its client goes)."""
+    checked = time.monotonic()
     while True:
         try:
-            return await asyncio.wait_for(events.get(), timeout=None if request is None else 0.5)
+            yield await asyncio.wait_for(events.get(), timeout=DISCONNECT_CHECK_SECONDS)
         except asyncio.TimeoutError:
+            pass
+        if time.monotonic() - checked > DISCONNECT_CHECK_SECONDS:
             if await request.is_disconnected():
-                job.cancelled = True
-                raise asyncio.CancelledError("the client went away") from None
+                return
+            checked = time.monotonic()
 
 
 def submit(service, req):
@@ -106,19 +112,19 @@ def submit(service, req):
 
 
 async def answer(service, request, req, job, events):
-    """Wait for the whole reply; returns (sample, [(token id, logprobs)])."""
+    """Wait for the whole reply; returns (sample, [(token id, logprobs)]), or None when the client went away."""
     tokens = []
     try:
-        while True:
-            event = await next_event(events, request, job)
+        async for event in events_until_gone(events, request):
             if event[0] == "token":
                 tokens.append(event[1:])
             elif event[0] == "error":
                 raise failure(event[1])
             elif event[0] == "done":
                 return event[1], tokens
+        return None
     finally:
-        job.cancelled = True  # no-op once done; stops the row when this request was cancelled
+        job.cancelled = True  # no-op once done; stops the row of a client that went away
 
 
 def sse(data):
@@ -134,7 +140,7 @@ async def stream(service, req, job, events):
         if req.kind == "chat":
             yield sse(chunk(*args, first=True))
         while True:
-            event = await next_event(events)
+            event = await events.get()
             if event[0] == "token":
                 pending.append(event[1:])
             elif event[0] == "text":
@@ -164,7 +170,10 @@ async def complete(service, request, kind):
     job, events = submit(service, req)
     if req.stream:
         return StreamingResponse(stream(service, req, job, events), media_type="text/event-stream", headers=headers)
-    sample, tokens = await answer(service, request, req, job, events)
+    answered = await answer(service, request, req, job, events)
+    if answered is None:
+        return Response(status_code=499)  # nobody is there to read it (nginx's "client closed request")
+    sample, tokens = answered
     return JSONResponse(response(req, new_id(kind), service.name, sample, tokens, service.tokenizer), headers=headers)
 
 
@@ -179,11 +188,14 @@ def explain(service, body):
         raise APIError(400, "'reply_ids' must be a list of token ids (the logprobs' token_id)", "reply_ids")
     if not (isinstance(step, int) and 0 <= step < len(reply)):
         raise APIError(400, f"'step' must be an index into reply_ids (0 .. {len(reply) - 1})", "step")
-    if "messages" in body:
-        max_tokens = body.get("max_tokens") if isinstance(body.get("max_tokens"), int) else service.block_size
-        prompt, _ = chat_prompt(body["messages"], service.tokenizer, service.block_size, max_tokens)
-    else:
-        prompt = text_prompt(body.get("prompt"), service.tokenizer, service.chat)
+    max_tokens = body.get("max_tokens") if isinstance(body.get("max_tokens"), int) else service.block_size
+    try:
+        if "messages" in body:
+            prompt, _ = chat_prompt(body["messages"], service.tokenizer, service.block_size, max(1, max_tokens))
+        else:
+            prompt = text_prompt(body.get("prompt"), service.tokenizer, service.chat)
+    except UserError as e:
+        raise APIError(400, str(e)) from None
     ids = (prompt + reply[:step])[-service.block_size:]  # what the model saw when it picked reply[step]
     s = explain_step(service.model, service.tokenizer, ids)
     chosen = reply[step]
@@ -227,7 +239,7 @@ def create_app(service):
         return {"status": "ok", "model": service.name, "chat": service.chat, "block_size": cfg.block_size,
                 "n_layer": cfg.n_layer, "n_head": cfg.n_head, "auth": service.api_key is not None,
                 "waiting": len(scheduler.waiting), "running": scheduler.running, "batches": scheduler.batches,
-                "largest_batch": scheduler.largest_batch}
+                "largest_batch": scheduler.largest_batch, "cancelled": scheduler.cancelled}
 
     def model_card():
         return {"id": service.name, "object": "model", "created": 0, "owned_by": "nanoforge"}
