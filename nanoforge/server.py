@@ -111,7 +111,7 @@ def submit(service, req):
     return job, events
 
 
-async def answer(service, request, req, job, events):
+async def answer(request, job, events):
     """Wait for the whole reply; returns (sample, [(token id, logprobs)]), or None when the client went away."""
     tokens = []
     try:
@@ -170,7 +170,7 @@ async def complete(service, request, kind):
     job, events = submit(service, req)
     if req.stream:
         return StreamingResponse(stream(service, req, job, events), media_type="text/event-stream", headers=headers)
-    answered = await answer(service, request, req, job, events)
+    answered = await answer(request, job, events)
     if answered is None:
         return Response(status_code=499)  # nobody is there to read it (nginx's "client closed request")
     sample, tokens = answered

@@ -360,3 +360,13 @@ def test_command_line_errors_are_one_line(chat_ckpt, tmp_path):
     assert r.returncode == 1 and r.stderr.strip() == "serve.py: error: --max-batch must be at least 1, got 0"
     r = run_cli("serve.py", "--ckpt", tmp_path / "missing", "--port", "0")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "missing" in r.stderr
+
+
+def test_another_host_than_loopback_is_warned_about(chat_ckpt):
+    # 192.0.2.1 (TEST-NET-1) is no address of this machine: the warning comes, then binding fails, and nothing
+    # ever listens beyond 127.0.0.1.
+    r = run_cli("serve.py", "--ckpt", chat_ckpt, "--host", "192.0.2.1", "--port", "0")
+    warning, error = r.stderr.strip().splitlines()
+    assert warning == ("serve.py: warning: listening on 192.0.2.1: other machines can reach this server and use "
+                       "it without a key (--api-key)")
+    assert r.returncode == 1 and error.startswith("serve.py: error: cannot listen on 192.0.2.1:0")
