@@ -28,6 +28,10 @@ How it works:
   token by inverse transform of the (filtered) distribution. So sample i of a batch equals a
   single generation with seed + i, on any device, and a row's draws do not depend on how many
   tokens other rows need.
+- Rows may have settings of their own (a server batches requests that asked for different
+  things): max_new_tokens, temperature, top_p, seed and stop take one value per prompt. Rows
+  that share temperature and top_p are filtered and sampled together, exactly as they would be
+  alone, so a request's reply does not depend on what it was batched with.
 """
 
 from dataclasses import dataclass
@@ -82,8 +86,8 @@ class LayerKVCache:
 class Sample:
     """One generated continuation. ids are the generated token ids (ending with the
     end-of-text or stop token when that stopped it); text is their decoding, cut before a stop
-    string. finish_reason: "length" (max_new_tokens), "eot", "stop" (a stop string) or "end"
-    (a token of stop_ids, such as a chat reply's <|assistant_end|>)."""
+    string. finish_reason: "length" (max_new_tokens), "eot", "stop" (a stop string), "end"
+    (a token of stop_ids, such as a chat reply's <|assistant_end|>) or "cancelled"."""
 
     prompt_ids: list
     ids: list
@@ -144,7 +148,7 @@ class Generator:
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens=256, temperature=1.0, top_k=None, top_p=1.0,
                  repetition_penalty=1.0, seed=None, stop=(), stop_ids=(), stop_at_eot=True, slide=None,
-                 on_text=None, lookup=0):
+                 on_text=None, lookup=0, on_token=None, top_logprobs=0, cancelled=None):
         """Generate one continuation per prompt, all as one batch; returns a list of Sample.
 
         prompts: strings or lists of token ids. temperature 0 is greedy (argmax). top_k 0 or
@@ -155,31 +159,44 @@ class Generator:
         with each piece of text as soon as it is final (streaming), and once more with done=True (and
         the rest of the text, maybe "") when the row's sample ends. lookup: draft up to this many tokens per step by
         prompt lookup and check them in one forward pass (greedy decoding of one prompt only; the output
-        is greedy decoding's, faster on repetitive text)."""
+        is greedy decoding's, faster on repetitive text).
+
+        Per row: max_new_tokens, temperature, top_p and seed may be lists with one value per prompt
+        (a list of seeds gives row i seed[i]), stop a list of lists of strings. on_token(row, token,
+        logprobs) is called with each generated token that is part of a row's text (not an end token);
+        logprobs is (the token's log-probability, [(id, log-probability) of the top_logprobs most likely
+        tokens]) under the model's own distribution (before temperature and filters). cancelled(row) ->
+        bool is asked after every step; a cancelled row ends with finish reason "cancelled"."""
         cfg = self.config
         if not prompts:
             return []
+        n = len(prompts)
         slide = max(1, cfg.block_size // 4) if slide is None else slide
-        check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, slide, cfg.block_size)
-        check_lookup(lookup, temperature, repetition_penalty, len(prompts))
+        max_new, temperatures, top_ps, seeds, stops = row_settings(n, max_new_tokens, temperature, top_p, seed, stop)
+        for row_max_new, row_temperature, row_top_p in zip(max_new, temperatures, top_ps):
+            check_settings(row_max_new, row_temperature, top_k, row_top_p, repetition_penalty, slide, cfg.block_size)
+        check_lookup(lookup, temperature, repetition_penalty, n)
+        if lookup and on_token:
+            raise SettingError("lookup", "0 when per-token log-probabilities are asked for", lookup)
         # The model sees at most block_size tokens, so a longer prompt keeps its end (as in GPT.generate).
-        batch = Batch([self.encode(p)[-cfg.block_size :] for p in prompts], max_new_tokens, cfg.vocab_size,
-                      self.device, seed)
-        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+        batch = Batch([self.encode(p)[-cfg.block_size :] for p in prompts], max_new, cfg.vocab_size,
+                      self.device, seeds)
+        sampling = dict(groups=sampling_groups(temperatures, top_ps, self.device), top_k=top_k,
+                        repetition_penalty=repetition_penalty)
         end_ids = {i: "end" for i in stop_ids}
         if stop_at_eot and self.tokenizer.eot_id is not None:
             end_ids[self.tokenizer.eot_id] = "eot"
-        finisher = RowFinisher(batch, self.tokenizer, stop, end_ids, on_text)
+        finisher = RowFinisher(batch, self.tokenizer, stops, end_ids, on_text, on_token, cancelled)
 
         cache = KVCache(cfg, batch.size, self.device, self.dtype)
         t = min(batch.lengths)  # index of the next token; tokens 0 .. t - 1 exist in every row
         logits = self.prefill(batch.seq[:, :t], cache)
         while True:
             batch.append(t, self.pick_next_tokens(logits, batch, t, **sampling))
-            if finisher.after_token(t):
+            if finisher.after_token(t, token_logprobs(logits, batch.seq[:, t], top_logprobs) if on_token else None):
                 return finisher.results
             t += 1  # token t - 1 is new: feed it
-            room = min(cfg.block_size - cache.pos - 1, max_new_tokens - (t - batch.lengths[0]) - 1)
+            room = min(cfg.block_size - cache.pos - 1, max_new[0] - (t - batch.lengths[0]) - 1)
             draft = lookup_draft(batch.seq[0, :t].tolist(), min(lookup, room)) if lookup else []
             if cache.pos == cfg.block_size:  # no room for it: drop the oldest tokens, prefill the rest
                 logits = self.slide_window(batch.seq, t, slide, cache)
@@ -248,36 +265,90 @@ class Generator:
         keep = self.config.block_size - slide + 1
         return self.prefill(seq[:, t - keep : t], cache)
 
-    def pick_next_tokens(self, logits, batch, t, temperature, top_k, top_p, repetition_penalty):
+    def pick_next_tokens(self, logits, batch, t, groups, top_k, repetition_penalty):
         """Token t of every row (B,) from the logits (B, V): greedy or sampled with the row's own
-        random numbers; rows still reading their prompt take its token t instead."""
+        random numbers; rows still reading their prompt take its token t instead. groups: the rows
+        sharing each (temperature, top_p), as sampling_groups makes them."""
         if repetition_penalty != 1.0:
             logits = penalize_repetition(logits, batch.seen, repetition_penalty)
-        if temperature == 0:
-            next_ids = logits.argmax(dim=-1)
-        else:
-            values, ids = candidates(logits / temperature, top_k, top_p)
-            n = (t - batch.prompt_len).clamp(0, batch.max_new_tokens - 1)  # how many tokens each row has generated
-            next_ids = sample_from(values, ids, batch.uniforms.gather(1, n.unsqueeze(1)).squeeze(1))
+        n = (t - batch.prompt_len).clamp(0, batch.uniforms.size(1) - 1)  # how many tokens each row has generated
+        uniforms = batch.uniforms.gather(1, n.unsqueeze(1)).squeeze(1)  # (B,)
+        next_ids = torch.empty(batch.size, dtype=torch.long, device=self.device)
+        for temperature, top_p, rows in groups:
+            part = logits if rows is None else logits[rows]  # (rows, V)
+            if temperature == 0:
+                picked = part.argmax(dim=-1)
+            else:
+                values, ids = candidates(part / temperature, top_k, top_p)
+                picked = sample_from(values, ids, uniforms if rows is None else uniforms[rows])
+            if rows is None:
+                next_ids = picked
+            else:
+                next_ids[rows] = picked
         return torch.where(batch.prompt_len > t, batch.seq[:, t], next_ids)
+
+
+def row_settings(n, max_new_tokens, temperature, top_p, seed, stop):
+    """generate()'s per-row settings as lists of n values each: (max_new_tokens, temperature, top_p, seed,
+    stop). A seed given once gives row i seed + i; stop given once is a list of strings."""
+    max_new, temperatures, top_ps = (per_row(v, n, name) for v, name in (
+        (max_new_tokens, "max_new_tokens"), (temperature, "temperature"), (top_p, "top_p")))
+    seeds = per_row(seed, n, "seed") if isinstance(seed, list) else [None if seed is None else seed + i
+                                                                      for i in range(n)]
+    stops = stop if stop and isinstance(stop[0], (list, tuple)) else [stop] * n
+    if len(stops) != n:
+        raise SettingError("stop", f"a list of strings, or {n} such lists (one per prompt)", stop)
+    return max_new, temperatures, top_ps, seeds, stops
+
+
+def per_row(value, n, name):
+    """A setting given once for every row, or as a list of one value per row -> a list of n values."""
+    if not isinstance(value, list):
+        return [value] * n
+    if len(value) != n:
+        raise SettingError(name, f"one value, or a list of {n} (one per prompt)", value)
+    return value
+
+
+def sampling_groups(temperatures, top_ps, device):
+    """[(temperature, top_p, rows)]: the rows (an index tensor; None when it is every row) that share
+    each setting. Filtering and sampling a group together gives each row what it would get alone:
+    top-p sorts the candidates, so a row must not be sorted because another row asked for top-p."""
+    shared = {}
+    for b, setting in enumerate(zip(temperatures, top_ps)):
+        shared.setdefault(setting, []).append(b)
+    if len(shared) == 1:
+        return [(*setting, None) for setting in shared]
+    return [(*setting, torch.tensor(rows, device=device)) for setting, rows in shared.items()]
+
+
+def token_logprobs(logits, chosen, k):
+    """The log-probabilities of the chosen tokens (B,) and the k most likely tokens under logits (B, V):
+    (chosen (B,), top values (B, k), top ids (B, k)) as lists."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(logprobs, k)
+    return (logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist(), top.values.tolist(), top.indices.tolist())
 
 
 class Batch:
     """The token ids of a batch of rows as they grow, and each row's random numbers for sampling."""
 
-    def __init__(self, prompt_ids, max_new_tokens, vocab_size, device, seed):
-        self.prompt_ids, self.max_new_tokens = prompt_ids, max_new_tokens
+    def __init__(self, prompt_ids, max_new_tokens, vocab_size, device, seeds):
+        self.prompt_ids, self.max_new_tokens = prompt_ids, max_new_tokens  # max_new_tokens: one per row
         self.size, self.lengths = len(prompt_ids), [len(p) for p in prompt_ids]
-        seq = torch.zeros(self.size, max(self.lengths) + max_new_tokens, dtype=torch.long)  # row b's token t at [b, t]
+        longest = max(max_new_tokens)
+        seq = torch.zeros(self.size, max(self.lengths) + longest, dtype=torch.long)  # row b's token t at [b, t]
         seen = torch.zeros(self.size, vocab_size, dtype=torch.bool)  # tokens in each sequence so far
         for b, ids in enumerate(prompt_ids):
             seq[b, : len(ids)] = torch.tensor(ids)
             seen[b, ids] = True
         self.seq, self.seen = seq.to(device), seen.to(device)
-        seed = torch.randint(2**62, ()).item() if seed is None else seed
+        seeds = [torch.randint(2**62, ()).item() if s is None else s for s in seeds]
+        # torch.rand draws a CPU generator's numbers in order, so the first n of `longest` draws are the n a
+        # row would draw alone: a row's numbers do not depend on the other rows' lengths.
         self.uniforms = torch.stack([
-            torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(seed + b)) for b in range(self.size)
-        ]).to(device)  # (B, max_new_tokens): row b's n-th generated token uses uniforms[b, n]
+            torch.rand(longest, generator=torch.Generator().manual_seed(s)) for s in seeds
+        ]).to(device)  # (B, longest): row b's n-th generated token uses uniforms[b, n]
         self.prompt_len = torch.tensor(self.lengths, device=device)
 
     def append(self, t, next_ids):
@@ -288,16 +359,18 @@ class Batch:
 
 class RowFinisher:
     """Streams each row's new text and decides when it is done: a token of end_ids ({id: finish
-    reason}, end-of-text among them), a stop string, or max_new_tokens. results[b] is row b's Sample
-    once it has finished, None before."""
+    reason}, end-of-text among them), a stop string, max_new_tokens, or cancelled(row). results[b] is
+    row b's Sample once it has finished, None before."""
 
-    def __init__(self, batch, tokenizer, stop, end_ids, on_text):
+    def __init__(self, batch, tokenizer, stops, end_ids, on_text, on_token=None, cancelled=None):
         self.batch, self.end_ids, self.on_text = batch, end_ids, on_text
-        self.streams = [TextStream(tokenizer, stop) for _ in range(batch.size)]
+        self.on_token, self.cancelled = on_token, cancelled
+        self.streams = [TextStream(tokenizer, stop) for stop in stops]
         self.results = [None] * batch.size
 
-    def after_token(self, t):
-        """Handle token t of every row (just appended); returns True when every row has finished."""
+    def after_token(self, t, logprobs=None):
+        """Handle token t of every row (just appended); returns True when every row has finished.
+        logprobs: token_logprobs of this step, for on_token."""
         batch = self.batch
         for b, token in enumerate(batch.last_ids):
             if self.results[b] is not None or t < batch.lengths[b]:
@@ -305,9 +378,14 @@ class RowFinisher:
             generated = t - batch.lengths[b] + 1
             stream = self.streams[b]
             text, reason = "", self.end_ids.get(token)
-            if reason is None:
+            if reason is None and self.cancelled and self.cancelled(b):
+                reason = "cancelled"
+            elif reason is None:
+                if self.on_token:
+                    chosen, values, ids = logprobs
+                    self.on_token(b, token, (chosen[b], list(zip(ids[b], values[b]))))
                 text = stream.push(token)
-                reason = "stop" if stream.stopped else "length" if generated == batch.max_new_tokens else None
+                reason = "stop" if stream.stopped else "length" if generated == batch.max_new_tokens[b] else None
             if reason:
                 text += stream.finish()
                 ids = batch.seq[b, batch.lengths[b] : t + 1].tolist()

@@ -207,3 +207,35 @@ def trace_mlp(mlp, x, stage):
     x = stage("MLP up-projection (c_fc)", mlp.c_fc(x))  # (B, T, hidden), or (B, T, 2 * hidden) for swiglu
     x = stage(f"nonlinearity ({ACTIVATION_NAMES[mlp.activation]})", mlp.activate(x))  # (B, T, hidden)
     return stage("MLP down-projection (mlp.c_proj)", mlp.dropout(mlp.c_proj(x)))  # (B, T, n_embd)
+
+
+# ----------------------------------------------------------------------------- one step of a reply
+
+@dataclass
+class Step:
+    """Why the token after `ids` came out as it did: the model's next-token probabilities there and where
+    the last position looked. The same numbers as explain() at the last position, without the T x T rest."""
+
+    labels: list  # the T context tokens as readable text
+    probs: torch.Tensor  # (vocab_size,) next-token probabilities after the context
+    attention: torch.Tensor  # (n_layer, n_head, T): the last position's attention over the context
+
+    def top(self, k):
+        """[(token id, probability)] of the k most likely next tokens."""
+        top = torch.topk(self.probs, min(k, self.probs.size(0)))
+        return list(zip(top.indices.tolist(), top.values.tolist()))
+
+    def rank(self, token):
+        """1-based rank of token among the predictions."""
+        return int((self.probs > self.probs[token]).sum()) + 1
+
+
+@torch.no_grad()
+def explain_step(model, tokenizer, ids):
+    """A Step for the token after ids (at most block_size token ids), under model (eval mode)."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+    logits, _ = model(idx)  # (1, T, vocab_size)
+    attention = torch.stack([w[0, :, -1] for w in model.attention_weights(idx)])  # (n_layer, n_head, T)
+    return Step(labels=[token_label(tokenizer, i) for i in ids], probs=F.softmax(logits[0, -1].float(), dim=-1).cpu(),
+                attention=attention.float().cpu())

@@ -1,0 +1,273 @@
+"""
+The web server of serve.py: an OpenAI-compatible API, the chat page and its "why" view, on FastAPI
+(an optional dependency: pip install -e ".[serve]").
+
+    GET  /                      the page (chat_page.html, one self-contained file)
+    GET  /health                liveness, the model's shape and the queue: {"status": "ok", ...}
+    GET  /v1/models[/{id}]      the one model served
+    POST /v1/chat/completions   chat models (their tokenizer has the chat tokens)
+    POST /v1/completions        any model: continue a prompt
+    POST /explain               why a generated token was chosen: the top-k at that step and that step's
+                                attention per layer and head (inspect_model.explain_step)
+
+Requests go to a batching.Scheduler, which decodes the jobs waiting together as one batch; each
+request waits on an asyncio queue that the scheduler's thread fills. A request whose client goes
+away is cancelled (its row stops at the next step). With an API key, every route but / and /health
+needs "Authorization: Bearer KEY" (the page asks for the key).
+"""
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from nanoforge.batching import Job, QueueFull, Scheduler
+from nanoforge.errors import UserError
+from nanoforge.inspect_model import explain_step
+from nanoforge.openai_api import (APIError, chat_prompt, chunk, new_id, parse_request, response, text_prompt,
+                                  token_text, usage_chunk)
+
+MAX_BODY_BYTES = 1 << 20  # a request body past this is refused (413) before it is read whole
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat_page.html")
+EXPLAIN_TOP_K = 10  # alternatives the "why" view shows
+DISCONNECT_CHECK_SECONDS = 0.5  # how often a waiting request asks whether its client is still there
+
+
+class Service:
+    """What the routes serve: the generator (for decoding), the model it was made from (for the "why"
+    view, which needs the model's own attention), the model's name and the scheduler."""
+
+    def __init__(self, generator, model, name, max_batch, max_queue, api_key=None):
+        self.generator, self.model, self.name, self.api_key = generator, model, name, api_key
+        self.tokenizer, self.block_size = generator.tokenizer, generator.config.block_size
+        self.chat = hasattr(self.tokenizer, "chat_ids")
+        # A chat model's reply ends at <|assistant_end|>, or at any other chat token (none can be in a reply).
+        stop_ids = self.tokenizer.chat_ids.values() if self.chat else ()
+        self.scheduler = Scheduler(generator, max_batch, max_queue, stop_ids)
+
+    def authorize(self, request):
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            raise APIError(401, "Incorrect API key provided: send the server's --api-key as 'Authorization: "
+                           "Bearer KEY'", code="invalid_api_key")
+
+
+async def read_json(request):
+    """The request's JSON body; 413 past MAX_BODY_BYTES (read no further), 400 when it is not JSON."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body is {int(length)} bytes, more than the {MAX_BODY_BYTES} allowed")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > MAX_BODY_BYTES:
+            raise APIError(413, f"the request body is more than the {MAX_BODY_BYTES} bytes allowed")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+
+
+def failure(error):
+    """An exception from a batch -> the APIError its request answers with."""
+    if isinstance(error, UserError):
+        return APIError(400, str(error))
+    return APIError(500, f"generation failed: {type(error).__name__}: {error}", type="server_error")
+
+
+async def events_until_gone(events, request):
+    """The scheduler's events for a job, until the client goes away: checked every half second, since a
+    non-streaming client's leaving shows only when asked for (a streamed response is cancelled by the
+    server itself when its client goes)."""
+    checked = time.monotonic()
+    while True:
+        try:
+            yield await asyncio.wait_for(events.get(), timeout=DISCONNECT_CHECK_SECONDS)
+        except asyncio.TimeoutError:
+            pass
+        if time.monotonic() - checked > DISCONNECT_CHECK_SECONDS:
+            if await request.is_disconnected():
+                return
+            checked = time.monotonic()
+
+
+def submit(service, req):
+    """Queue a generation job for the checked request; returns (job, its asyncio queue of events)."""
+    events, loop = asyncio.Queue(), asyncio.get_running_loop()
+    job = Job(req.prompt_ids, req.settings(), emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+    try:
+        service.scheduler.submit(job)
+    except QueueFull as e:
+        raise APIError(503, f"the server is busy ({e}): retry in a moment", code="queue_full", type="server_error",
+                       headers={"Retry-After": "1"}) from None
+    return job, events
+
+
+async def answer(request, job, events):
+    """Wait for the whole reply; returns (sample, [(token id, logprobs)]), or None when the client went away."""
+    tokens = []
+    try:
+        async for event in events_until_gone(events, request):
+            if event[0] == "token":
+                tokens.append(event[1:])
+            elif event[0] == "error":
+                raise failure(event[1])
+            elif event[0] == "done":
+                return event[1], tokens
+        return None
+    finally:
+        job.cancelled = True  # no-op once done; stops the row of a client that went away
+
+
+def sse(data):
+    return f"data: {json.dumps(data)}\n\n"
+
+
+async def stream(service, req, job, events):
+    """Server-sent events: a chunk per piece of text (with the log-probabilities of its tokens), a last chunk
+    with the finish reason, the usage when asked, then data: [DONE]."""
+    pending, offset = [], 0  # tokens whose text is not out yet; characters sent so far
+    args = (req, new_id(req.kind), service.name)
+    try:
+        if req.kind == "chat":
+            yield sse(chunk(*args, first=True))
+        while True:
+            event = await events.get()
+            if event[0] == "token":
+                pending.append(event[1:])
+            elif event[0] == "text":
+                yield sse(chunk(*args, text=event[1], tokens=pending, tokenizer=service.tokenizer, offset=offset))
+                offset, pending = offset + len(event[1]), []
+            elif event[0] == "error":
+                yield sse(failure(event[1]).body())
+                break
+            else:
+                sample = event[1]
+                yield sse(chunk(*args, tokens=pending, tokenizer=service.tokenizer, sample=sample, offset=offset))
+                if req.include_usage:
+                    yield sse(usage_chunk(*args, sample))
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled = True  # no-op once done; a client that went away stops its row
+
+
+async def complete(service, request, kind):
+    """POST /v1/chat/completions (kind "chat") and /v1/completions ("text")."""
+    service.authorize(request)
+    req = parse_request(await read_json(request), kind, service.tokenizer, service.block_size, service.name)
+    headers = {}
+    if req.dropped:  # say what did not fit in the context
+        headers["X-Dropped-" + ("Messages" if kind == "chat" else "Prompt-Tokens")] = str(req.dropped)
+    job, events = submit(service, req)
+    if req.stream:
+        return StreamingResponse(stream(service, req, job, events), media_type="text/event-stream", headers=headers)
+    answered = await answer(request, job, events)
+    if answered is None:
+        return Response(status_code=499)  # nobody is there to read it (nginx's "client closed request")
+    sample, tokens = answered
+    return JSONResponse(response(req, new_id(kind), service.name, sample, tokens, service.tokenizer), headers=headers)
+
+
+def explain(service, body):
+    """POST /explain: {"messages" | "prompt", "max_tokens", "reply_ids", "step"} -> why reply_ids[step] came
+    after the prompt (rendered as the request that generated it was) and reply_ids[:step]."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    reply, step = body.get("reply_ids"), body.get("step")
+    if not (isinstance(reply, list) and all(isinstance(i, int) and 0 <= i < service.tokenizer.vocab_size
+                                            for i in reply)):
+        raise APIError(400, "'reply_ids' must be a list of token ids (the logprobs' token_id)", "reply_ids")
+    if not (isinstance(step, int) and 0 <= step < len(reply)):
+        raise APIError(400, f"'step' must be an index into reply_ids (0 .. {len(reply) - 1})", "step")
+    max_tokens = body.get("max_tokens") if isinstance(body.get("max_tokens"), int) else service.block_size
+    try:
+        if "messages" in body:
+            prompt, _ = chat_prompt(body["messages"], service.tokenizer, service.block_size, max(1, max_tokens))
+        else:
+            prompt = text_prompt(body.get("prompt"), service.tokenizer, service.chat)
+    except UserError as e:
+        raise APIError(400, str(e)) from None
+    ids = (prompt + reply[:step])[-service.block_size:]  # what the model saw when it picked reply[step]
+    s = explain_step(service.model, service.tokenizer, ids)
+    chosen = reply[step]
+    return {"context": s.labels, "prompt_tokens": max(0, len(ids) - step),
+            "chosen": {"token_id": chosen, "token": token_text(service.tokenizer, chosen)[0],
+                       "prob": s.probs[chosen].item(), "rank": s.rank(chosen)},
+            "top": [{"token_id": i, "token": token_text(service.tokenizer, i)[0], "prob": p}
+                    for i, p in s.top(EXPLAIN_TOP_K)],
+            "attention": s.attention.tolist()}
+
+
+def create_app(service):
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        service.scheduler.close()
+
+    app = FastAPI(title="nanoforge", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    page = open(PAGE, encoding="utf-8").read()
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e):  # unknown routes (404), wrong methods (405): OpenAI's error object too
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        return JSONResponse(APIError(e.status_code, message).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def crash(request, e):  # a bug answers 500; the server goes on serving
+        return JSONResponse(APIError(500, f"{type(e).__name__}: {e}", type="server_error").body(), status_code=500)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return page
+
+    @app.get("/health")
+    async def health():
+        cfg, scheduler = service.generator.config, service.scheduler
+        return {"status": "ok", "model": service.name, "chat": service.chat, "block_size": cfg.block_size,
+                "n_layer": cfg.n_layer, "n_head": cfg.n_head, "auth": service.api_key is not None,
+                "waiting": len(scheduler.waiting), "running": scheduler.running, "batches": scheduler.batches,
+                "largest_batch": scheduler.largest_batch, "cancelled": scheduler.cancelled}
+
+    def model_card():
+        return {"id": service.name, "object": "model", "created": 0, "owned_by": "nanoforge"}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        service.authorize(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str):
+        service.authorize(request)
+        if model_id != service.name:
+            raise APIError(404, f"The model '{model_id}' does not exist", "model", "model_not_found")
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await complete(service, request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await complete(service, request, "text")
+
+    @app.post("/explain")
+    async def why(request: Request):
+        service.authorize(request)
+        body = await read_json(request)
+        return await asyncio.to_thread(explain, service, body)  # a forward pass: off the event loop
+
+    return app

@@ -1,0 +1,140 @@
+"""The engine's per-row settings, cancellation and log-probabilities, the batching scheduler, and the "why"
+view's explain_step: each against what it must equal (a row alone, the model's own softmax, explain())."""
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoforge.batching import Job, QueueFull, Scheduler
+from nanoforge.engine import Generator
+from nanoforge.inspect_model import explain, explain_step
+from test_generate import CHARS, small_model
+
+
+@pytest.fixture(scope="module")
+def gen():
+    return Generator(small_model(sharpen=3), CHARS)
+
+
+ROWS = dict(prompts=["First", "All:\nSpeak", "Re", "First"], max_new_tokens=[30, 12, 25, 30],
+            temperature=[1.0, 0.0, 0.7, 1.0], top_p=[0.9, 1.0, 1.0, 0.9], seed=[5, 9, 5, 6],
+            stop=[[], ["e"], ["ak", "x"], []])
+
+
+def test_rows_with_their_own_settings_get_what_they_would_get_alone(gen):
+    prompts = ROWS["prompts"]
+    batch = gen.generate(prompts, **{k: v for k, v in ROWS.items() if k != "prompts"}, slide=4)
+    for i, prompt in enumerate(prompts):
+        alone = gen.generate([prompt], **{k: v[i] for k, v in ROWS.items() if k != "prompts"}, slide=4)
+        assert alone == [batch[i]]
+    assert batch[0] != batch[3]  # the same prompt and settings, another seed
+    assert len(batch[1].ids) <= 12 and "e" not in batch[1].text
+
+
+def test_a_list_of_settings_must_have_one_per_prompt(gen):
+    from nanoforge.sampling import SettingError
+
+    with pytest.raises(SettingError, match="one value, or a list of 2"):
+        gen.generate(["a", "b"], max_new_tokens=[3])
+    with pytest.raises(SettingError, match="top_p must be in"):
+        gen.generate(["a", "b"], top_p=[0.5, 0.0])
+
+
+def test_a_cancelled_row_stops_and_the_others_go_on(gen):
+    steps = [0]
+
+    def cancelled(row):
+        steps[0] += row == 0
+        return row == 1 and steps[0] > 3
+
+    out = gen.generate(["First", "First"], max_new_tokens=20, temperature=0, cancelled=cancelled)
+    assert out[1].finish_reason == "cancelled" and len(out[1].ids) == 4
+    assert out[0].finish_reason == "length" and len(out[0].ids) == 20
+    assert out[0].ids[:3] == out[1].ids[:3]
+
+
+def test_token_logprobs_are_the_models_own(gen):
+    model = small_model(sharpen=3)
+    seen = {0: [], 1: []}
+    out = gen.generate(["First", "Re"], max_new_tokens=6, temperature=1.0, seed=2, top_logprobs=3,
+                       on_token=lambda row, token, lp: seen[row].append((token, lp)))
+    for row, prompt in enumerate(["First", "Re"]):
+        ids = CHARS.encode(prompt) + out[row].ids
+        logits, _ = model(torch.tensor([ids]))
+        expected = F.log_softmax(logits[0], dim=-1)  # (T, V)
+        assert [t for t, _ in seen[row]] == out[row].ids
+        for n, (token, (logprob, top)) in enumerate(seen[row]):
+            at = len(CHARS.encode(prompt)) - 1 + n
+            assert logprob == pytest.approx(expected[at, token].item(), abs=1e-5)
+            best = torch.topk(expected[at], 3)
+            assert [i for i, _ in top] == best.indices.tolist()
+            assert [v for _, v in top] == pytest.approx(best.values.tolist(), abs=1e-5)
+
+
+def test_explain_step_is_explain_at_the_last_position():
+    model = small_model(sharpen=3)
+    ids = CHARS.encode("First Citizen")
+    step, full = explain_step(model, CHARS, ids), explain(model, CHARS, ids)
+    torch.testing.assert_close(step.probs, full.probs[-1])
+    torch.testing.assert_close(step.attention, full.patterns[:, :, -1])
+    assert step.labels == full.labels
+    token = step.top(3)[2][0]
+    assert step.rank(token) == full.rank(len(ids) - 1, token) == 3
+
+
+class Recorder:
+    """A job's events, and an Event set when it is done (or failed)."""
+
+    def __init__(self):
+        self.events, self.finished = [], threading.Event()
+
+    def __call__(self, event):
+        self.events.append(event)
+        if event[0] in ("done", "error"):
+            self.finished.set()
+
+
+def job(gen, prompt, seed, max_new_tokens=20, **extra):
+    settings = dict(max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, seed=seed, stop=[],
+                    top_logprobs=None, **extra)
+    return Job(gen.encode(prompt), settings, Recorder())
+
+
+def test_jobs_submitted_together_are_one_batch_and_get_their_own_replies(gen):
+    scheduler = Scheduler(gen, max_batch=8, max_queue=8)
+    try:
+        jobs = [job(gen, p, seed) for p, seed in [("First", 1), ("Re", 2), ("All", 3)]]
+        for j in jobs:
+            scheduler.submit(j)
+        for j in jobs:
+            assert j.emit.finished.wait(30)
+        assert scheduler.batches == 1 and scheduler.largest_batch == 3
+        for j, (p, seed) in zip(jobs, [("First", 1), ("Re", 2), ("All", 3)]):
+            sample = j.emit.events[-1][1]
+            assert sample == gen.generate([p], max_new_tokens=20, seed=seed)[0]
+            assert "".join(e[1] for e in j.emit.events if e[0] == "text") == sample.text
+    finally:
+        scheduler.close()
+
+
+def test_a_full_queue_refuses_and_a_failed_batch_leaves_the_worker_running(gen):
+    scheduler = Scheduler(gen, max_batch=1, max_queue=1)
+    try:
+        long = job(gen, "First", 1, max_new_tokens=2000)
+        scheduler.submit(long)
+        while scheduler.running == 0:  # the worker has taken it: the queue is empty again
+            threading.Event().wait(0.01)
+        bad = job(gen, "Re", 1, max_new_tokens=-1)  # fails in the engine (a SettingError)
+        scheduler.submit(bad)
+        with pytest.raises(QueueFull):
+            scheduler.submit(job(gen, "All", 1))
+        long.cancelled = True
+        assert long.emit.finished.wait(30) and long.emit.events[-1][1].finish_reason == "cancelled"
+        assert bad.emit.finished.wait(30) and bad.emit.events[-1][0] == "error"
+        good = job(gen, "All", 4)
+        scheduler.submit(good)
+        assert good.emit.finished.wait(30) and good.emit.events[-1][0] == "done"
+    finally:
+        scheduler.close()
