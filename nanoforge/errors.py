@@ -1,7 +1,7 @@
 """
 The one base class of every error a user can cause: a bad config or flag, a missing or corrupt file, data in the
 wrong format. Each concern keeps its own subclass (ConfigError, DataError, CheckpointError, ...) so the message
-can be specific; the commands catch UserError alone (nanoforge.cli.run) and print it as one line.
+can be specific; the commands catch UserError alone (@nanoforge.cli.command) and print it as one line.
 """
 
 

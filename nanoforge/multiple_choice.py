@@ -22,7 +22,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional as F
 
 from nanoforge.errors import UserError
 from nanoforge.tokenizer import TokenizerError
