@@ -35,6 +35,7 @@ from nanoforge.chat_format import ChatError, fit_to_context, require_chat_tokens
 from nanoforge.config import ConfigError
 from nanoforge.device import resolve_device
 from nanoforge.engine import Generator
+from nanoforge.machine import probe
 from nanoforge.sampling import SettingError, check_lookup
 from nanoforge.tokenizer import TokenizerError
 
@@ -177,6 +178,7 @@ def main(argv=None):
         if args.quantize and args.dtype != "float32":
             raise ConfigError(f"--quantize int8 decodes in bfloat16 from the checkpoint's own weights: drop --dtype "
                               f"{args.dtype}")
+        print(probe().summary(), file=sys.stderr)  # which machine's fast paths this run takes
         model, tokenizer = loading.load_model_from_args(args, resolve_device(args.device))
         generator = Generator(model.to(getattr(torch, args.dtype)), tokenizer, compile=args.compile,
                               quantize=args.quantize)

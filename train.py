@@ -31,6 +31,7 @@ from nanoforge.loading import load_model_state
 from nanoforge.config import ConfigError, build_config, help_text, keys_from_weights, load_saved
 from nanoforge.data import DataError, Dataset
 from nanoforge.device import peak_flops, resolve_device, resolve_dtype
+from nanoforge.machine import probe
 from nanoforge.distributed import Distributed, end_process
 from nanoforge.lock import DirectoryInUse, DirectoryLock
 from model import ARCH_KEYS, GPT, GPTConfig, padded_vocab_size
@@ -401,6 +402,7 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
     """The training run itself, in a run directory this process has locked."""
     start_run_directory(cfg, resume, ddp)
     say = tqdm.write if ddp.is_master else (lambda *args, **kwargs: None)
+    say(probe().summary(), file=sys.stderr)
     for note in data.notes:  # e.g. how many conversations are cut to block_size
         say(f"data: {note}", file=sys.stderr)
 
@@ -447,6 +449,7 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
     # W&B, TensorBoard (only the master logs): made here, from the config build_model completed, so
     # that an error before the loop leaves no tracker run open.
     trackers = Trackers(cfg, enabled=ddp.is_master)
+    machine = {"machine": probe().as_dict()}  # in the run's first record (and a resumed run's): who made the figures
 
     with StopSignals() as stop, log, bar, trackers:
         while state.step < cfg.max_iters:
@@ -468,7 +471,7 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
             is_eval = state.step % cfg.eval_interval == 0 or state.step == cfg.max_iters
             improved = False
             if state.step % cfg.log_interval == 0 or is_eval:
-                record = window.record(state, lr)
+                record, machine = {**window.record(state, lr), **machine}, {}
                 if is_eval:
                     losses = estimate_loss(runner, data, cfg, autocast, device, ddp)
                     record.update(train_loss=round(losses["train"], 6), val_loss=round(losses["val"], 6))
