@@ -1,5 +1,7 @@
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -22,6 +24,20 @@ def run_cli(script, *args, cwd=REPO, env=None):
         [sys.executable, os.path.join(REPO, script), *map(str, args)],
         cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600,
     )
+
+
+@contextlib.contextmanager
+def sigint_reaches_children():
+    """Processes started inside this block get SIGINT at its default, so a test's Ctrl-C (SIGINT) reaches them
+    as KeyboardInterrupt. Without it they inherit this run's disposition, and a run started as a background job
+    of a non-interactive shell (`pytest &` in a script, some CI runners) has SIGINT ignored (POSIX): Python then
+    installs no KeyboardInterrupt handler and the child rightly ignores the test's SIGINT. exec resets a handled
+    signal to its default but keeps an ignored one ignored, hence a handler here while the child starts."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def find_chromium():
