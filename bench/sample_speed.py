@@ -44,6 +44,7 @@ import torch
 
 from nanoforge import gpt2
 from nanoforge.cpu_decoding import PackedLinear
+from nanoforge.machine import probe
 from nanoforge.engine import Generator
 from model import GPT, GPTConfig
 from nanoforge.cpu_decoding import Int8Linear
@@ -236,6 +237,7 @@ def main():
     except ImportError:
         transformers = None
 
+    print(probe().summary())
     print(f"torch {torch.__version__}, transformers {transformers and transformers.__version__}, "
           f"{torch.get_num_threads()} CPU threads; greedy decoding from a 1-token prompt")
     for device_name in devices:
