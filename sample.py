@@ -178,13 +178,15 @@ def main(argv=None):
         if args.quantize and args.dtype != "float32":
             raise ConfigError(f"--quantize int8 decodes in bfloat16 from the checkpoint's own weights: drop --dtype "
                               f"{args.dtype}")
-        print(probe().summary(), file=sys.stderr)  # which machine's fast paths this run takes
         model, tokenizer = loading.load_model_from_args(args, resolve_device(args.device))
+        if args.chat:
+            require_chat_tokens(tokenizer)
         generator = Generator(model.to(getattr(torch, args.dtype)), tokenizer, compile=args.compile,
                               quantize=args.quantize)
         del model  # the generator decodes with its own copy of the matrices: let the originals go
+        machine = probe().summary()  # said once, before the first generation: a bad flag or prompt stays one line
         if args.chat:
-            require_chat_tokens(tokenizer)
+            print(machine, file=sys.stderr)
             lines = [args.prompt] if args.prompt is not None else read_prompts()
             return chat_session(generator, lines, args.system, settings, interactive=args.prompt is None)
         if args.interactive:
@@ -204,6 +206,9 @@ def main(argv=None):
                 continue
             heading = "" if args.interactive else tokenizer.decode([i for i in ids if i != tokenizer.eot_id])
             printer = SamplePrinter(args.num_samples, heading, stream=not args.no_stream)
+            if machine:
+                print(machine, file=sys.stderr)
+                machine = None
             generator.generate([ids] * args.num_samples, on_text=printer, **settings)
             printer.finish()
     except SettingError as e:

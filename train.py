@@ -402,7 +402,6 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
     """The training run itself, in a run directory this process has locked."""
     start_run_directory(cfg, resume, ddp)
     say = tqdm.write if ddp.is_master else (lambda *args, **kwargs: None)
-    say(probe().summary(), file=sys.stderr)
     for note in data.notes:  # e.g. how many conversations are cut to block_size
         say(f"data: {note}", file=sys.stderr)
 
@@ -449,6 +448,7 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
     # W&B, TensorBoard (only the master logs): made here, from the config build_model completed, so
     # that an error before the loop leaves no tracker run open.
     trackers = Trackers(cfg, enabled=ddp.is_master)
+    say(probe().summary(), file=sys.stderr)
     machine = {"machine": probe().as_dict()}  # in the run's first record (and a resumed run's): who made the figures
 
     with StopSignals() as stop, log, bar, trackers:
