@@ -32,6 +32,7 @@ from nanoforge.chat_format import ChatError, fit_to_context, require_chat_tokens
 from nanoforge.config import ConfigError
 from nanoforge.device import resolve_device, resolve_dtype
 from nanoforge.engine import Generator
+from nanoforge.machine import probe
 from nanoforge.sampling import SettingError, check_lookup
 from nanoforge.tokenizer import TokenizerError
 
@@ -183,6 +184,7 @@ def sample(args, generator, settings):
     else:
         prompts = [args.prompt or ""]
     tokenizer = generator.tokenizer
+    machine = probe().summary()  # said once, before the first generation: a bad prompt stays one line
     for text in prompts:
         try:
             ids = generator.encode(text)  # an empty prompt becomes end-of-text, or a newline
@@ -193,6 +195,9 @@ def sample(args, generator, settings):
             continue
         heading = "" if args.interactive else tokenizer.decode([i for i in ids if i != tokenizer.eot_id])
         printer = SamplePrinter(args.num_samples, heading, stream=not args.no_stream)
+        if machine:
+            print(machine, file=sys.stderr)
+            machine = None
         generator.generate([ids] * args.num_samples, on_text=printer, **settings)
         printer.finish()
 
@@ -209,10 +214,12 @@ def main(argv=None):
         device = resolve_device(args.device)
         dtype = torch.float32 if args.quantize else resolve_dtype(args.dtype, device.type)
         model, tokenizer = loading.load_model_from_args(args, device)
+        if args.chat:
+            require_chat_tokens(tokenizer)
         generator = Generator(model.to(dtype), tokenizer, compile=args.compile, quantize=args.quantize)
         del model  # the generator decodes with its own copy of the matrices: let the originals go
         if args.chat:
-            require_chat_tokens(tokenizer)
+            print(probe().summary(), file=sys.stderr)  # once set up: a bad flag or prompt stays one line
             lines = [args.prompt] if args.prompt is not None else read_prompts()
             return chat_session(generator, lines, args.system, settings, interactive=args.prompt is None)
         sample(args, generator, settings)

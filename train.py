@@ -31,6 +31,7 @@ from nanoforge.loading import load_model_state
 from nanoforge.config import MODEL_KEYS, ConfigError, build_config, help_text, keys_from_weights, load_saved
 from nanoforge.data import Dataset
 from nanoforge.device import peak_flops, resolve_device, resolve_dtype
+from nanoforge.machine import probe
 from nanoforge.distributed import Distributed, end_process
 from nanoforge.lock import DirectoryLock
 from model import GPT, GPTConfig, padded_vocab_size
@@ -453,6 +454,8 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
     # W&B, TensorBoard (only the master logs): made here, from the config build_model completed, so
     # that an error before the loop leaves no tracker run open.
     trackers = Trackers(cfg, enabled=ddp.is_master)
+    say(probe().summary(), file=sys.stderr)
+    machine = {"machine": probe().as_dict()}  # in the run's first record (and a resumed run's): who made the figures
 
     with StopSignals() as stop, log, bar, trackers:
         while state.step < cfg.max_iters:
@@ -476,7 +479,7 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
                                                          or state.step == cfg.max_iters)
             improved = False
             if state.step % cfg.log_interval == 0 or is_eval or is_hellaswag:
-                record = window.record(state, lr)
+                record, machine = {**window.record(state, lr), **machine}, {}
                 if is_eval:
                     losses = estimate_loss(runner, data, cfg, autocast, device, ddp)
                     record.update(train_loss=round(losses["train"], 6), val_loss=round(losses["val"], 6))

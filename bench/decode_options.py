@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 from nanoforge.data import Dataset
 from nanoforge.engine import Generator
+from nanoforge.machine import probe
 
 
 @torch.no_grad()
@@ -59,6 +60,7 @@ def main():
     parser.add_argument("--lookup", type=int, nargs="+", default=[4, 8], help="draft lengths to time")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    print(probe().summary())
     if args.prompts < 2:
         parser.error(f"--prompts must be at least 2 (they are spread over the val split), got {args.prompts}")
     if args.threads:

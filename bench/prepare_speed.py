@@ -111,6 +111,9 @@ def main():
     mb = 20 if args.quick else args.mb
     os.makedirs(args.work, exist_ok=True)
     shakespeare_path = datasets.tinyshakespeare(args.shakespeare, args.work)
+    from nanoforge.machine import probe  # here: spawned workers re-import this module, and torch would slow them
+
+    print(probe().summary())
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 

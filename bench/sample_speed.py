@@ -6,6 +6,7 @@ one run and at equal precision, so the ratios hold even on a busy machine.
     python -m bench.sample_speed            # both model sizes, batch 1 and 8, 256 and 1024 new tokens
     python -m bench.sample_speed --quick    # 64 and 256 new tokens, fewer reference probes
     python -m bench.sample_speed --threads 1 --batches 1 --new-tokens 256   # the rows in docs/performance.md
+    python -m bench.sample_speed --models gpt2-124M --precisions float32 --batches 1 --new-tokens 128   # one row
 
 Models have random weights: (a) the shakespeare_char config (6 layers, 6 heads, 384 wide,
 block_size 256, 65 tokens) and (b) GPT-2 124M (12, 12, 768, block_size 1024, 50257 tokens).
@@ -44,6 +45,7 @@ import torch
 
 from nanoforge import gpt2
 from nanoforge.cpu_decoding import PackedLinear
+from nanoforge.machine import probe
 from nanoforge.engine import Generator
 from model import GPT, GPTConfig
 from nanoforge.cpu_decoding import Int8Linear
@@ -178,15 +180,16 @@ def run_engine(gen, prompt, n, device):
 PRECISIONS = ("float32", "bfloat16", "int8")
 
 
-def engines_and_hf(model, device, with_hf):
-    """{precision: (engine Generator, HF model or None)} on the same weights."""
-    model16 = copy.deepcopy(model).to(torch.bfloat16)
+def engines_and_hf(model, device, with_hf, precisions=PRECISIONS):
+    """{precision: (engine Generator, HF model or None)} on the same weights, for each of precisions."""
     hf = hf_model(model) if with_hf else None
-    return {
-        "float32": (timed_generator(model, device), hf),
-        "bfloat16": (timed_generator(model16, device), hf and copy.deepcopy(hf).to(torch.bfloat16)),
-        "int8": (timed_generator(model, device, quantize="int8"), None),
+    made = {
+        "float32": lambda: (timed_generator(model, device), hf),
+        "bfloat16": lambda: (timed_generator(copy.deepcopy(model).to(torch.bfloat16), device),
+                             hf and copy.deepcopy(hf).to(torch.bfloat16)),
+        "int8": lambda: (timed_generator(model, device, quantize="int8"), None),
     }
+    return {precision: made[precision]() for precision in precisions}
 
 
 def bench_rows(name, model, runners, device, batch, n, budget, probes, bandwidth):
@@ -224,6 +227,8 @@ def main():
                         help="numbers of new tokens (default 256 1024; quick 64 256)")
     parser.add_argument("--reference-budget", type=float, default=None,
                         help="longest whole reference run in seconds; longer ones are estimated (default 60, quick 10)")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="default: all")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS), help="default: all")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -236,6 +241,7 @@ def main():
     except ImportError:
         transformers = None
 
+    print(probe().summary())
     print(f"torch {torch.__version__}, transformers {transformers and transformers.__version__}, "
           f"{torch.get_num_threads()} CPU threads; greedy decoding from a 1-token prompt")
     for device_name in devices:
@@ -245,10 +251,10 @@ def main():
               "| engine tok/s | HF generate tok/s | engine / HF | engine ms/token, first → last 10% of steps "
               "| engine, of bandwidth bound | matrix multiplies alone |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for name, cfg in MODELS.items():
+        for name in args.models:
             torch.manual_seed(0)
-            model = GPT(cfg).to(device).eval()
-            runners = engines_and_hf(model, device, transformers is not None)
+            model = GPT(MODELS[name]).to(device).eval()
+            runners = engines_and_hf(model, device, transformers is not None, args.precisions)
             for batch in args.batches:
                 warm_prompt = torch.zeros(batch, 1, dtype=torch.long, device=device)
                 for gen, hf in runners.values():

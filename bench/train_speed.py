@@ -31,6 +31,7 @@ import torch
 
 from nanoforge.config import build_config
 from nanoforge.data import Dataset
+from nanoforge.machine import probe
 from nanoforge.device import resolve_dtype
 from nanoforge.distributed import Distributed
 from nanoforge.optim import build_optimizer, set_lr
@@ -171,6 +172,7 @@ def main():
     parser.add_argument("--throughput", action="store_true", help="instead: the fast recipe's step time with "
                         "1 or 2 threads, bf16 autocast and torch.compile")
     args = parser.parse_args()
+    print(probe().summary())
     if not os.path.exists(os.path.join(args.data, "train.bin")):
         raise SystemExit(f"no prepared data in '{args.data}': run `python prepare.py shakespeare_char "
                          f"--out {args.data}` (add --source PATH for a local copy of tinyshakespeare)")

@@ -8,6 +8,11 @@ activations: the kernel is vectorised for bfloat16 inputs only; with float32 inp
 slower (0.7 against 7.2 GB/s of weights read, issue 13). On a GPU there is no such kernel here
 (dequantizing a whole matrix per step would read more bytes than bfloat16 does), so Generator
 refuses int8 there.
+
+Each fast path here is taken only where nanoforge.machine.probe() says it runs, with the plain path
+beside it: PackedLinear calls oneDNN's private ops, which need x86 and, for bfloat16, avx512bw/vl/dq or
+avx_ne_convert (elsewhere they raise from inside torch: issue 16); without them decoding keeps nn.Linear.
+Int8Linear without the int8 kernel multiplies by its dequantized weight instead (correct, not fast).
 """
 
 import copy
@@ -15,8 +20,10 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from model import CausalSelfAttention
+from nanoforge.machine import probe
 
 
 def quantize_per_channel(weight):
@@ -29,7 +36,8 @@ def quantize_per_channel(weight):
 
 
 class Int8Linear(nn.Module):
-    """nn.Linear's function with an int8 weight and per-output-channel scales."""
+    """nn.Linear's function with an int8 weight and per-output-channel scales: torch's int8 kernel where
+    the machine has it, else a float32 product with the dequantized weight (the reference it is tested against)."""
 
     def __init__(self, linear):
         super().__init__()
@@ -37,11 +45,15 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", q)  # (out, in) int8
         self.register_buffer("scale", scale)  # (out,), converted with the module (bfloat16 when decoding)
         self.bias = linear.bias
+        self.kernel = probe().int8_kernel
 
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scale.to(torch.bfloat16))
+        if self.kernel:
+            y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scale.to(torch.bfloat16))
+        else:
+            y = F.linear(x.float(), self.dequantized())
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], -1).to(x.dtype)
@@ -110,11 +122,12 @@ def fast_attention(device, dtype):
 
 def fast_linear(device, dtype, quantize=None):
     """The Linear replacement decoding uses on this device and dtype (None: nn.Linear itself,
-    which on CUDA already runs cuBLAS on the layout it streams fastest)."""
+    which on CUDA already runs cuBLAS on the layout it streams fastest, and is the CPU's plain path)."""
     if quantize == "int8":
         return Int8Linear
-    cpu_packs = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
-    return PackedLinear if cpu_packs else None
+    machine = probe()
+    packs = {torch.float32: machine.packed_linear, torch.bfloat16: machine.packed_linear_bf16}.get(dtype, False)
+    return PackedLinear if device.type == "cpu" and packs else None
 
 
 def decoder_for(model, linear, attention, dtype):

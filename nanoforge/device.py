@@ -6,6 +6,7 @@ Where a model runs and in what precision: device and dtype resolution, and each 
 import torch
 
 from nanoforge.config import ConfigError
+from nanoforge.machine import probe
 
 # Dense bf16/fp16 tensor-core peak FLOP/s, matched against torch.cuda.get_device_name().
 # Order matters: the first substring that matches wins ("H100 PCIe" before "H100").
@@ -43,10 +44,11 @@ def resolve_device(name):
 
 
 def resolve_dtype(name, device_type):
-    """'auto' (bfloat16 on CUDA that has it, else float16; float32 elsewhere) or a dtype name -> torch.dtype."""
+    """'auto' (bfloat16 on a GPU that multiplies it natively, else float16; float32 elsewhere: a CPU's
+    bfloat16 is fast for decoding only, and only with avx512_bf16/AMX, docs/machines.md) or a dtype name."""
     if name == "auto":
-        if device_type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device_type == "cuda":  # torch.cuda.is_bf16_supported() alone also counts pre-Ampere emulation
+            return torch.bfloat16 if probe().cuda_bf16 else torch.float16
         return torch.float32
     return DTYPES[name]
 

@@ -1,4 +1,7 @@
+import contextlib
 import os
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -21,6 +24,41 @@ def run_cli(script, *args, cwd=REPO, env=None):
         [sys.executable, os.path.join(REPO, script), *map(str, args)],
         cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600,
     )
+
+
+@contextlib.contextmanager
+def sigint_reaches_children():
+    """Processes started inside this block get SIGINT at its default, so a test's Ctrl-C (SIGINT) reaches them
+    as KeyboardInterrupt. Without it they inherit this run's disposition, and a run started as a background job
+    of a non-interactive shell (`pytest &` in a script, some CI runners) has SIGINT ignored (POSIX): Python then
+    installs no KeyboardInterrupt handler and the child rightly ignores the test's SIGINT. exec resets a handled
+    signal to its default but keeps an ignored one ignored, hence a handler here while the child starts."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def find_chromium():
+    """The Chromium the browser tests drive: $CHROMIUM, else `chromium` on PATH (Debian's /usr/bin/chromium).
+    Without one, a plain `python -m pytest` skips the test, saying how to install it (pytest's -rs, set in
+    pyproject.toml, lists the reason at the end of the run); under CI (CI=true) it fails, since CI must test the
+    pages in a real browser, never skip them."""
+    path = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if os.path.exists(path):
+        return path
+    message = (f"no chromium at {path}, so the HTML page was not tested in a browser: apt-get install chromium "
+               "(Debian; .ci/run does), or point CHROMIUM at a Chromium or Chrome binary")
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(message + " (CI never skips the browser tests)")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def chromium_path():
+    """For every test that opens a page in a browser (explain's, serving's): find_chromium()'s path."""
+    return find_chromium()
 
 
 @pytest.fixture

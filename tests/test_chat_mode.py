@@ -13,6 +13,7 @@ from nanoforge import chat_format
 from nanoforge import checkpoint
 from conftest import CHAT_LESSONS, REPO, conversation
 from nanoforge.engine import Generator
+from nanoforge.machine import probe
 from model import GPT, GPTConfig
 from test_generate import CHARS, char_generator, small_model
 from nanoforge.tokenizer import CHAT_TOKENS, ByteTokenizer, with_chat_tokens
@@ -109,7 +110,7 @@ def test_sample_chat_keeps_the_conversation_and_clear_starts_over(chat_ckpt):
     alone = gen.chat(conversation(("bye", None)), max_new_tokens=8, temperature=0).text
     assert alone != "ok"  # so the second reply below can only come from the history
     assert result.stdout == f"yo\nok\n{alone}\n"
-    assert result.stderr == "(new conversation)\n"
+    assert result.stderr == probe().summary() + "\n(new conversation)\n"  # sample.py says its machine first
 
 
 def test_sample_chat_drops_the_oldest_turns_once_the_context_is_full(chat_ckpt):
@@ -126,7 +127,8 @@ def test_sample_chat_prompt_answers_one_turn(chat_ckpt):
     assert result.returncode == 0, result.stderr
     assert result.stdout == "d o g\n"
     result = run_chat(chat_ckpt, "--prompt", "x" * 40)
-    assert result.returncode != 0 and result.stderr.startswith("sample.py: error: the message is too long")
+    last = result.stderr.splitlines()[-1]  # after the machine line sample.py prints once the model is loaded
+    assert result.returncode != 0 and last.startswith("sample.py: error: the message is too long")
 
 
 def test_sample_chat_refuses_a_model_without_chat_tokens(tmp_path):

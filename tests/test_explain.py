@@ -197,22 +197,14 @@ def test_a_256_token_page_stays_small(tmp_path):
     assert len(inspect_html.render(e, "long").encode()) < 1_000_000  # under a megabyte, as the docstring says
 
 
-def chromium():
-    path = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-    if not os.path.exists(path):
-        pytest.fail(f"no chromium at {path}: install Debian's chromium (apt-get install chromium; .ci/run does) "
-                    "or point CHROMIUM at a Chromium or Chrome binary")
-    return path
-
-
-def test_html_page_works_in_headless_chromium(byte_run, tmp_path):
+def test_html_page_works_in_headless_chromium(byte_run, tmp_path, chromium_path):
     from playwright.sync_api import sync_playwright
 
     page_path = write_page(byte_run, tmp_path)
     labels = [token_label(ByteTokenizer(), i) for i in ByteTokenizer().encode(NASTY)]
     errors = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium(), args=[
+        browser = p.chromium.launch(executable_path=chromium_path, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--no-first-run"])
         try:

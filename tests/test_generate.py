@@ -14,6 +14,7 @@ import sample
 from conftest import TINY_TEXT, run_cli
 from nanoforge.cpu_decoding import OneQueryAttention
 from nanoforge.engine import Generator, KVCache
+from nanoforge.machine import probe
 from nanoforge.sampling import (SettingError, TextStream, candidates, lookup_draft, penalize_repetition,
                                 sample_from)
 from model import GPT, GPTConfig
@@ -250,11 +251,12 @@ def test_compiled_decode_step_matches_eager_without_recompiling():
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.1)])
 def test_decoder_logits_equal_the_models(dtype, tolerance):
-    """The decoding copy (packed matrices on CPU, last-position lm_head) gives, after a prefill and
+    """The decoding copy (packed matrices on a CPU that runs them, last-position lm_head) gives, after a prefill and
     at every decode step, the logits of the model's own full forward pass in the same dtype."""
     model = small_model().to(dtype)
     gen = Generator(model, CHARS)
-    assert type(gen.decoder.transformer.h[0].mlp.c_fc).__name__ == "PackedLinear"
+    packs = {torch.float32: probe().packed_linear, torch.bfloat16: probe().packed_linear_bf16}[dtype]
+    assert type(gen.decoder.transformer.h[0].mlp.c_fc).__name__ == ("PackedLinear" if packs else "Linear")
     attention = type(gen.decoder.transformer.h[0].attn)
     assert attention is (OneQueryAttention if dtype == torch.bfloat16 else model.transformer.h[0].attn.__class__)
     idx = torch.randint(0, CHARS.vocab_size, (3, 12))

@@ -333,16 +333,17 @@ def test_interrupted_cli_leaves_no_complete_looking_output(tmp_path):
     import sys
     import time
 
-    from conftest import REPO
+    from conftest import REPO, sigint_reaches_children
 
     docs = make_documents(4000)
     write_jsonl(tmp_path / "big.jsonl", docs * 5)
     out = tmp_path / "d"
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "prepare.py"), str(tmp_path / "big.jsonl"), "--tokenizer", "byte",
-         "--out", str(out), "--workers", "2", "--chunk-size", "2000"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
+    with sigint_reaches_children():  # else, under `pytest &` in a script, prepare.py ignores it and exits 0
+        proc = subprocess.Popen(
+            [sys.executable, os.path.join(REPO, "prepare.py"), str(tmp_path / "big.jsonl"), "--tokenizer", "byte",
+             "--out", str(out), "--workers", "2", "--chunk-size", "2000"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )
     deadline = time.time() + 60
     while not (out / "train.bin.tmp").exists() or (out / "train.bin.tmp").stat().st_size == 0:
         assert proc.poll() is None and time.time() < deadline, "preparation ended before it could be interrupted"
