@@ -4,6 +4,8 @@ look, and one forward pass told stage by stage. Nothing is trained or changed.
 
     python explain.py (--ckpt out/quickstart | --init-from gpt2) --prompt TEXT [--top-k K]
                       [--layer L --head H] [--trace] [--html FILE] [--png DIR] [--max-tokens N]
+                      [--ablate SPEC [--ablation zero|mean]] [--importance DATA_DIR [--batches N]]
+                      [--attribute [TOKEN] [--position P]] [--patch CORRUPTED_PROMPT [--answer TOKEN]] [--json]
 
 By default it prints the prompt's tokens; at each position the top-k next-token predictions,
 and the probability and rank of the token that actually comes next; the prompt's loss; and for
@@ -14,17 +16,27 @@ residual adds -> final norm -> logits -> softmax), with each tensor's shape and 
 --html writes one self-contained page (opens offline) with every attention pattern, a token
 view, the predictions and the logit lens; --png writes one heatmap image per layer.
 A prompt longer than --max-tokens or the model's block_size keeps its end.
+
+What each part contributes (docs/explain.md): --ablate removes heads (L.H), attention layers (attnL)
+or MLPs (mlpL) and shows the loss and each next-token probability before and after; --importance
+ablates each head alone over validation batches of a prepared data directory (a layer x head table;
+--png adds importance.png); --attribute splits one logit into the contributions of the embeddings,
+each head and each MLP; --patch copies activations of the --prompt run into a run of a corrupted
+prompt of the same length and shows how much of the answer's logit each restores. --json prints one
+view's numbers as JSON instead of text (the predictions, without a causal view).
 """
 
 import argparse
+import json
 import os
 import sys
 
 import torch
 
-from nanoforge import checkpoint, cli, gpt2, inspect_html, loading
+from nanoforge import causal_views, checkpoint, cli, gpt2, inspect_html, loading
 from nanoforge.config import ConfigError
 from nanoforge.device import resolve_device
+from nanoforge.errors import UserError
 from nanoforge.inspect_model import explain, fit_prompt, trace
 from nanoforge.tokenizer import TokenizerError
 
@@ -143,6 +155,8 @@ def check_args(args):
         raise ConfigError("--layer and --head go together: give both, e.g. --layer 0 --head 0")
     if not args.prompt:
         raise ConfigError("--prompt is empty: give the text to look at, e.g. --prompt 'def main():'")
+    causal_views.check_args(args)
+
 
 
 def check_layer_and_head(args, n_layer, n_head):
@@ -163,6 +177,7 @@ def main(argv=None):
     parser.add_argument("--png", metavar="DIR", help="write a heatmap image per layer (needs matplotlib)")
     parser.add_argument("--max-tokens", type=int, default=256, help="look at the last N tokens of the prompt at most")
     parser.add_argument("--device", default="auto")
+    causal_views.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
         check_args(args)
@@ -175,6 +190,10 @@ def main(argv=None):
             print(f"the prompt is {len(ids) + dropped} tokens: kept its last {len(ids)} (--max-tokens "
                   f"{args.max_tokens}, block_size {cfg.block_size})", file=sys.stderr)
         e = explain(model, tokenizer, ids)
+        if args.json:
+            views = causal_views.run(args, model, tokenizer, ids, e)
+            print(json.dumps(next(iter(views.values())) if views else inspect_html.predictions_json(e, args.top_k)))
+            return
         print(f"{len(ids)} tokens ({tokenizer.kind} tokenizer): " + " ".join(quoted(s) for s in e.labels))
         print_predictions(e, args.top_k)
         print_attention_summary(e)
@@ -182,8 +201,9 @@ def main(argv=None):
             print_heatmap(e, args.layer, args.head)
         if args.trace:
             print_trace(model, ids, device)
+        views = causal_views.run(args, model, tokenizer, ids, e)
         if args.html:
-            page = inspect_html.render(e, f"explain.py: {args.ckpt or args.init_from}", args.top_k)
+            page = inspect_html.render(e, f"explain.py: {args.ckpt or args.init_from}", args.top_k, views)
             with open(args.html + ".tmp", "w", encoding="utf-8") as f:
                 f.write(page)
             os.replace(args.html + ".tmp", args.html)  # never a half-written page
@@ -191,7 +211,7 @@ def main(argv=None):
         if args.png:
             paths = write_pngs(e, args.png)
             print(f"wrote {len(paths)} images to {args.png}")
-    except (ConfigError, checkpoint.CheckpointError, gpt2.GPT2Error, TokenizerError, OSError) as e:
+    except (ConfigError, checkpoint.CheckpointError, gpt2.GPT2Error, TokenizerError, UserError, OSError) as e:
         sys.exit(f"explain.py: error: {e}")
 
 
