@@ -85,9 +85,7 @@ def run_importance(args, model, tokenizer):
     if not args.json:
         print_importance(base, increase, len(batches), mode)
     if args.png:
-        path = write_importance_png(increase, mode, os.path.join(args.png, "importance.png"))
-        if not args.json:
-            print(f"wrote {path}")
+        print(f"wrote {write_importance_png(increase, mode, os.path.join(args.png, 'importance.png'))}")
     return {"loss": base, "ablation": mode, "batches": len(batches), "increase": increase.tolist()}
 
 
@@ -191,9 +189,12 @@ def write_importance_png(increase, mode, path):
     n_layer, n_head = increase.shape
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * n_head, 1.0 + 0.6 * n_layer))
     image = ax.imshow(increase.numpy(), cmap="Reds", vmin=min(0.0, increase.min().item()))
+    dark = 0.6 * increase.max().item()  # cells this red get white text
     for layer in range(n_layer):
         for head in range(n_head):
-            ax.text(head, layer, f"{increase[layer, head].item():.3f}", ha="center", va="center", fontsize=8)
+            value = increase[layer, head].item()
+            ax.text(head, layer, f"{value:.3f}", ha="center", va="center", fontsize=8,
+                    color="white" if value > dark else "black")
     ax.set_xticks(range(n_head), [str(h) for h in range(n_head)])
     ax.set_yticks(range(n_layer), [str(layer) for layer in range(n_layer)])
     ax.set_xlabel("head")
