@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from model import RMSNorm
 from nanoforge.errors import UserError
 
 NORM_EPS = 1e-5  # model.py's LayerNorm and RMSNorm both normalise with this epsilon
@@ -239,7 +240,7 @@ def attribute(model, idx, position, token):
     logits, seen = record(model, idx, parts + [Part("mlp", layer) for layer in range(n_layer)])
     ln_f, row = model.transformer.ln_f, model.lm_head.weight[token]  # row: (n_embd,)
     stream = seen[Part("resid", n_layer)][0, position].float()  # what ln_f normalises
-    layer_norm = ln_f.__class__.__name__ == "LayerNorm"
+    layer_norm = not isinstance(ln_f, RMSNorm)  # LayerNorm also subtracts the mean
     centred = stream - stream.mean() if layer_norm else stream
     norm_scale = 1.0 / torch.sqrt(centred.square().mean() + NORM_EPS)
     read = (ln_f.weight.float() * row.float()) * norm_scale  # a part's logit is (centred part) . read
