@@ -20,10 +20,10 @@ def add_arguments(parser):
     parser.add_argument("--ablate", metavar="SPEC", help="remove parts: heads L.H, attnL, mlpL, comma-separated")
     parser.add_argument("--ablation", choices=("zero", "mean"), help="set the parts' output to zero (default) or its mean")
     parser.add_argument("--importance", metavar="DATA_DIR", help="each head's loss increase over validation batches")
-    parser.add_argument("--batches", type=int, help="with --importance: batches of 8 sequences (default 8)")
+    parser.add_argument("--batches", type=int, metavar="N", help="with --importance: batches of 8 sequences (default 8)")
     parser.add_argument("--attribute", metavar="TOKEN", nargs="?", const="",
                         help="direct logit attribution of TOKEN (default: the actual next token, or the top prediction)")
-    parser.add_argument("--position", type=int, help="with --attribute: the position (default -1, the last)")
+    parser.add_argument("--position", type=int, metavar="P", help="with --attribute: the position (default -1, the last)")
     parser.add_argument("--patch", metavar="CORRUPTED_PROMPT", help="activation patching from --prompt into this prompt")
     parser.add_argument("--answer", metavar="TOKEN", help="with --patch: the token whose logit is restored "
                         "(default: the top prediction after --prompt)")
