@@ -3,6 +3,7 @@ Look inside a model: what it predicts after each token of a prompt, where its at
 look, and one forward pass told stage by stage. Nothing is trained or changed.
 
     python explain.py --ckpt out/quickstart --prompt "def main():" --html explain.html
+    python explain.py --ckpt out/quickstart --prompt "x = max(a, b" --patch "x = max[a, b" --answer ")"
 
 By default it prints the prompt's tokens; at each position the --top most likely next tokens,
 and the probability and rank of the token that actually comes next; the prompt's loss; and for
@@ -13,14 +14,23 @@ residual adds -> final norm -> logits -> softmax), with each tensor's shape and 
 --html writes one self-contained page (opens offline) with every attention pattern, a token
 view, the predictions and the logit lens; --png writes one heatmap image per layer.
 A prompt longer than --max-tokens or the model's block_size keeps its end.
+
+What each part contributes (docs/causal.md): --ablate removes heads (L.H), attention layers (attnL)
+or MLPs (mlpL) and shows the loss and each next-token probability before and after; --importance
+ablates each head alone over validation batches of a prepared data directory (a layer x head table;
+--png adds importance.png); --attribute splits one logit into the contributions of the embeddings,
+each head and each MLP; --patch copies activations of the --prompt run into a run of a corrupted
+prompt of the same length and shows how much of the answer's logit each restores. --json prints one
+view's numbers as JSON instead of text (the predictions, without a causal view).
 """
 
+import json
 import os
 import sys
 
 import torch
 
-from nanoforge import cli, inspect_html, loading
+from nanoforge import causal_views, cli, inspect_html, loading
 from nanoforge.config import ConfigError
 from nanoforge.device import resolve_device
 from nanoforge.inspect_model import explain, fit_prompt, trace
@@ -140,6 +150,7 @@ def check_args(args):
         raise ConfigError("--layer and --head go together: give both, e.g. --layer 0 --head 0")
     if not args.prompt:
         raise ConfigError("--prompt is empty: give the text to look at, e.g. --prompt 'def main():'")
+    causal_views.check_args(args)
 
 
 def check_layer_and_head(args, n_layer, n_head):
@@ -162,6 +173,7 @@ def main(argv=None):
     parser.add_argument("--max-tokens", type=int, default=256, metavar="N",
                         help="look at the last N tokens of the prompt at most")
     cli.add_device_arguments(parser, dtype=False)
+    causal_views.add_arguments(parser)
     args = parser.parse_args(argv)
     check_args(args)
     device = resolve_device(args.device)
@@ -173,6 +185,15 @@ def main(argv=None):
         print(f"the prompt is {len(ids) + dropped} tokens: kept its last {len(ids)} (--max-tokens "
               f"{args.max_tokens}, block_size {cfg.block_size})", file=sys.stderr)
     e = explain(model, tokenizer, ids)
+    if args.json:
+        views = causal_views.run(args, model, tokenizer, ids, e)
+        print(json.dumps(next(iter(views.values())) if views else inspect_html.predictions_json(e, args.top)))
+        return
+    show(args, model, tokenizer, ids, e, device)
+
+
+def show(args, model, tokenizer, ids, e, device):
+    """The terminal views, then the page and the images that args ask for."""
     print(f"{len(ids)} tokens ({tokenizer.kind} tokenizer): " + " ".join(quoted(s) for s in e.labels))
     print_predictions(e, args.top)
     print_attention_summary(e)
@@ -180,8 +201,9 @@ def main(argv=None):
         print_heatmap(e, args.layer, args.head)
     if args.trace:
         print_trace(model, ids, device)
+    views = causal_views.run(args, model, tokenizer, ids, e)
     if args.html:
-        page = inspect_html.render(e, f"explain.py: {args.ckpt or args.init_from}", args.top)
+        page = inspect_html.render(e, f"explain.py: {args.ckpt or args.init_from}", args.top, views)
         with open(args.html + ".tmp", "w", encoding="utf-8") as f:
             f.write(page)
         os.replace(args.html + ".tmp", args.html)  # never a half-written page

@@ -2,7 +2,8 @@
 One self-contained HTML page showing an inspect_model.Explanation: the layer x head grid of
 attention patterns (click one to enlarge it, with token labels and the weight under the
 pointer), a token view in the manner of bertviz's head view, next-token probability bars at
-every position, and the logit lens.
+every position, and the logit lens; and the causal views explain.py was asked for (ablation, head
+importance, direct logit attribution, activation patching) as tables, bars and heatmaps.
 
 All script, style and data are inline and nothing is fetched, so the page opens offline. Token
 text reaches the page only as JSON (with <, >, & and / escaped) and is put into the document
@@ -17,12 +18,9 @@ import json
 import torch
 
 
-def page_data(explanation, title, top_k):
-    """The numbers the page draws, rounded (probabilities to 4 decimals, weights to 1/255)."""
-    e = explanation
-    n_layer, n_head, T, _ = e.patterns.shape
-    rows, cols = torch.tril_indices(T, T)
-    weights = (e.patterns[:, :, rows, cols] * 255).round().to(torch.uint8)  # (n_layer, n_head, T(T+1)/2)
+def predictions(e, top_k):
+    """At each position: the top-k predictions and the actual next token's probability and rank."""
+    T = len(e.ids)
     top = torch.topk(e.probs, min(top_k, e.probs.size(-1)))
     predictions = []
     for t in range(T):
@@ -31,12 +29,28 @@ def page_data(explanation, title, top_k):
             nxt = e.ids[t + 1]
             entry["next"] = [e.labels[t + 1], round(e.probs[t, nxt].item(), 4), e.rank(t, nxt)]
         predictions.append(entry)
+    return predictions
+
+
+def predictions_json(e, top_k):
+    """explain.py --json without a causal view: the tokens, the predictions and the prompt's loss."""
+    return {"tokens": e.labels, "predictions": predictions(e, top_k), "loss": e.loss()}
+
+
+def page_data(explanation, title, top_k, views=None):
+    """The numbers the page draws, rounded (probabilities to 4 decimals, weights to 1/255), and the
+    causal views' JSON (causal_views.run) as they are."""
+    e = explanation
+    n_layer, n_head, T, _ = e.patterns.shape
+    rows, cols = torch.tril_indices(T, T)
+    weights = (e.patterns[:, :, rows, cols] * 255).round().to(torch.uint8)  # (n_layer, n_head, T(T+1)/2)
     lens = [[[[e.label(i), round(p, 4)] for i, p in zip(ids.tolist(), probs.tolist())]
              for ids, probs in zip(layer_ids, layer_probs)] for layer_ids, layer_probs in zip(e.lens_ids, e.lens_probs)]
     loss = e.loss()
     return {"title": title, "labels": e.labels, "n_layer": n_layer, "n_head": n_head,
             "weights": base64.b64encode(weights.numpy().tobytes()).decode("ascii"),
-            "predictions": predictions, "lens": lens, "loss": None if loss is None else round(loss, 4)}
+            "predictions": predictions(e, top_k), "lens": lens, "loss": None if loss is None else round(loss, 4),
+            "views": views or {}}
 
 
 def script_json(data):
@@ -48,9 +62,9 @@ def script_json(data):
     return text
 
 
-def render(explanation, title, top_k=5):
-    """The page as a string."""
-    return PAGE.replace("{{DATA}}", script_json(page_data(explanation, title, top_k)))
+def render(explanation, title, top_k=5, views=None):
+    """The page as a string; views ({name: JSON} from causal_views.run) each add a section."""
+    return PAGE.replace("{{DATA}}", script_json(page_data(explanation, title, top_k, views)))
 
 
 PAGE = """<!DOCTYPE html>
@@ -75,6 +89,8 @@ table.preds td { padding: 1px 6px; vertical-align: middle; font-size: 12px; whit
 .lens { overflow-x: auto; max-width: 100%; }
 table.lens td, table.lens th { font-family: ui-monospace, monospace; font-size: 11px; white-space: pre; padding: 1px 3px; }
 .muted { color: #777; }
+table.heat td, table.heat th { font-family: ui-monospace, monospace; font-size: 11px; padding: 2px 5px; text-align: right; white-space: pre; }
+.neg { display: inline-block; height: 10px; background: #c55; vertical-align: middle; }
 </style>
 </head>
 <body>
@@ -99,6 +115,29 @@ table.lens td, table.lens th { font-family: ui-monospace, monospace; font-size: 
 
 <h2>Logit lens: each layer's residual stream through the final norm and the un-embedding (top prediction)</h2>
 <div class="lens"><table class="lens" id="lens"></table></div>
+
+<section id="ablate-view" hidden>
+<h2>Ablation: the probability of each actual next token with the parts removed</h2>
+<p id="ablate-summary"></p>
+<table class="preds" id="ablate"></table>
+</section>
+<section id="importance-view" hidden>
+<h2>Head importance: the rise in validation loss when one head is ablated (layers are rows)</h2>
+<p id="importance-summary"></p>
+<table class="heat" id="importance"></table>
+</section>
+<section id="attribute-view" hidden>
+<h2>Direct logit attribution: what each part writes towards one logit, through the frozen final norm</h2>
+<p id="attribute-summary"></p>
+<table class="preds" id="attribute"></table>
+</section>
+<section id="patch-view" hidden>
+<h2>Activation patching: percent of the answer's clean - corrupted logit difference each clean activation restores</h2>
+<p id="patch-summary"></p>
+<table class="heat" id="patch-residual"></table>
+<p>one head's clean output, at every position:</p>
+<table class="heat" id="patch-heads"></table>
+</section>
 
 <script id="data" type="application/json">{{DATA}}</script>
 <script>
@@ -268,6 +307,72 @@ D.lens.forEach(function (layerTop, i) {
 
 select(0, 0);
 document.getElementById("enlarged").hidden = true;
+
+/* The causal views: each section is shown only when explain.py computed it. */
+const V = D.views;
+function show(name, summary) {
+  document.getElementById(name + "-view").hidden = false;
+  document.getElementById(name + "-summary").textContent = summary;
+  return document.getElementById(name);
+}
+function row(table, cells, tag) {
+  const tr = el("tr");
+  cells.forEach(function (c) { tr.appendChild(c instanceof Node ? c : el(tag || "td", c)); });
+  table.appendChild(tr);
+  return tr;
+}
+function bar(value, widest, width) {
+  const b = el("span", undefined, value >= 0 ? "bar" : "neg");
+  b.style.width = Math.max(1, Math.round(width * Math.abs(value) / (widest || 1))) + "px";
+  return b;
+}
+function heat(v, widest) {  /* blue for positive, red for negative, white at 0 */
+  const a = Math.min(1, Math.abs(v) / (widest || 1)), c = Math.round(255 * (1 - 0.75 * a));
+  return v >= 0 ? "rgb(" + c + "," + c + ",255)" : "rgb(255," + c + "," + c + ")";
+}
+function heatTable(table, corner, columns, rows, values, scale, format) {
+  row(table, [corner].concat(columns), "th");
+  values.forEach(function (r, i) {
+    const tr = row(table, [el("th", rows[i])]);
+    r.forEach(function (v) { const td = el("td", format(v)); td.style.background = heat(v, scale); tr.appendChild(td); });
+  });
+}
+if (V.ablate) {
+  const a = V.ablate, t = show("ablate", "ablated (" + a.ablation + "): " + a.ablate + "; loss over the prompt " +
+    a.loss.toFixed(4) + " -> " + a.ablated_loss.toFixed(4));
+  row(t, ["pos", "token", "next", "p before", "p after", ""], "th");
+  a.positions.forEach(function (p) {
+    const cell = el("td"); cell.appendChild(bar(p.p, 1, 80)); cell.appendChild(el("br")); cell.appendChild(bar(p.ablated_p, 1, 80));
+    cell.lastChild.style.background = "#e93";
+    row(t, [String(p.position), shown(p.token), shown(p.next), p.p.toFixed(3), p.ablated_p.toFixed(3), cell]);
+  });
+}
+if (V.importance) {
+  const m = V.importance, widest = Math.max.apply(null, m.increase.flat().map(Math.abs));
+  const t = show("importance", m.ablation + " ablation over " + m.batches + " batches; the model's own loss " + m.loss.toFixed(4));
+  heatTable(t, "", m.increase[0].map(function (_, h) { return "head " + h; }),
+    m.increase.map(function (_, l) { return "layer " + l; }), m.increase, widest, function (v) { return (v >= 0 ? "+" : "") + v.toFixed(4); });
+}
+if (V.attribute) {
+  const a = V.attribute, parts = a.parts.slice().sort(function (x, y) { return Math.abs(y.value) - Math.abs(x.value); });
+  const widest = Math.abs(parts[0].value);
+  const t = show("attribute", "logit of '" + shown(a.token) + "' at position " + a.position + ": " + a.logit.toFixed(4) +
+    " (the parts sum to it; final norm's 1/sigma frozen at " + a.norm_scale.toPrecision(4) + ")");
+  parts.forEach(function (p) {
+    const cell = el("td"); cell.appendChild(bar(p.value, widest, 200));
+    row(t, [p.name, (p.value >= 0 ? "+" : "") + p.value.toFixed(4), cell]);
+  });
+}
+if (V.patch) {
+  const p = V.patch, pct = function (v) { return (100 * v).toFixed(0); };
+  show("patch", "answer '" + shown(p.answer) + "': logit " + p.clean_logit.toFixed(3) + " clean, " +
+    p.corrupted_logit.toFixed(3) + " corrupted. Residual stream at each layer (rows) and position (columns; * where the prompts differ):");
+  const t = document.getElementById("patch-residual");
+  const columns = p.tokens.map(function (s, i) { return shown(s) + (s === p.corrupted_tokens[i] ? "" : "*"); });
+  heatTable(t, "", columns, p.streams, p.residual, 1, pct);
+  heatTable(document.getElementById("patch-heads"), "", p.heads[0].map(function (_, h) { return "head " + h; }),
+    p.heads.map(function (_, l) { return "layer " + l; }), p.heads, 1, pct);
+}
 </script>
 </body>
 </html>
