@@ -1,6 +1,6 @@
 """
-nanoforge's library: what the commands at the top of the checkout (prepare.py, train.py, sample.py, eval.py,
-explain.py, plot.py, export.py) are made of. model.py, the GPT itself, stays at the top: it is the file to read.
+nanoforge's library: what the commands at the top of the checkout (prepare.py, train.py, sample.py, serve.py,
+eval.py, explain.py, plot.py, export.py) are made of. model.py, the GPT itself, stays at the top: it is the file to read.
 
 One module per concern:
     config          the training config (TrainConfig), its TOML files and --key=value overrides
@@ -16,6 +16,7 @@ One module per concern:
     gpt2            OpenAI GPT-2 weights and tokenizer in, Hugging Face GPT-2 directories out
     optim           AdamW and Muon, and the learning-rate groups
     device          devices, dtypes and GPU peak FLOP/s
+    machine         the capability probe: what this machine runs natively, which fast paths are on
     distributed     torchrun (DDP) process groups
     lock            one process at a time per output directory
     tracking        Weights & Biases and TensorBoard
@@ -23,6 +24,17 @@ One module per concern:
     engine          the generation engine: KV cache, prefill and decode, batches, stop conditions
     sampling        top-k, top-p, repetition penalty, drawing tokens, streaming text, prompt lookup
     cpu_decoding    the CPU decoding layers (packed and int8 weights, one-query attention)
+    server          serve.py's app: the OpenAI-compatible API and the chat page (chat_page.html)
+    openai_api      OpenAI's request and response shapes, checked and written
+    batching        the queue that decodes concurrent requests together
+    evaluation      eval.py's loss, perplexity, bits per byte and chat exact match
+    multiple_choice scoring a context's endings: acc and acc_norm
+    hellaswag       the HellaSwag task: its file, its download, scoring during training
+    harness         the lm-evaluation-harness bridge (an LM over any checkpoint)
     inspect_model   what happens inside a forward pass: attention, logit lens, traced activations
     inspect_html    explain.py's offline HTML page
+    interventions   ablation, head importance, direct logit attribution, activation patching
+    causal_views    explain.py's flags and views of the interventions
+    errors          UserError, the base of every error a user can cause
+    cli             the command-line dialect every command shares, and its runner
 """

@@ -1,18 +1,20 @@
 """
-Weight-only int8 quantization for decoding: each Linear's weight is stored as int8 with one
-scale per output channel (w ~ scale[o] * q[o, i], q in [-127, 127]), a quarter of float32's
-bytes. At batch 1 a decode step reads every weight once, so fewer bytes are fewer seconds.
+The layers a CPU decodes with: each replaces one of model.py's during decoding (Generator.decoder) and computes
+the same function, faster where the machine has what it needs. Every private torch op of the project is here.
 
-It runs on the CPU, through torch's int8 weight-only kernel (_weight_int8pack_mm), with bfloat16
-activations: the kernel is vectorised for bfloat16 inputs only; with float32 inputs it ran ~10x
-slower (0.7 against 7.2 GB/s of weights read, issue 13). On a GPU there is no such kernel here
-(dequantizing a whole matrix per step would read more bytes than bfloat16 does), so Generator
-refuses int8 there.
+- PackedLinear: nn.Linear with its weight reordered once into the blocked layout oneDNN streams fastest; at
+  batch 1 a decode step is one vector times every matrix, so its speed is how fast the weights are read.
+- Int8Linear: weight-only int8 with one scale per output channel (w ~ scale[o] * q[o, i]), a quarter of
+  float32's bytes, through torch's int8 weight-only kernel with bfloat16 activations (the kernel is vectorised
+  for bfloat16 inputs only). On a GPU there is no such kernel here, so Generator refuses int8 there.
+- OneQueryAttention: a decode step's single query attended in float32 by two matrix-vector products, where
+  torch's fused kernel (built for many queries) is slow in 16-bit floats.
 
-Each fast path here is taken only where nanoforge.machine.probe() says it runs, with the plain path
-beside it: PackedLinear calls oneDNN's private ops, which need x86 and, for bfloat16, avx512bw/vl/dq or
-avx_ne_convert (elsewhere they raise from inside torch: issue 16); without them decoding keeps nn.Linear.
-Int8Linear without the int8 kernel multiplies by its dequantized weight instead (correct, not fast).
+Each fast path is taken only where nanoforge.machine.probe() says it runs, with the plain path beside it that
+the tests compare it to: PackedLinear's ops need x86 and, for bfloat16, avx512bw/vl/dq or avx_ne_convert
+(elsewhere they raise from inside torch); without them decoding keeps nn.Linear. Int8Linear without the int8
+kernel multiplies by its dequantized weight (correct, not fast). The measurements behind these choices are
+in docs/performance.md and docs/machines.md.
 """
 
 import copy
@@ -65,11 +67,8 @@ class Int8Linear(nn.Module):
 
 class PackedLinear(nn.Module):
     """nn.Linear's function for decoding on a CPU, with the weight reordered once into the blocked
-    layout oneDNN's matrix kernels stream fastest. At batch 1 a step is one vector times every
-    weight matrix, so its speed is how fast the weights are read: whole decode steps of the GPT-2
-    124M shape ran 16-18 tok/s packed against 9-14 with nn.Linear's [out, in] and 14-18 with a
-    pre-transposed [in, out] copy in float32, and 24-35 against 19-32 and 17-23 in bfloat16 (issue
-    13; one thread, loaded machine). The result equals F.linear's to float32 round-off."""
+    layout oneDNN's matrix kernels stream fastest (tuned for one row: a decode step). The result equals
+    F.linear's to float32 round-off."""
 
     def __init__(self, linear):
         super().__init__()
@@ -98,11 +97,8 @@ class LastPositions(nn.Module):
 class OneQueryAttention(CausalSelfAttention):
     """CausalSelfAttention for decoding in 16-bit floats on a CPU: one new query (a decode step) is
     attended in float32 by two plain matrix-vector products and a softmax. torch's fused CPU kernel is
-    built for many queries at a time; for one query in bfloat16 it took, per layer of the 124M shape,
-    254 us over 256 cached positions where this took 72 (and the same product in bfloat16, 134: its
-    small bfloat16 matrix products are slow here). Whole bfloat16 generations, interleaved in one
-    process: 124M, 512 tokens, 68.4 against 61.0 tok/s; shakespeare_char, 256 tokens, 456 against
-    434. In float32 the fused kernel is as fast and stays; prefill (many queries) keeps it too."""
+    built for many queries at a time and is slow for one in bfloat16 (docs/performance.md has the
+    figures). In float32 the fused kernel is as fast and stays; prefill (many queries) keeps it too."""
 
     def attend(self, q, k, v):
         B, n_head, T, head_dim = q.size()

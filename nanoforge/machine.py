@@ -2,7 +2,7 @@
 What this machine can do, found once: the CPU and the instruction set torch dispatches to, whether its
 bfloat16 matrix products are native, whether oneDNN's packed-linear op and torch's int8 weight-only kernel can
 run here, CUDA (and its bfloat16) and MPS. Every fast path that only some machines have asks `probe()` and takes
-the plain path otherwise (issue 16); train.py, sample.py and the benches print its one-line summary, and train.py
+the plain path otherwise; train.py, sample.py and the benches print its one-line summary, and train.py
 records it in log.jsonl's first record, so a figure always says which machine made it.
 
 Forcing the fast paths off, to see how a CPU without them behaves (docs/machines.md):

@@ -7,8 +7,8 @@ of a 2-D weight matrix and replaces it by the nearest semi-orthogonal matrix (fo
 Newton-Schulz iterations), so every direction of the matrix moves at the same rate. It is defined
 for matrices that map one hidden space to another; embeddings, the un-embedding and the gains and
 biases (vectors) stay with AdamW. Our Muon is torch.optim.Muon (in PyTorch since 2.9) with its update
-written out, because torch's runs Newton-Schulz in bfloat16 always: on a CPU without native bfloat16 that
-made one Muon step of the quickstart 1061 ms against 43 ms in float32 (issue 16, a Zen 3). We orthogonalise
+written out, because torch's runs Newton-Schulz in bfloat16 always, which a CPU without native bfloat16 only
+emulates, many times slower than float32 (docs/machines.md has the figures). We orthogonalise
 in bfloat16 where the machine multiplies it natively (CUDA, as the speedruns do; CPUs with avx512_bf16 or
 AMX) and in float32 elsewhere. The state (a momentum_buffer per matrix) and the hyperparameters are
 torch's, so checkpoints of either resume in the other.

@@ -14,7 +14,8 @@ from model import GPT, GPTConfig
 from nanoforge import interventions as iv
 from nanoforge.interventions import Part
 from test_architecture import OPTIONS
-from test_explain import chromium, explain_main, trained_run
+from conftest import find_chromium
+from test_explain import explain_main, trained_run
 
 ALL_OPTIONS = {"gpt2": {}, **OPTIONS, "no-bias": dict(bias=False), "swiglu+gqa+untied": dict(
     mlp="swiglu", n_kv_head=2, tie_embeddings=False)}
@@ -282,7 +283,7 @@ def test_page_shows_the_causal_views_in_headless_chromium(char_run, tmp_path):
     assert "//" not in html and html.count("<script") == 2
     errors = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox", "--disable-gpu"])
+        browser = p.chromium.launch(executable_path=find_chromium(), args=["--no-sandbox", "--disable-gpu"])
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 900})
             page.on("pageerror", lambda exc: errors.append(str(exc)))

@@ -7,7 +7,7 @@ import pytest
 from conftest import conversation
 from nanoforge.engine import Generator
 from nanoforge.loading import load_model
-from test_explain import chromium
+from conftest import find_chromium
 from test_serve import Server, save_base_model
 
 
@@ -19,7 +19,7 @@ def chat_server(chat_ckpt):
 
 
 def open_page(p, server, errors):
-    browser = p.chromium.launch(executable_path=chromium(), args=[
+    browser = p.chromium.launch(executable_path=find_chromium(), args=[
         "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--no-first-run"])
     page = browser.new_page(viewport={"width": 1280, "height": 800})  # a laptop screen
