@@ -398,6 +398,17 @@ def train(cfg, resume=False, ddp=None):
         return run_training(cfg, resume, ddp, device, dtype, micro_steps, data)
 
 
+def check_bad_streak(bad_streak, step, cfg, say):
+    """Say that a step's update was skipped; stop after max_bad_steps of them in a row."""
+    if bad_streak:
+        say(f"step {step}: non-finite loss or gradient norm, update skipped ({bad_streak} in a row)", file=sys.stderr)
+    if bad_streak >= cfg.max_bad_steps:
+        raise TrainingStopped(
+            f"stopped at step {step}: {bad_streak} steps in a row had a non-finite loss or gradient norm (none "
+            f"reached the weights; the checkpoints in '{cfg.out_dir}' are untouched): lower learning_rate or check "
+            "the data, then continue with --resume", 1)
+
+
 def start_model(cfg, resume, ddp, device, dtype, data):
     """The model, its optimizer, the loss scaler and the run's state: new, or as the checkpoint left them."""
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
@@ -465,15 +476,7 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
             bad_streak = 0 if apply_update(model, optimizer, scaler, step_loss, cfg, state) else bad_streak + 1
             state.step += 1
             bar.update(1)
-            if bad_streak:
-                say(f"step {state.step}: non-finite loss or gradient norm, update skipped ({bad_streak} in a row)",
-                    file=sys.stderr)
-            if bad_streak >= cfg.max_bad_steps:
-                raise TrainingStopped(
-                    f"stopped at step {state.step}: {bad_streak} steps in a row had a non-finite loss or gradient "
-                    f"norm (none reached the weights; the checkpoints in '{cfg.out_dir}' are untouched): lower "
-                    "learning_rate or check the data, then continue with --resume", 1)
-
+            check_bad_streak(bad_streak, state.step, cfg, say)
             is_eval = state.step % cfg.eval_interval == 0 or state.step == cfg.max_iters
             is_hellaswag = bool(hellaswag_examples) and (state.step % cfg.hellaswag_interval == 0
                                                          or state.step == cfg.max_iters)
