@@ -14,7 +14,9 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from model import GPTConfig
+import torch
+
+from model import GPTConfig  # imports torch too: the model's keys are declared there
 from nanoforge.errors import UserError
 
 try:
@@ -149,12 +151,9 @@ class TrainConfig(GPTConfig):
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise ConfigError(f"pos_emb='rope' rotates pairs of channels: the head size n_embd / n_head "
                               f"({self.n_embd // self.n_head}) must be even")
-        if self.optimizer == "muon":
-            import torch  # here only: reading a config should not pay torch's import
-
-            if not hasattr(torch.optim, "Muon"):
-                raise ConfigError(f"optimizer='muon' uses torch.optim.Muon, which PyTorch {torch.__version__} lacks "
-                                  "(it arrived in 2.9): upgrade torch, or use optimizer='adamw'")
+        if self.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+            raise ConfigError(f"optimizer='muon' uses torch.optim.Muon, which PyTorch {torch.__version__} lacks "
+                              "(it arrived in 2.9): upgrade torch, or use optimizer='adamw'")
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
