@@ -45,7 +45,7 @@ SHAPE_KEYS = (*(key for key in MODEL_KEYS if key != "dropout"), "vocab_multiple"
 SAFE_TO_CHANGE = ("max_iters", "eval_interval", "eval_iters", "log_interval", "checkpoint_interval",
                   "keep_last_n", "max_bad_steps", "out_dir", "device", "compile",
                   "wandb_log", "wandb_project", "wandb_run_name", "tensorboard_log", "hellaswag_interval",
-                  "hellaswag_max", "hellaswag_data")
+                  "hellaswag_max", "hellaswag_data", "parallel", "activation_checkpointing")
 
 def get_lr(step, cfg):
     """Learning rate for the update that follows `step` completed updates: linear warmup, then constant,

@@ -68,6 +68,13 @@ class TrainConfig(GPTConfig):
                           "checkpoint file of ours, gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face GPT-2 "
                           "directory starts from those weights")
     vocab_multiple: int = _key(1, "pad the vocabulary up to a multiple of this (64 speeds up GPU matmuls)")
+    # the model's size by one dial (nanoforge/sizing.py has the rules)
+    depth: int = _key(0, "one dial for the model's size: n_layer = depth, n_embd = aspect_ratio x depth, n_head = depth, "
+                      "and the learning rates and max_iters follow (0: set them by hand); keys set explicitly win")
+    aspect_ratio: int = _key(64, "with depth: n_embd = aspect_ratio x depth, so each head is aspect_ratio wide (64 is "
+                             "GPT-2's head size)")
+    tokens_per_param: float = _key(20.0, "with depth: train on this many tokens per parameter (Chinchilla's "
+                                   "compute-optimal ~20), which sets max_iters")
     # optimisation
     batch_size: int = _key(12, "sequences per micro-batch")
     gradient_accumulation_steps: int = _key(1, "micro-batches summed into one optimizer step")
@@ -109,6 +116,10 @@ class TrainConfig(GPTConfig):
     device: str = _key("auto", "'auto' (cuda, then mps, then cpu), or a torch device such as cpu, cuda, cuda:1, mps")
     dtype: str = _key("auto", "'auto' (bfloat16 on CUDA that has it, else float16; float32 elsewhere), float32, bfloat16, float16")
     compile: bool = _key(False, "torch.compile the model (faster on GPU after a warm-up)")
+    parallel: str = _key("ddp", "under torchrun: 'ddp' (each process holds the whole model) or 'fsdp' (FSDP2: "
+                         "parameters, gradients and optimizer state sharded over the processes)")
+    activation_checkpointing: bool = _key(False, "recompute each block's activations in the backward pass instead "
+                                          "of keeping them (less memory, about a third more compute)")
     seed: int = _key(1337, "random seed for initialisation, batches and dropout")
 
     def model_config(self, vocab_size):
@@ -127,10 +138,11 @@ class TrainConfig(GPTConfig):
     def validate(self):
         for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
                      "max_iters", "eval_interval", "eval_iters", "log_interval", "vocab_multiple",
-                     "checkpoint_interval", "max_bad_steps"):
+                     "checkpoint_interval", "max_bad_steps", "aspect_ratio"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key '{name}' must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_iters", "lr_decay_iters", "keep_last_n", "n_kv_head", "hellaswag_interval", "hellaswag_max"):
+        for name in ("warmup_iters", "lr_decay_iters", "keep_last_n", "n_kv_head", "hellaswag_interval", "hellaswag_max",
+                     "depth"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config key '{name}' must be 0 or more, got {getattr(self, name)}")
         for name, (low, high, text) in FLOAT_RANGES.items():
@@ -158,7 +170,7 @@ class TrainConfig(GPTConfig):
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2", "swiglu"),
-           "optimizer": ("adamw", "muon"), "lr_schedule": ("constant", "cosine", "wsd"), "dtype": DTYPES}
+           "optimizer": ("adamw", "muon"), "lr_schedule": ("constant", "cosine", "wsd"), "dtype": DTYPES, "parallel": ("ddp", "fsdp")}
 # Every float key: finite (nan and inf are refused) and in its range.
 _positive = (lambda v: v > 0, lambda v: True, "a finite number > 0")
 _non_negative = (lambda v: v >= 0, lambda v: True, "a finite number >= 0")
@@ -167,7 +179,7 @@ FLOAT_RANGES = {
     "learning_rate": _positive, "matrix_lr": _positive, "embedding_lr": _positive, "unembedding_lr": _positive,
     "min_lr": _non_negative, "weight_decay": _non_negative, "grad_clip": _non_negative,
     "logit_softcap": _non_negative, "dropout": _unit, "beta1": _unit, "beta2": _unit, "muon_momentum": _unit,
-    "decay_fraction": (lambda v: v >= 0, lambda v: v <= 1, "in [0, 1]"),
+    "decay_fraction": (lambda v: v >= 0, lambda v: v <= 1, "in [0, 1]"), "tokens_per_param": _positive,
 }
 # Keys of earlier versions, each with what replaced it: an old config file gets one line naming the new key.
 REPLACED_KEYS = {
