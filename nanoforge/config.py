@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model import GPTConfig  # imports torch too: the model's keys are declared there
+from nanoforge import sizing
 from nanoforge.errors import UserError
 
 try:
@@ -266,6 +267,13 @@ def build_config(path=None, overrides=(), base=None):
         values[name] = parse_override(name, text)
     cfg = TrainConfig(**values)
     cfg.validate()
+    if cfg.depth:
+        if cfg.init_from != "scratch":
+            raise ConfigError(f"depth sizes a new model, but init_from '{cfg.init_from}' brings its own shape: "
+                              "remove depth, or use init_from = 'scratch'")
+        cfg, summary = sizing.size_by_depth(cfg, explicit=set(values))
+        print(summary, file=sys.stderr)
+        cfg.validate()
     return cfg
 
 

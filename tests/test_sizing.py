@@ -1,0 +1,63 @@
+"""The depth dial: the shape, learning rates and token budget it derives, and that explicit keys win."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import run_cli
+from model import GPT, padded_vocab_size
+from nanoforge.config import ConfigError, build_config
+from nanoforge.data import read_meta
+
+
+def test_depth_12_is_gpt2_small_with_nanogpts_rates():
+    cfg = build_config(None, ["--depth=12", "--data_dir=/nonexistent"])
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd) == (12, 12, 768)
+    assert (cfg.learning_rate, cfg.min_lr) == (6e-4, 6e-5)
+    # wider models take smaller AdamW steps, by 1/sqrt(width); Muon's matrix rate does not change
+    wide = build_config(None, ["--depth=24", "--data_dir=/nonexistent"])
+    assert wide.learning_rate == pytest.approx(6e-4 * math.sqrt(768 / 1536), rel=1e-3)
+    assert wide.matrix_lr == cfg.matrix_lr
+
+
+def test_the_token_budget_sets_max_iters_from_the_real_parameter_count(data_dir, capsys):
+    cfg = build_config(None, [f"--data_dir={data_dir}", "--depth=2", "--aspect_ratio=16", "--block_size=32",
+                              "--batch_size=8", "--gradient_accumulation_steps=2", "--tokens_per_param=10"])
+    vocab = padded_vocab_size(read_meta(str(data_dir))["vocab_size"], cfg.vocab_multiple)
+    n_params = sum(p.numel() for p in GPT(cfg.model_config(vocab)).parameters())  # a real model, allocated
+    assert cfg.max_iters == math.ceil(10 * n_params / (8 * 32 * 2))
+    summary = capsys.readouterr().err
+    assert f"max_iters={cfg.max_iters}" in summary and "n_embd=32" in summary
+
+
+def test_keys_set_explicitly_win_over_the_rules(data_dir):
+    cfg = build_config(None, [f"--data_dir={data_dir}", "--depth=4", "--n_head=2", "--learning_rate=0.003",
+                              "--max_iters=7"])
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head) == (4, 256, 2)
+    assert (cfg.learning_rate, cfg.max_iters) == (0.003, 7)
+    assert cfg.min_lr == pytest.approx(6e-4 * math.sqrt(768 / 256) / 10, rel=1e-2)  # still the rule's
+
+
+def test_depth_refuses_pretrained_weights():
+    with pytest.raises(ConfigError, match="depth sizes a new model, but init_from 'gpt2'"):
+        build_config(None, ["--depth=12", "--init_from=gpt2"])
+
+
+def test_a_depth_run_trains_records_what_the_dial_set_and_resumes(tmp_path, data_dir):
+    out = tmp_path / "run"
+    args = [f"--data_dir={data_dir}", f"--out_dir={out}", "--depth=1", "--aspect_ratio=16", "--block_size=16",
+            "--batch_size=4", "--tokens_per_param=2", "--warmup_iters=2", "--eval_interval=50", "--eval_iters=2",
+            "--device=cpu"]
+    result = run_cli("train.py", *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "depth 1: set n_layer=1, n_embd=16, n_head=1" in result.stderr
+    saved = json.load(open(out / "config.json"))
+    assert (saved["n_layer"], saved["n_embd"], saved["n_head"]) == (1, 16, 1)
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert log[-1]["step"] == saved["max_iters"] > 1
+    # the saved config holds the derived values: resuming with more steps keeps the model's shape
+    more = run_cli("train.py", "--resume", f"--out_dir={out}", f"--max_iters={saved['max_iters'] + 5}")
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert json.loads(open(out / "log.jsonl").readlines()[-1])["step"] == saved["max_iters"] + 5
