@@ -5,6 +5,7 @@ downloads, and the Source for a name, a file, a directory or a glob pattern.
 
 import glob
 import hashlib
+import http.client
 import json
 import os
 import urllib.error
@@ -56,11 +57,29 @@ def sha256_of_file(path):
     return h.hexdigest()
 
 
+class DownloadError(PrepareError):
+    """The file could not be fetched: no network, or the server refused it. `problem` says which; the message
+    adds the way out, a local copy (callers with another flag for it, such as eval.py's --data, say their own)."""
+
+    def __init__(self, problem, fix="pass --source PATH to a local copy of the file"):
+        super().__init__(f"{problem}: {fix}")
+        self.problem = problem
+
+
+# What a failing network raises; any other OSError while downloading is this machine's (a full disk, a
+# directory we may not write), and gets its own message.
+NETWORK_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException)
+
+
 def offline_error(url, e):
-    return PrepareError(
-        f"could not download {url} ({getattr(e, 'reason', e)}): no network? "
-        "pass --source PATH to a local copy of the file"
-    )
+    if isinstance(e, urllib.error.HTTPError):
+        return DownloadError(f"could not download {url}: the server answered {e.code} {e.reason}")
+    return DownloadError(f"could not download {url} ({getattr(e, 'reason', e)}; no network?)")
+
+
+def write_error(path, e):
+    return PrepareError(f"could not write '{path}' ({e.strerror or e}): free some space or choose another --out "
+                        "(what was downloaded is kept, and the download resumes from it)")
 
 
 def download(url, sha256, dest, digest=sha256_of_file):
@@ -83,8 +102,10 @@ def download(url, sha256, dest, digest=sha256_of_file):
                 while block := response.read(1 << 20):
                     out.write(block)
                     bar.update(len(block))
-    except (urllib.error.URLError, OSError) as e:
+    except NETWORK_ERRORS as e:
         raise offline_error(url, e) from None
+    except OSError as e:
+        raise write_error(tmp, e) from None
     got = digest(tmp)
     if got != sha256:
         os.remove(tmp)
@@ -99,7 +120,7 @@ def hf_listing(api_url):
     try:
         with urllib.request.urlopen(api_url, timeout=30) as response:
             return json.load(response)
-    except (urllib.error.URLError, OSError) as e:
+    except NETWORK_ERRORS as e:
         raise offline_error(api_url, e) from None
 
 

@@ -44,10 +44,10 @@ def download(cache_dir=CACHE_DIR):
     dest = os.path.join(cache_dir, HELLASWAG_FILE)
     try:
         return datasets.download(HELLASWAG_URL, HELLASWAG_BLOB, dest, digest=git_blob_id)
+    except datasets.DownloadError as e:
+        raise TaskError(f"{e.problem}: pass a local copy with --data FILE.jsonl (the file {HELLASWAG_FILE} in "
+                        "HellaSwag's own format)") from None
     except PrepareError as e:
-        if "no network?" in str(e):
-            raise TaskError(f"could not download HellaSwag from {HELLASWAG_URL} (no network?): pass a local "
-                            f"copy with --data FILE.jsonl (the file {HELLASWAG_FILE} in HellaSwag's own format)") from None
         raise TaskError(str(e)) from None
 
 

@@ -196,7 +196,7 @@ def test_download_resumes_verifies_and_is_cached(tmp_path, monkeypatch, http_ser
 
 def test_offline_download_says_how_to_pass_a_local_copy(tmp_path, monkeypatch):
     monkeypatch.setattr(hellaswag, "HELLASWAG_URL", "http://127.0.0.1:9/hellaswag_val.jsonl")  # nothing listens
-    with pytest.raises(TaskError, match=r"\(no network\?\): pass a local copy with --data FILE.jsonl"):
+    with pytest.raises(TaskError, match=r"no network\?\): pass a local copy with --data FILE.jsonl"):
         hellaswag.download(str(tmp_path))
 
 

@@ -76,7 +76,7 @@ def test_download_offline_fails_with_a_clear_message(tmp_path, monkeypatch):
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(datasets.urllib.request, "urlopen", offline)
-    with pytest.raises(PrepareError, match="no network\\? pass --source PATH"):
+    with pytest.raises(PrepareError, match="no network\\?\\): pass --source PATH"):
         prepare.prepare("shakespeare_char", None, str(tmp_path / "d"), 0.1)
     assert not os.path.exists(tmp_path / "d" / "meta.json")
 
@@ -431,6 +431,24 @@ def test_fineweb_edu_downloads_resume_and_verify_checksums(tmp_path, shard_serve
     with pytest.raises(PrepareError, match="001_00000.parquet has sha256 .*, expected .*: the file changed"):
         prepare.prepare("fineweb_edu", "byte", str(out), 0.2)
     assert sorted(os.listdir(out / "download")) == ["000_00000.parquet"]  # nothing bad kept
+
+
+def test_download_failures_say_whose_fault_they_are(tmp_path, monkeypatch, http_server):
+    """A server's refusal, a dead network and a disk that cannot take the file are three different messages."""
+    payload = b"some text\n" * 100
+    url = http_server(lambda path, start: (200, payload) if path == "/file" else (404, b""))
+    with pytest.raises(datasets.DownloadError, match=r"the server answered 404 Not Found: pass --source PATH"):
+        datasets.download(url + "/missing", "0" * 64, str(tmp_path / "f"))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(datasets, "open", disk_full, raising=False)  # the module's open, before the builtin
+    with pytest.raises(PrepareError, match=r"could not write .*f.part' \(No space left on device\): free some space") as e:
+        datasets.download(url + "/file", hashlib.sha256(payload).hexdigest(), str(tmp_path / "f"))
+    assert not isinstance(e.value, datasets.DownloadError)  # not "no network?"
+    monkeypatch.undo()
+    assert datasets.download(url + "/file", hashlib.sha256(payload).hexdigest(), str(tmp_path / "f")) == str(tmp_path / "f")
 
 
 def test_fineweb_edu_offline_is_a_one_line_error(tmp_path, monkeypatch):
