@@ -111,6 +111,28 @@ def test_fsdp_holds_a_world_size_share_plus_the_gathered_blocks(tmp_path, data_d
     assert ddp.copies == planning.linear_weight_bytes(model) // 2  # autocast's bfloat16 weight cache
 
 
+@pytest.mark.parametrize("world", [2, 8])
+def test_fsdp_shards_are_what_fully_shard_gives_a_process(world):
+    """FSDP2's own sharding, on the meta device under torch's fake process group (one process standing for rank
+    0 of `world`): its local shards hold what planning counts, padding of uneven rows included (36 and 65 rows
+    do not divide by 8; rank 0 holds the ceil, the most any process holds)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        with torch.device("meta"):
+            model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=36, block_size=16, vocab_size=65, pos_emb="rope"))
+        planned = planning.weight_bytes(model, world), planning.gradient_bytes(model, world)
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+        local = sum(p.to_local().nbytes for p in model.parameters())
+        assert planned == (local + sum(b.nbytes for b in model.buffers()), local)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_checkpointing_keeps_the_blocks_inputs_and_one_block(tmp_path, data_dir):
     cfg = tiny_config(data_dir, tmp_path / "run", n_layer=4)
     model, _ = planning.meta_model(cfg)
