@@ -156,6 +156,21 @@ def test_the_fit_verdict_says_what_would_fit(tmp_path, data_dir):
     assert 'parallel = "fsdp"' in verdict and "batch_size = 4 with gradient_accumulation_steps = 2" in verdict
 
 
+def test_on_a_cuda_machine_the_plan_ends_with_the_verdict(tmp_path, data_dir, monkeypatch):
+    """The CUDA branch's wiring, with torch.cuda's answers stood in for (no GPU here): the free memory of the
+    config's device, and the GPUs torchrun would use."""
+    cfg = tiny_config(data_dir, tmp_path / "run", device="cuda", dtype="bfloat16", parallel="fsdp")
+    model, _ = planning.meta_model(cfg)
+    need = planning.memory(model, cfg, 2, "fsdp", 4).total(False)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: asked.append(device) or (need - 1, 2 * need))
+    text = planning.describe(cfg)
+    assert text.endswith(planning.fit_verdict(model, cfg, 2, need - 1, 4))
+    assert text.splitlines()[-1].startswith("does NOT fit: fsdp over 4 GPUs") and asked == [torch.device("cuda")]
+
+
 def test_plan_prints_the_plan_and_writes_nothing(tmp_path, data_dir):
     out = tmp_path / "run"
     result = run_cli("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", "--n_layer=2", "--n_head=2",
