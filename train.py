@@ -2,6 +2,7 @@
 Train a GPT from a config file.
 
     python train.py configs/quickstart.toml [--key=value ...] [--resume]
+    python train.py configs/depth12_124m.toml --plan   # parameters, memory, time: nothing allocated or written
     python train.py --help        # every config key with its type, default and meaning
 
 The story: read the config -> pick device and precision -> open the prepared data ->
@@ -25,7 +26,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from nanoforge import checkpoint, cli, hellaswag, loading
+from nanoforge import checkpoint, cli, hellaswag, loading, planning
 from nanoforge import gpt2
 from nanoforge.loading import load_model_state
 from nanoforge.config import MODEL_KEYS, ConfigError, build_config, help_text, keys_from_weights, load_saved
@@ -527,8 +528,8 @@ def main(argv=None):
         print(__doc__)
         print(help_text())
         return
-    resume = "--resume" in argv
-    args = [a for a in argv if a != "--resume"]
+    resume, plan = "--resume" in argv, "--plan" in argv
+    args = [a for a in argv if a not in ("--resume", "--plan")]
     path = None
     if args and not args[0].startswith("--"):
         path, args = args[0], args[1:]
@@ -540,6 +541,9 @@ def main(argv=None):
         # `--resume` without a config file continues with the run directory's saved config.
         base = load_saved(args) if resume and path is None else None
         cfg = build_config(path, args, base)
+        if plan:
+            print(planning.describe(cfg))
+            return
         best = train(cfg, resume=resume, ddp=ddp)
     except TrainingStopped as e:
         print(f"train.py: {e}", file=sys.stderr)

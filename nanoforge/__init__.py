@@ -5,6 +5,7 @@ eval.py, explain.py, plot.py, export.py) are made of. model.py, the GPT itself, 
 One module per concern:
     config          the training config (TrainConfig), its TOML files and --key=value overrides
     sizing          the depth dial: shape, learning rates and token budget from one number
+    planning        train.py --plan: parameters, FLOPs, memory per device and training time before a run
     data            reading a prepared data directory (train.bin, val.bin, meta.json) in batches
     sources         reading a corpus from text, JSONL and Parquet files, in bounded pieces
     datasets        the built-in datasets by name: pinned URLs, checksums, resumable downloads
