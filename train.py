@@ -200,7 +200,7 @@ class RunState:
         return self.elapsed_before + time.perf_counter() - self.clock_start
 
     @classmethod
-    def start(cls, cfg, rank, device):
+    def start(cls, cfg, device):
         return cls(step=0, best_val_loss=float("inf"), skipped_steps=0, window_steps=0,
                    loss_sum=torch.zeros((), device=device), batches=torch.Generator().manual_seed(cfg.seed))
 
@@ -429,7 +429,7 @@ def start_model(cfg, resume, ddp, device, dtype, data):
     optimizer = build_optimizer(model, cfg, device.type)
     # Loss scaling only for float16 on CUDA: bfloat16 and float32 have float32's exponent range.
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16 and device.type == "cuda"))
-    state = RunState.start(cfg, ddp.rank, device)
+    state = RunState.start(cfg, device)
     if resume:
         state = restore(ckpt, cfg, data, model, optimizer, scaler, ddp, device)
     return model, cfg, optimizer, scaler, state
@@ -439,6 +439,9 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
     """The training run itself, in a run directory this process has locked."""
     say = tqdm.write if ddp.is_master else (lambda *args, **kwargs: None)
     hellaswag_examples = hellaswag.during_training(cfg, say)  # a bad file stops the run before it writes
+    # The processes split the examples, except under FSDP: there every forward pass is collective (it gathers
+    # the weights), so each process scores them all and the counts of one are the totals.
+    hellaswag_split = None if sharding.sharded(cfg, ddp) else ddp
     start_run_directory(cfg, resume, ddp)
     for note in data.notes:  # e.g. how many conversations are cut to block_size
         say(f"data: {note}", file=sys.stderr)
@@ -498,7 +501,7 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
                     improved = losses["val"] < state.best_val_loss
                     state.best_val_loss = min(state.best_val_loss, losses["val"])
                 if is_hellaswag:
-                    record.update(hellaswag.log_fields(model, data.tokenizer, hellaswag_examples, ddp, autocast))
+                    record.update(hellaswag.log_fields(model, data.tokenizer, hellaswag_examples, hellaswag_split, autocast))
                     say(f"step {state.step}: hellaswag acc_norm {record['hellaswag_acc_norm']:.2%}")
                 record["elapsed_s"] = round(state.elapsed(), 3)  # after the evaluation: time-to-loss includes it
                 write_record(log, bar, trackers, record)

@@ -16,9 +16,10 @@ import time
 import pytest
 import torch
 
-from nanoforge import checkpoint
+from nanoforge import checkpoint, hellaswag, loading, multiple_choice
 from nanoforge.preparation import prepare
 from conftest import REPO, TINY_TEXT
+from test_multiple_choice import hellaswag_records, write_jsonl
 
 STEPS = 12
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -41,7 +42,9 @@ def run_args(data_dir, out_dir, extra=()):
     return [f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--n_layer=2", "--n_head=2", "--n_embd=32",
             "--block_size=16", "--batch_size=4", "--gradient_accumulation_steps=4", f"--max_iters={STEPS}",
             f"--eval_interval={STEPS // 2}", "--eval_iters=2", "--log_interval=1", "--checkpoint_interval=2",
-            "--keep_last_n=20", "--dropout=0.0", "--device=cpu", *extra]
+            "--keep_last_n=20", "--dropout=0.0", "--device=cpu",
+            # Clipping on every step (the norms are above 0.1 here): it must use the norm of the whole gradient.
+            "--grad_clip=0.1", *extra]
 
 
 def run(command):
@@ -76,17 +79,22 @@ def runs(tmp_path_factory):
     (root / "corpus.txt").write_text(TINY_TEXT, encoding="utf-8")
     data = root / "data"
     prepare(str(root / "corpus.txt"), "char", str(data), 0.1)
+    hellaswag_file = write_jsonl(root / "hellaswag.jsonl", hellaswag_records(17, ending_words=1))
+    hellaswag_args = [f"--hellaswag_interval={STEPS}", f"--hellaswag_data={hellaswag_file}"]
     recipes = {
         "one/adamw": lambda out: one_process(*run_args(data, out)),
         "fsdp/adamw": lambda out: torchrun(*run_args(data, out, ["--parallel=fsdp"])),
         "ddp/adamw": lambda out: torchrun(*run_args(data, out)),
         "one/muon": lambda out: one_process(*run_args(data, out, MUON[:-1])),
-        "fsdp/muon": lambda out: torchrun(*run_args(data, out, ["--parallel=fsdp", *MUON])),
+        # HellaSwag during training too: 17 examples split over two processes would need 2 forward passes in
+        # one and 1 in the other (32 rows each), and a sharded forward pass needs every process.
+        "fsdp/muon": lambda out: torchrun(*run_args(data, out, ["--parallel=fsdp", *MUON, *hellaswag_args])),
     }
     done = {}
 
     class Runs:
         data_dir = data
+        hellaswag_data = hellaswag_file
 
         def __getitem__(self, name):
             if name not in done:
@@ -120,6 +128,17 @@ def test_fsdp_trains_as_one_process_on_the_same_global_batch(runs, optimizer):
     for index, state in a.optimizer_state["state"].items():
         for name, tensor in state.items():
             torch.testing.assert_close(b.optimizer_state["state"][index][name], tensor, rtol=1e-4, atol=atol)
+
+
+def test_fsdp_scores_hellaswag_during_training(runs):
+    """Every process scores every example (no split under FSDP): the count is the whole set and the accuracy
+    the one a single process gives the same (final) weights."""
+    final = records(runs["fsdp/muon"])[-1]
+    assert final["hellaswag_n"] == 17
+    model, tokenizer = loading.load_model(str(runs["fsdp/muon"] / "latest.safetensors"), "cpu")
+    alone = multiple_choice.evaluate(model, tokenizer, hellaswag.read_examples(str(runs.hellaswag_data)))
+    assert (final["hellaswag_acc"], final["hellaswag_acc_norm"]) == (round(alone["acc"], 6),
+                                                                      round(alone["acc_norm"], 6))
 
 
 def test_fsdp_resumes_exactly_after_sigterm(runs):
