@@ -88,10 +88,12 @@ def full_model_state(model):
 
 
 def full_optimizer_state(optimizer):
-    """optimizer.state_dict() with each sharded state tensor (moments, momentum) whole: torch's format
-    with integer parameter indices, exactly what a single process saves. Every process must call it."""
+    """optimizer.state_dict() with each sharded state tensor (moments, momentum) whole, on the CPU: torch's
+    format with integer parameter indices, exactly what a single process saves. Every process must call it.
+    One tensor is whole on the device at a time: the whole state would not fit there, or FSDP was not needed."""
     state_dict = optimizer.state_dict()
-    state = {index: {name: full(value) for name, value in s.items()} for index, s in state_dict["state"].items()}
+    state = {index: {name: full(value).cpu() if isinstance(value, DTensor) else value for name, value in s.items()}
+             for index, s in state_dict["state"].items()}
     return {"state": state, "param_groups": state_dict["param_groups"]}
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from nanoforge import checkpoint, hellaswag, loading, multiple_choice
+from nanoforge.data import Dataset
 from nanoforge.preparation import prepare
 from conftest import REPO, TINY_TEXT
 from test_multiple_choice import hellaswag_records, write_jsonl
@@ -216,3 +217,16 @@ def test_two_nodes_train_as_one_two_process_run(runs):
         assert node.returncode == 0, stderr[-3000:]
     assert len(checkpoint.load(out / "latest.safetensors").info["rng"]) == 2  # one run of two processes
     assert training_losses(out) == training_losses(runs["ddp/adamw"])
+
+
+def test_processes_share_one_batch_stream(data_dir):
+    """Two processes with the same generator take the micro-batches one process draws from it, in turn."""
+    data = Dataset(str(data_dir), 16)
+    alone = torch.Generator().manual_seed(1)
+    one = [data.get_batch("train", 4, alone) for _ in range(4)]
+    for rank in (0, 1):
+        shared = torch.Generator().manual_seed(1)
+        mine = [data.get_batch("train", 4, shared, share=(rank, 2)) for _ in range(2)]
+        for (x, y), (x1, y1) in zip(mine, one[rank::2]):
+            assert torch.equal(x, x1) and torch.equal(y, y1)
+        assert torch.equal(shared.get_state(), alone.get_state())  # the stream moved on by the same draws
