@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 # The GPTConfig fields that choose between architectures (train.py's config keys of the same names).
@@ -268,6 +269,8 @@ class GPT(nn.Module):
                        ln_f=make_norm(config, config.n_embd))
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Trade compute for memory in training (train.py's activation_checkpointing; forward's block loop).
+        self.activation_checkpointing = False
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # weight tying
 
@@ -326,7 +329,12 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
         x = self.embed(idx, start)  # (B, T, n_embd)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache=None if kv_cache is None else kv_cache.layers[i])
+            if self.activation_checkpointing and self.training:
+                # Keep only each block's input; its activations are recomputed in the backward pass
+                # (non-reentrant: works under FSDP, and dropout draws the same masks again).
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, kv_cache=None if kv_cache is None else kv_cache.layers[i])
         logits = self.unembed(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:

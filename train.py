@@ -26,9 +26,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from nanoforge import checkpoint, cli, hellaswag, loading, planning
+from nanoforge import checkpoint, cli, hellaswag, loading, planning, sharding
 from nanoforge import gpt2
-from nanoforge.loading import load_model_state
 from nanoforge.config import MODEL_KEYS, ConfigError, build_config, help_text, keys_from_weights, load_saved
 from nanoforge.data import Dataset
 from nanoforge.device import peak_flops, resolve_device, resolve_dtype
@@ -191,7 +190,8 @@ class RunState:
     # The running loss of the current log window: a resumed run logs the same averages.
     window_steps: int
     loss_sum: torch.Tensor
-    batches: torch.Generator  # this process's batch sampler
+    # The batch sampler: one stream, the same in every process, each keeping its share (Dataset.get_batch).
+    batches: torch.Generator
     # Wall seconds the run had trained before this process took it over (0 for a new run); the
     # clock started when it did: elapsed() counts on across resumes.
     elapsed_before: float = 0.0
@@ -201,9 +201,9 @@ class RunState:
         return self.elapsed_before + time.perf_counter() - self.clock_start
 
     @classmethod
-    def start(cls, cfg, rank, device):
+    def start(cls, cfg, device):
         return cls(step=0, best_val_loss=float("inf"), skipped_steps=0, window_steps=0,
-                   loss_sum=torch.zeros((), device=device), batches=torch.Generator().manual_seed(cfg.seed + rank))
+                   loss_sum=torch.zeros((), device=device), batches=torch.Generator().manual_seed(cfg.seed))
 
     def to_checkpoint(self, ddp, device):
         """(JSON-able info, tensors). Every process must call it: each contributes its RNG states."""
@@ -230,11 +230,12 @@ class RunState:
             checkpoint.set_rng_state(rng, info["rng"][ddp.rank], device)
             state.batches.set_state(rng["rng_batches"])
         else:
-            print(f"resume: the run had {len(info['rng'])} processes, now {ddp.world_size}: batches and "
-                  "dropout will differ from an uninterrupted run", file=sys.stderr)
-            fresh_seed = cfg.seed + ddp.rank + 1_000_003 * state.step  # not the batches the run began with
-            torch.manual_seed(fresh_seed)
-            state.batches.manual_seed(fresh_seed)
+            # The batch stream is every process's and advances by gradient_accumulation_steps draws a
+            # step, whatever the number of processes: it goes on exactly. Dropout's streams are per process.
+            print(f"resume: the run had {len(info['rng'])} processes, now {ddp.world_size}: the batches go on as "
+                  "they would have, dropout's random masks differ from an uninterrupted run", file=sys.stderr)
+            torch.manual_seed(cfg.seed + ddp.rank + 1_000_003 * state.step)  # not the masks the run began with
+            state.batches.set_state(ckpt.extra["rank0.rng_batches"])
         return state
 
 
@@ -283,8 +284,8 @@ def restore(ckpt, cfg, data, model, optimizer, scaler, ddp, device):
     if ckpt.info["tokenizer"] != data.tokenizer.to_dict():
         raise ConfigError(f"cannot resume: '{cfg.data_dir}' was prepared with another tokenizer than the "
                           "checkpoint's: use the data the run was trained on")
-    load_model_state(model, ckpt.model_state)
-    optimizer.load_state_dict(ckpt.optimizer_state)
+    sharding.load_model_state(model, ckpt.model_state)  # whole tensors, cut to shards under FSDP
+    sharding.load_optimizer_state(optimizer, ckpt.optimizer_state)
     if ckpt.info["scaler"]:
         scaler.load_state_dict(ckpt.info["scaler"])
     state = RunState.from_checkpoint(ckpt, cfg, ddp, device)
@@ -298,12 +299,14 @@ def save_checkpoint(path, cfg, model, optimizer, scaler, tokenizer, state, ddp, 
     """Write the whole training state to `path`, or to latest (keeping previous and step copies) when
     path is None. Every process takes part; the master writes."""
     run_info, tensors = state.to_checkpoint(ddp, device)
+    # Under FSDP every process takes part in gathering the whole tensors; the master writes them.
+    model_state, optimizer_state = sharding.full_model_state(model), sharding.full_optimizer_state(optimizer)
     if not ddp.is_master:
         return
     info = {"config": cfg.to_dict(), "model": dataclasses.asdict(model.config),
             "tokenizer": tokenizer.to_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             **run_info}
-    args = (model.state_dict(), info, optimizer.state_dict(), tensors)
+    args = (model_state, info, optimizer_state, tensors)
     try:
         if path is None:
             checkpoint.save_latest(cfg.out_dir, cfg.keep_last_n, state.step, *args)
@@ -321,7 +324,7 @@ def train_step(runner, optimizer, scaler, next_batch, micro_steps, autocast, ddp
     for micro_step in range(micro_steps):
         last = micro_step + 1 == micro_steps
         # Across processes, gradients are averaged once per step: on the last micro-batch's backward.
-        with runner.no_sync() if ddp.enabled and not last else nullcontext():
+        with sharding.gradient_sync(runner, last):
             with autocast:
                 _, loss = runner(x, y)
                 loss = loss / micro_steps  # the sum of micro-losses is the batch mean
@@ -337,7 +340,8 @@ def train_step(runner, optimizer, scaler, next_batch, micro_steps, autocast, ddp
 def apply_update(model, optimizer, scaler, step_loss, cfg, state):
     """Clip and step, unless the loss or gradient norm is non-finite (the NaN guard: such a step
     never reaches the weights, costing one sync per step). Returns whether the update was applied."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+    # Under FSDP the norm is of the whole gradient (its shards' norms combined), whole in every process.
+    grad_norm = sharding.full(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
     # With float16, overflowing gradients are routine while the loss scale calibrates: GradScaler
     # skips those steps itself, so only the loss is checked.
     finite = torch.isfinite(step_loss) if scaler.is_enabled() else torch.isfinite(step_loss + grad_norm)
@@ -383,6 +387,7 @@ def train(cfg, resume=False, ddp=None):
     ddp = ddp or Distributed()
     device = ddp.start(resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device.type)
+    sharding.check_dtype(cfg, dtype, ddp)
     if cfg.gradient_accumulation_steps % ddp.world_size:
         raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of "
                           f"the number of processes ({ddp.world_size}): each process takes an equal share")
@@ -418,11 +423,14 @@ def start_model(cfg, resume, ddp, device, dtype, data):
         model, cfg = model_for_resume(cfg, ckpt, device)
     else:
         model, cfg = build_model(cfg, data, device)
-    torch.manual_seed(cfg.seed + ddp.rank)  # but each process its own dropout masks (and batches: RunState)
+    torch.manual_seed(cfg.seed + ddp.rank)  # but each process its own dropout masks
+    model.activation_checkpointing = cfg.activation_checkpointing
+    if sharding.sharded(cfg, ddp):  # before the optimizer, which then holds the shards
+        model = sharding.shard(model, device, dtype)
     optimizer = build_optimizer(model, cfg, device.type)
     # Loss scaling only for float16 on CUDA: bfloat16 and float32 have float32's exponent range.
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16 and device.type == "cuda"))
-    state = RunState.start(cfg, ddp.rank, device)
+    state = RunState.start(cfg, device)
     if resume:
         state = restore(ckpt, cfg, data, model, optimizer, scaler, ddp, device)
     return model, cfg, optimizer, scaler, state
@@ -432,6 +440,9 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
     """The training run itself, in a run directory this process has locked."""
     say = tqdm.write if ddp.is_master else (lambda *args, **kwargs: None)
     hellaswag_examples = hellaswag.during_training(cfg, say)  # a bad file stops the run before it writes
+    # The processes split the examples, except under FSDP: there every forward pass is collective (it gathers
+    # the weights), so each process scores them all and the counts of one are the totals.
+    hellaswag_split = None if sharding.sharded(cfg, ddp) else ddp
     start_run_directory(cfg, resume, ddp)
     for note in data.notes:  # e.g. how many conversations are cut to block_size
         say(f"data: {note}", file=sys.stderr)
@@ -441,7 +452,7 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
             json.dump(cfg.to_dict(), f, indent=2)
 
     runner = torch.compile(model) if cfg.compile else model  # `model` stays uncompiled: plain state-dict names
-    if ddp.enabled:
+    if ddp.enabled and not sharding.sharded(cfg, ddp):
         runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
@@ -449,7 +460,7 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
     window = LogWindow(model.flops_per_token(), peak * ddp.world_size if peak else None, ddp.world_size)
 
     def next_batch():
-        x, y = data.get_batch("train", cfg.batch_size, state.batches)
+        x, y = data.get_batch("train", cfg.batch_size, state.batches, share=(ddp.rank, ddp.world_size))
         window.add(x)
         if device.type == "cuda":  # pinned host memory lets the copy to the GPU overlap compute
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
@@ -491,7 +502,7 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
                     improved = losses["val"] < state.best_val_loss
                     state.best_val_loss = min(state.best_val_loss, losses["val"])
                 if is_hellaswag:
-                    record.update(hellaswag.log_fields(model, data.tokenizer, hellaswag_examples, ddp, autocast))
+                    record.update(hellaswag.log_fields(model, data.tokenizer, hellaswag_examples, hellaswag_split, autocast))
                     say(f"step {state.step}: hellaswag acc_norm {record['hellaswag_acc_norm']:.2%}")
                 record["elapsed_s"] = round(state.elapsed(), 3)  # after the evaluation: time-to-loss includes it
                 write_record(log, bar, trackers, record)

@@ -57,7 +57,7 @@ class Run:
         self.runner = torch.compile(self.model) if self.cfg.compile else self.model
         self.optimizer = build_optimizer(self.model, self.cfg, "cpu")
         self.scaler = torch.amp.GradScaler("cpu", enabled=False)
-        self.state = RunState.start(self.cfg, 0, self.device)
+        self.state = RunState.start(self.cfg, self.device)
         self.seconds = time.perf_counter() - start  # building the model counts too
         self.evals = []  # (step, seconds, val loss)
 

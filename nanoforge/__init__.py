@@ -20,6 +20,7 @@ One module per concern:
     device          devices, dtypes and GPU peak FLOP/s
     machine         the capability probe: what this machine runs natively, which fast paths are on
     distributed     torchrun (DDP) process groups
+    sharding        FSDP2: sharding the model over processes, and whole checkpoints in and out of shards
     lock            one process at a time per output directory
     tracking        Weights & Biases and TensorBoard
     records         JSONL and Parquet records

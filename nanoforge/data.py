@@ -132,27 +132,35 @@ class Dataset:
                               f"block_size + 1 = {block_size + 1} tokens and are cut to it; {chat.skipped} of them "
                               "keep nothing to learn and are left out")
 
-    def get_batch(self, split, batch_size, generator):
+    def get_batch(self, split, batch_size, generator, share=(0, 1)):
         """Random contiguous windows: x (B, T) and y = x shifted by one (B, T), int64 on the CPU.
-        For chat data: random whole conversations, x (B, L) and y (B, L) with L <= T (see the top)."""
+        For chat data: random whole conversations, x (B, L) and y (B, L) with L <= T (see the top).
+
+        share = (rank, processes): the generator deals `processes` micro-batches in turn and this process
+        keeps the rank-th (it reads only its own windows). Every process holds the same generator, so
+        together they train on exactly the micro-batches one process would draw from it, whatever their
+        number (docs/distributed.md); a single process draws just as before sharing existed."""
         # torch is imported here rather than at the top: prepare.py's worker processes import this module
         # for its format constants, and importing torch would add seconds to each worker's start.
         import torch
 
+        rank, processes = share
+        # Where each micro-batch starts (or which conversations it takes), drawn for every process in turn.
+        drawable = len(self.chat[split].drawable) if self.chat else len(self.splits[split]) - self.block_size
+        draws = [torch.randint(drawable, (batch_size,), generator=generator).tolist() for _ in range(processes)]
         if self.chat:
-            return self.get_chat_batch(split, batch_size, generator)
+            return self.get_chat_batch(split, draws[rank])
         tokens = self.splits[split]
         T = self.block_size
-        starts = torch.randint(len(tokens) - T, (batch_size,), generator=generator).tolist()
-        windows = np.stack([tokens[s : s + T + 1] for s in starts]).astype(np.int64)  # (B, T + 1)
+        windows = np.stack([tokens[s : s + T + 1] for s in draws[rank]]).astype(np.int64)  # (B, T + 1)
         windows = torch.from_numpy(windows)
         return windows[:, :-1], windows[:, 1:]
 
-    def get_chat_batch(self, split, batch_size, generator):
+    def get_chat_batch(self, split, picks):
         import torch
 
         chat = self.chat[split]
-        picks = torch.randint(len(chat.drawable), (batch_size,), generator=generator).tolist()
+        batch_size = len(picks)
         rows = [chat.row(chat.drawable[p], self.block_size) for p in picks]
         L = max(len(ids) for ids, _ in rows) - 1
         x = np.zeros((batch_size, L), dtype=np.int64)  # padding: any id does, nothing real attends to it

@@ -4,7 +4,8 @@ Data-parallel training across processes, started by torchrun:
     torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_124m.toml
 
 One process per GPU (NCCL), or several CPU processes (gloo). Every process holds the whole
-model; each draws its own batches, and DistributedDataParallel averages the gradients. In a
+model (parallel = "ddp"; "fsdp" shards it: nanoforge.sharding); each trains on its share of one
+batch stream (data.Dataset.get_batch), and DistributedDataParallel averages the gradients. In a
 single process (plain `python train.py`) every method here is a no-op, so train.py reads the
 same either way.
 """

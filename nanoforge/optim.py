@@ -21,6 +21,7 @@ import inspect
 import math
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from nanoforge.machine import probe
 
@@ -90,7 +91,16 @@ def orthogonalize(update, coefficients, steps, eps, dtype):
 
 
 class Muon(torch.optim.Muon):
-    """torch.optim.Muon (default nesterov momentum and learning-rate scaling) orthogonalising in ns_dtype."""
+    """torch.optim.Muon (default nesterov momentum and learning-rate scaling) orthogonalising in ns_dtype.
+
+    Under FSDP (nanoforge.sharding) a parameter, its gradient and its momentum buffer are DTensor shards
+    (rows of the matrix). Orthogonalising needs the whole update matrix: every process gathers it
+    (all-gather, full_tensor), orthogonalises all of it and keeps its own rows. The momentum buffer stays
+    sharded. The cost: every process does every matrix's Newton-Schulz iterations (the same work as one
+    unsharded process, not 1/N of it) and holds one whole matrix at a time, plus one all-gather of each
+    matrix per step. For the model sizes we shard this is small beside the forward and backward passes;
+    splitting the matrices over the processes would save the repeated work at the price of a second
+    exchange of the results."""
 
     def __init__(self, params, lr, weight_decay, momentum, ns_dtype):
         super().__init__(params, lr=lr, weight_decay=weight_decay, momentum=momentum)
@@ -105,8 +115,13 @@ class Muon(torch.optim.Muon):
             for p, grad, buffer in zip(params, grads, buffers):
                 buffer.lerp_(grad, 1 - momentum)
                 update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+                sharded = isinstance(update, DTensor)
+                if sharded:  # the whole matrix, in every process (see the class docstring)
+                    update = update.full_tensor()
                 update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
                                        self.ns_dtype)
+                if sharded:  # back to this process's rows; every process has the same whole update
+                    update = distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None)
                 p.mul_(1 - lr * group["weight_decay"])
                 # A tall matrix (out > in) moves sqrt(out / in) times further: torch's "original" scaling.
                 p.add_(update, alpha=-lr * math.sqrt(max(1, p.size(0) / p.size(1))))

@@ -377,7 +377,7 @@ def test_tokens_per_second_counts_the_tokens_fed_not_batch_times_block(task_data
         fed += x.numel() * 2
     assert window.tokens == fed < 3 * 6 * block_size * 2  # the tasks' conversations are far shorter than 128
     window.start -= 2.0  # as if the window had lasted 2 s (plus the moment it took)
-    state = train_module.RunState.start(tiny_config(task_data, "unused"), 0, torch.device("cpu"))
+    state = train_module.RunState.start(tiny_config(task_data, "unused"), torch.device("cpu"))
     assert window.record(state, 1e-3)["tokens_per_sec"] == pytest.approx(fed / 2.0, rel=0.01)
 
 
