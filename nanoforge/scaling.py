@@ -6,9 +6,9 @@ and the figure.
 
 Compute is counted as model.flops_per_token() x the tokens trained: 6 FLOPs per parameter per token for the
 weight matrices (forward + backward), plus 12 x n_layer x block_size x n_embd for the attention scores (PaLM,
-appendix B), the count train.py's MFU uses. 6ND alone would leave out the attention, which at these widths and
-a 128-token context is a large share of the work: at width 48 the attention term is 128 / (6 x 48) = 44% of the
-blocks' matrix FLOPs, at width 8 two and a half times as much.
+appendix B), the count train.py's MFU uses. 6ND alone would leave out the attention, a large share of the work
+at the sweep's widths: against the blocks' weight matrices (72 x n_layer x n_embd^2) it is block_size / (6 x
+n_embd), with a 128-token context 53% at width 40 and 2.7 times as much at width 8.
 """
 
 import contextlib
@@ -93,9 +93,8 @@ def plan(config_path, depths, out):
         out_dir = os.path.join(out, f"d{depth}")
         with contextlib.redirect_stderr(io.StringIO()):  # train.py prints the dial's summary when the run starts
             cfg = build_config(config_path, [f"--depth={depth}", f"--out_dir={out_dir}"])
-        if depth == depths[0]:
-            check_prepared(cfg.data_dir)
         runs.append(Run(depth, out_dir, cfg.max_iters, max(1, math.ceil(cfg.max_iters / EVALS_PER_RUN))))
+    check_prepared(cfg.data_dir)  # one corpus for every depth
     return runs
 
 
@@ -140,7 +139,7 @@ def read_result(run):
                            f"delete '{run.out_dir}' and run the sweep again to retrain depth {run.depth}")
     first = next((r for r in records if "machine" in r), {})
     return Result(run.depth, model.num_params(non_embedding=False), info["step"] * per_step,
-                  info["step"] * flops_per_step, final[0]["val_loss"], records[-1].get("elapsed_s", 0.0) / 60, curve,
+                  info["step"] * flops_per_step, final[0]["val_loss"], records[-1]["elapsed_s"] / 60, curve,
                   machine_name(first))
 
 
