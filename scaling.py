@@ -4,7 +4,7 @@ budget (tokens_per_param x parameters), on a small built-in corpus; then print a
 to validation loss against training compute, and draw them.
 
     python prepare.py pystdlib             # the corpus, offline, a few seconds
-    python scaling.py                      # depths 1..5 (minutes on 2 CPU cores; docs/scaling.md)
+    python scaling.py                      # depths 1..5: 4.4 minutes on 2 quiet CPU cores (docs/scaling.md)
     python scaling.py --depths 6           # later: trains depth 6 only, reusing 1..5
 
 Each depth is a plain train.py run into its own directory, OUT/d<depth>:
