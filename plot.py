@@ -19,33 +19,9 @@ import os
 import sys
 
 from nanoforge import cli
-from nanoforge.errors import UserError
+from nanoforge.plotting import PlotError, pyplot, read_log, save
 
 X_LABELS = {"step": "step", "tokens": "tokens", "time": "wall time (minutes)"}
-
-
-class PlotError(UserError):
-    """A run directory or option that cannot be plotted, phrased for the user."""
-
-
-def read_log(run_dir):
-    """The records of run_dir/log.jsonl in step order, the last one written for each step winning
-    (a resumed run writes the steps after its checkpoint again). A line that does not parse, such
-    as the last one while the run is writing it, is left out."""
-    path = os.path.join(run_dir, "log.jsonl")
-    if not os.path.exists(path):
-        raise PlotError(f"no log.jsonl in '{run_dir}': pass a run directory (train.py's out_dir)")
-    by_step = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            by_step[record["step"]] = record
-    if not by_step:
-        raise PlotError(f"'{path}' has no records yet: wait for the run's first log_interval steps")
-    return [by_step[step] for step in sorted(by_step)]
 
 
 def tokens_per_step(run_dir):
@@ -86,11 +62,7 @@ def smoothed(values, n):
 
 
 def plot(run_dirs, out, x="step", smooth=1):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("plot.py")
     logs = [read_log(run_dir) for run_dir in run_dirs]
     # A panel for HellaSwag when a run scored it (train.py's hellaswag_interval)
     hellaswag = any("hellaswag_acc_norm" in r for records in logs for r in records)
@@ -123,11 +95,7 @@ def plot(run_dirs, out, x="step", smooth=1):
         axes[3].set_ylabel("HellaSwag acc_norm (%)")
         axes[3].axhline(25, color="gray", linestyle=":", linewidth=1)  # chance: one ending in four
     axes[-1].set_xlabel(X_LABELS[x])
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    save(fig, axes, out)
     return notes
 
 
@@ -142,10 +110,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.smooth < 1:
         raise PlotError(f"--smooth must be at least 1, got {args.smooth}")
-    try:
-        import matplotlib  # noqa: F401
-    except ModuleNotFoundError:
-        raise PlotError("plot.py needs matplotlib: pip install -e '.[plot]'") from None
+    pyplot("plot.py")  # before reading any log: a missing matplotlib is said first
     for note in plot(args.ckpt, args.png, args.x, args.smooth):
         print(note, file=sys.stderr)
     print(f"wrote {args.png}")

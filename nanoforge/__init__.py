@@ -1,11 +1,13 @@
 """
 nanoforge's library: what the commands at the top of the checkout (prepare.py, train.py, sample.py, serve.py,
-eval.py, explain.py, plot.py, export.py) are made of. model.py, the GPT itself, stays at the top: it is the file to read.
+eval.py, explain.py, plot.py, export.py, scaling.py) are made of. model.py, the GPT itself, stays at the top: it
+is the file to read.
 
 One module per concern:
     config          the training config (TrainConfig), its TOML files and --key=value overrides
     sizing          the depth dial: shape, learning rates and token budget from one number
     planning        train.py --plan: parameters, FLOPs, memory per device and training time before a run
+    scaling         the scaling sweep: its runs, their results, the power-law fit and its figure
     data            reading a prepared data directory (train.bin, val.bin, meta.json) in batches
     sources         reading a corpus from text, JSONL and Parquet files, in bounded pieces
     datasets        the built-in datasets by name: pinned URLs, checksums, resumable downloads
@@ -24,6 +26,7 @@ One module per concern:
     lock            one process at a time per output directory
     tracking        Weights & Biases and TensorBoard
     records         JSONL and Parquet records
+    plotting        reading a run's log.jsonl back, and the style plot.py and scaling.py draw in
     engine          the generation engine: KV cache, prefill and decode, batches, stop conditions
     sampling        top-k, top-p, repetition penalty, drawing tokens, streaming text, prompt lookup
     cpu_decoding    the CPU decoding layers (packed and int8 weights, one-query attention)

@@ -102,6 +102,7 @@ def test_every_command_has_help_in_the_shared_dialect():
         "explain.py": ["--ckpt RUN", "--init-from NAME|PATH", "--device", "--top N"],
         "plot.py": ["--ckpt RUN", "--png FILE"],
         "export.py": ["--ckpt RUN", "--out DIR"],
+        "scaling.py": ["--out DIR", "--png FILE"],
         "train.py": ["--out_dir", "--init_from", "--device", "--dtype"],
     }
     for script, flags in shared.items():
