@@ -21,9 +21,8 @@ import inspect
 import math
 
 import torch
-from torch.distributed.tensor import DTensor, distribute_tensor
-
 from nanoforge.machine import probe
+from nanoforge.sharding import full, shard_like
 
 
 class Optimizers:
@@ -115,13 +114,11 @@ class Muon(torch.optim.Muon):
             for p, grad, buffer in zip(params, grads, buffers):
                 buffer.lerp_(grad, 1 - momentum)
                 update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
-                sharded = isinstance(update, DTensor)
-                if sharded:  # the whole matrix, in every process (see the class docstring)
-                    update = update.full_tensor()
-                update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                # Under FSDP: the whole matrix in every process (see the class docstring), orthogonalised, then
+                # back to this process's rows (every process has the same whole update). Else unchanged.
+                update = orthogonalize(full(update), group["ns_coefficients"], group["ns_steps"], group["eps"],
                                        self.ns_dtype)
-                if sharded:  # back to this process's rows; every process has the same whole update
-                    update = distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None)
+                update = shard_like(update, p)
                 p.mul_(1 - lr * group["weight_decay"])
                 # A tall matrix (out > in) moves sqrt(out / in) times further: torch's "original" scaling.
                 p.add_(update, alpha=-lr * math.sqrt(max(1, p.size(0) / p.size(1))))

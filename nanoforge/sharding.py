@@ -106,10 +106,8 @@ def shard_like(tensor, like):
 
 
 def load_model_state(model, state):
-    """Load a checkpoint's whole weights into a model, sharded or not."""
-    state = dict(state)
-    if model.config.tie_embeddings:
-        state.setdefault("lm_head.weight", state["transformer.wte.weight"])
+    """Load a checkpoint's whole weights into a model, sharded or not (a tied lm_head, stored once as wte, is
+    then wte's shard: loading.load_model_state fills it in)."""
     own = model.state_dict()
     loading.load_model_state(model, {name: shard_like(t, own[name]) if name in own else t
                                      for name, t in state.items()})
