@@ -77,9 +77,14 @@ def size_by_depth(cfg, explicit):
     if "max_iters" not in explicit:
         cfg = dataclasses.replace(cfg, max_iters=max(1, math.ceil(budget / tokens_per_step(cfg))))
         derived["max_iters"] = cfg.max_iters
-    settings = ", ".join(f"{key}={value}" for key, value in derived.items()) or "nothing (every key was set)"
-    summary = (f"depth {cfg.depth}: set {settings}; {millions(n_params)} parameters x {cfg.tokens_per_param:g} "
-               f"tokens each = {millions(budget)} tokens, {tokens_per_step(cfg):,} per step{vocab_note}")
+    settings = ", ".join(f"{key}={value}" for key, value in derived.items()) or "nothing"
+    # A key the dial would set but the config or command line set itself: said, so that a depth that changes
+    # nothing (a config that sets n_layer and n_embd, say) does not pass unnoticed.
+    kept = [key for key in (*shape(1, 1), *learning_rates(1), "max_iters") if key in explicit]
+    kept_note = f"; kept as set: {', '.join(f'{key}={getattr(cfg, key)}' for key in kept)}" if kept else ""
+    summary = (f"depth {cfg.depth}: set {settings}{kept_note}; {millions(n_params)} parameters x "
+               f"{cfg.tokens_per_param:g} tokens each = {millions(budget)} tokens, {tokens_per_step(cfg):,} per "
+               f"step{vocab_note}")
     return cfg, summary
 
 

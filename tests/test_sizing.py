@@ -32,9 +32,11 @@ def test_the_token_budget_sets_max_iters_from_the_real_parameter_count(data_dir,
     assert f"max_iters={cfg.max_iters}" in summary and "n_embd=32" in summary
 
 
-def test_keys_set_explicitly_win_over_the_rules(data_dir):
+def test_keys_set_explicitly_win_over_the_rules(data_dir, capsys):
     cfg = build_config(None, [f"--data_dir={data_dir}", "--depth=4", "--n_head=2", "--learning_rate=0.003",
                               "--max_iters=7"])
+    # the summary says which keys the dial left alone, so a depth that changes little is not missed
+    assert "kept as set: n_head=2, learning_rate=0.003, max_iters=7" in capsys.readouterr().err
     assert (cfg.n_layer, cfg.n_embd, cfg.n_head) == (4, 256, 2)
     assert (cfg.learning_rate, cfg.max_iters) == (0.003, 7)
     assert cfg.min_lr == pytest.approx(6e-4 * math.sqrt(768 / 256) / 10, rel=1e-2)  # still the rule's
