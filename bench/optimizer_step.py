@@ -24,7 +24,8 @@ from nanoforge.config import build_config
 from nanoforge.data import Dataset
 from nanoforge.machine import probe
 from nanoforge.optim import build_optimizer, newton_schulz_dtype, set_lr
-from train import build_model, get_lr
+from nanoforge.runs import build_model
+from nanoforge.training import get_lr
 
 
 def variants(cfg, data):

@@ -18,7 +18,7 @@ How it is made fair on a shared machine:
   jobs, two threads per process spend most of their time waiting; see docs/performance.md).
 - Both evaluate on the same val split with their own configs' eval settings; the fast recipe's
   evaluation must cover at least as many val tokens as nanoGPT's (checked).
-- Steps are the real training code: train.py's get_lr, train_step, apply_update and estimate_loss.
+- Steps are the real training code: nanoforge.training's get_lr, train_step, apply_update and estimate_loss.
 """
 
 import argparse
@@ -35,7 +35,8 @@ from nanoforge.machine import probe
 from nanoforge.device import resolve_dtype
 from nanoforge.distributed import Distributed
 from nanoforge.optim import build_optimizer, set_lr
-from train import RunState, apply_update, build_model, estimate_loss, get_lr, train_step
+from nanoforge.runs import RunState, build_model
+from nanoforge.training import apply_update, estimate_loss, get_lr, train_step
 
 RECIPES = {"nanoGPT": "configs/shakespeare_char_cpu.toml", "fast": "configs/shakespeare_char_fast.toml"}
 

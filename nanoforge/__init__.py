@@ -19,6 +19,8 @@ One module per concern:
     loading         building a model from a checkpoint, for inference or to start training from it
     gpt2            OpenAI GPT-2 weights and tokenizer in, Hugging Face GPT-2 directories out
     optim           AdamW and Muon, and the learning-rate groups
+    training        one training step: schedule, micro-batches, the NaN-guarded update, evaluation, signals
+    runs            a training run: its starting model, RunState, checkpoints written and restored, resume
     device          devices, dtypes and GPU peak FLOP/s
     machine         the capability probe: what this machine runs natively, which fast paths are on
     distributed     torchrun (DDP) process groups

@@ -16,7 +16,8 @@ from model import GPT, GPTConfig
 from nanoforge.optim import Optimizers
 from nanoforge.tokenizer import CharTokenizer
 from test_robustness import interrupt_at
-from train import TrainingStopped, get_lr, train
+from nanoforge.training import TrainingStopped, get_lr
+from train import train
 
 OPTIONS = {
     "rope": dict(pos_emb="rope"),

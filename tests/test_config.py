@@ -161,7 +161,7 @@ def test_overrides_take_dashes_or_underscores_alike(tmp_path):
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "wsd"])
 def test_every_schedule_reaches_its_end_at_lr_decay_iters(schedule):
-    from train import get_lr
+    from nanoforge.training import get_lr
 
     cfg = build_config(None, [f"--lr_schedule={schedule}", "--max_iters=100", "--warmup_iters=10",
                               "--learning_rate=1e-3", "--min_lr=1e-5", "--lr_decay_iters=80"])

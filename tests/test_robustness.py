@@ -13,10 +13,11 @@ import time
 import pytest
 import torch
 
-from nanoforge import checkpoint
-import train as train_module
+from nanoforge import checkpoint, training
+from nanoforge.config import ConfigError
 from conftest import REPO, run_cli, tiny_config
-from train import TrainingStopped, train
+from nanoforge.training import TrainingStopped
+from train import train
 
 
 def read_log(out_dir):
@@ -31,14 +32,14 @@ def losses(records):
 
 def interrupt_at(monkeypatch, stop_step):
     """Send this process SIGTERM while the update that completes `stop_step` runs."""
-    real_get_lr = train_module.get_lr
+    real_get_lr = training.get_lr
 
     def get_lr(step, cfg):
         if step == stop_step - 1:
             os.kill(os.getpid(), signal.SIGTERM)
         return real_get_lr(step, cfg)
 
-    monkeypatch.setattr(train_module, "get_lr", get_lr)
+    monkeypatch.setattr(training, "get_lr", get_lr)
 
 
 @pytest.mark.parametrize("stop_step, extra", [
@@ -91,7 +92,7 @@ def test_resume_refuses_a_different_model_shape_and_reports_safe_changes(tmp_pat
     cfg = tiny_config(data_dir, tmp_path / "run", max_iters=4)
     train(cfg)
     bigger = tiny_config(data_dir, tmp_path / "run", max_iters=8, block_size=32, n_embd=64)
-    with pytest.raises(train_module.ConfigError, match="cannot resume: the model's shape or optimizer differs") as refused:
+    with pytest.raises(ConfigError, match="cannot resume: the model's shape or optimizer differs") as refused:
         train(bigger, resume=True)
     assert "block_size: checkpoint 16, config 32" in str(refused.value)
     assert "n_embd: checkpoint 32, config 64" in str(refused.value)
@@ -120,7 +121,7 @@ def test_resume_refuses_data_from_another_tokenizer(tmp_path, data_dir, corpus):
 
     train(tiny_config(data_dir, tmp_path / "run", max_iters=2, eval_interval=2))
     prepare(str(corpus), "byte", str(tmp_path / "bytes"), 0.1)
-    with pytest.raises(train_module.ConfigError, match="prepared with another tokenizer"):
+    with pytest.raises(ConfigError, match="prepared with another tokenizer"):
         train(tiny_config(tmp_path / "bytes", tmp_path / "run", max_iters=4), resume=True)
 
 

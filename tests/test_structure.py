@@ -70,3 +70,18 @@ def test_installing_the_project_puts_no_module_of_ours_in_site_packages(tmp_path
                             env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", f"importable outside the checkout: {result.stdout}"
+
+
+def test_no_bench_imports_a_command():
+    """A bench imports what a user's code would import: the library, never a command's insides."""
+    bench = os.path.join(REPO, "bench")
+    wrong = {}
+    for f in sorted(os.listdir(bench)):
+        if not f.endswith(".py"):
+            continue
+        tree = ast.parse(open(os.path.join(bench, f), encoding="utf-8").read())
+        found = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        found |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        if found & COMMANDS:
+            wrong[f] = sorted(found & COMMANDS)
+    assert wrong == {}
