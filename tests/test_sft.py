@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+from contextlib import nullcontext
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,12 +19,15 @@ from nanoforge import chat_format
 from nanoforge import checkpoint, loading
 from nanoforge import datasets
 from nanoforge import preparation as prepare
-import train as train_module
+from model import GPT, GPTConfig
+from nanoforge.distributed import Distributed
+from nanoforge.runs import RunState, build_model
+from nanoforge.training import LogWindow, TrainingStopped, estimate_loss
 from conftest import run_cli, tiny_config
 from nanoforge.data import Dataset
 from nanoforge.sources import PrepareError
 from nanoforge.tokenizer import CHAT_TOKENS, with_chat_tokens
-from train import TrainingStopped, estimate_loss, train
+from train import train
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
 
@@ -222,7 +226,7 @@ def test_init_from_a_checkpoint_grows_the_embedding_and_keeps_old_logits(base_ru
     data = Dataset(str(task_data), 24)
     cfg = tiny_config(task_data, "unused", init_from=str(base_run), n_layer=3, n_embd=48, block_size=24,
                       vocab_multiple=8)
-    model, cfg = train_module.build_model(cfg, data, torch.device("cpu"))
+    model, cfg = build_model(cfg, data, torch.device("cpu"))
     assert (cfg.n_layer, cfg.n_embd, cfg.block_size) == (2, 32, 24)  # the weights decide; block_size crops
     n_old = tokenizer.vocab_size
     wte = model.transformer.wte.weight
@@ -261,9 +265,9 @@ def test_validation_loss_is_over_masked_tokens_only(task_data):
     data = Dataset(str(task_data), 32)
     cfg = tiny_config(task_data, "unused", block_size=32, eval_iters=2, batch_size=6)
     torch.manual_seed(0)
-    model = train_module.GPT(train_module.GPTConfig(32, data.vocab_size, 2, 2, 32)).eval()
-    losses = estimate_loss(model, data, cfg, train_module.nullcontext(), torch.device("cpu"),
-                           train_module.Distributed())
+    model = GPT(GPTConfig(32, data.vocab_size, 2, 2, 32)).eval()
+    losses = estimate_loss(model, data, cfg, nullcontext(), torch.device("cpu"),
+                           Distributed())
     split = data.chat["val"]
     by_input = {tuple(ids[:-1].tolist()): (ids, mask) for ids, mask in map(lambda i: split.row(i, 32), split.drawable)}
     generator, expected = torch.Generator().manual_seed(cfg.seed + 1), 0.0
@@ -369,7 +373,7 @@ def test_tokens_per_second_counts_the_tokens_fed_not_batch_times_block(task_data
     block_size = 128
     data = Dataset(str(task_data), block_size)
     generator = torch.Generator().manual_seed(0)
-    window = train_module.LogWindow(flops_per_token=1.0, peak=None, processes=2)
+    window = LogWindow(flops_per_token=1.0, peak=None, processes=2)
     fed = 0
     for _ in range(3):
         x, _ = data.get_batch("train", 6, generator)
@@ -377,7 +381,7 @@ def test_tokens_per_second_counts_the_tokens_fed_not_batch_times_block(task_data
         fed += x.numel() * 2
     assert window.tokens == fed < 3 * 6 * block_size * 2  # the tasks' conversations are far shorter than 128
     window.start -= 2.0  # as if the window had lasted 2 s (plus the moment it took)
-    state = train_module.RunState.start(tiny_config(task_data, "unused"), torch.device("cpu"))
+    state = RunState.start(tiny_config(task_data, "unused"), torch.device("cpu"))
     assert window.record(state, 1e-3)["tokens_per_sec"] == pytest.approx(fed / 2.0, rel=0.01)
 
 
