@@ -270,6 +270,13 @@ def test_rl_resumes_after_sigterm_exactly(tmp_path, monkeypatch):
     b = checkpoint.load(tmp_path / "resumed" / "latest.safetensors")
     assert all(torch.equal(t, b.model_state[name]) for name, t in a.model_state.items())
 
+    import plot  # the run's rewards, pass@k, length, entropy drawn from its log
+
+    plot.main(["--ckpt", str(tmp_path / "resumed"), "--png", str(tmp_path / "rl.png"), "--x", "time"])
+    assert (tmp_path / "rl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="rl.py run, which has no fixed tokens per step|plot RL runs with --x step"):
+        plot.main(["--ckpt", str(tmp_path / "resumed"), "--png", str(tmp_path / "no.png"), "--x", "tokens"])
+
 
 def test_rl_cli_runs_and_bad_input_is_one_line(tmp_path):
     ckpt = tiny_chat_checkpoint(tmp_path / "chat.safetensors")
