@@ -97,14 +97,15 @@ TYPE_NAMES = {int: "int", float: "float", bool: "bool", str: "str"}
 
 
 def typed(name, value, where):
-    """A TOML value, or the text of --name=text (from_text), as the key's type."""
+    """A TOML or saved value, or the text of --name=text (where is "on the command line"), as the key's type."""
     want = FIELDS[name].type
     if isinstance(value, str) and where == "on the command line" and want is not str:
         lowered = value.lower()
         if want is bool and lowered in ("true", "1", "yes", "false", "0", "no"):
             return lowered in ("true", "1", "yes")
         try:
-            return want(value) if want is not bool else None
+            if want is not bool:
+                return want(value)
         except ValueError:
             pass
     elif isinstance(value, want) and not (want is int and isinstance(value, bool)):

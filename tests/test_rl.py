@@ -294,6 +294,7 @@ def test_rl_cli_runs_and_bad_input_is_one_line(tmp_path):
     for args, message in (
             (["--samples_per_prompt=1"], "samples_per_prompt must be at least 2"),
             (["--block_size=64"], "config key 'block_size' on the command line is train.py's, not rl.py's"),
+            (["--tools=maybe"], "config key 'tools' expects bool, got 'maybe'"),
             (["--max_new_tokens=30"], "does not fit the model's block_size 40: use max_new_tokens <= "),
             ([f"--init_from={plain}"], "has no chat tokens, so it cannot chat")):
         with pytest.raises(SystemExit) as exit:
@@ -301,3 +302,16 @@ def test_rl_cli_runs_and_bad_input_is_one_line(tmp_path):
         assert str(exit.value.code).startswith("rl.py: error: ") and message in str(exit.value.code)
         assert "\n" not in str(exit.value.code)
     assert not (tmp_path / "bad" / "log.jsonl").exists()
+
+
+def test_eval_scores_a_task_with_and_without_the_tool(tmp_path, capsys):
+    import eval as eval_command
+
+    ckpt = tiny_chat_checkpoint(tmp_path / "chat.safetensors")
+    eval_command.main(["--ckpt", ckpt, "--task", "addition", "--max", "3", "--samples", "2", "--max-new-tokens", "4",
+                       "--device", "cpu", "--json"])
+    results = json.loads(capsys.readouterr().out)
+    assert results["task"] == "addition" and results["n"] == 3
+    assert set(results["with_tool"]) == set(results["without_tool"]) == {"pass@1", "pass@2"}
+    with pytest.raises(SystemExit, match="--samples must be at least 1"):
+        eval_command.main(["--ckpt", ckpt, "--task", "addition", "--samples", "0"])

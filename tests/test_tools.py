@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from nanoforge import chat_format, tools
+from nanoforge import chat_format, loading, tools
+from nanoforge.checkpoint import CheckpointError
 from nanoforge.engine import Generator
 from nanoforge.tokenizer import (CHAT_TOKENS, CHAT_TOKENS_V1, ByteTokenizer, CharTokenizer, ChatTokenizer,
                                  tokenizer_from_dict, with_chat_tokens)
@@ -40,6 +41,9 @@ def test_old_five_token_chat_tokenizers_still_load_with_their_ids():
     assert tools.has_tools(new) and new.vocab_size == base.vocab_size + len(CHAT_TOKENS)
     assert all(loaded.chat_ids[name] == new.chat_ids[name] for name in CHAT_TOKENS_V1)  # appended: ids unchanged
     assert loaded.to_dict() == old and tokenizer_from_dict(new.to_dict()).to_dict() == new.to_dict()
+    loading.check_extends(loaded, new, "old_chat_run")  # an old chat model may be fine-tuned on data with tool calls
+    with pytest.raises(CheckpointError, match="nor it plus the chat tokens"):
+        loading.check_extends(new, loaded, "new_chat_run")  # but ids cannot be taken away
     # an old chat model cannot be taught the tool format: the renderer says so
     with pytest.raises(chat_format.ChatError, match="no tool tokens"):
         chat_format.render_conversation(loaded, [{"role": "user", "content": "1+1"},
