@@ -79,14 +79,14 @@ def run_rl(cfg, resume, ddp, device, dtype, task, policy):
     say = tqdm.write if ddp.is_master else (lambda *args, **kwargs: None)
     start_run_directory(cfg, resume, ddp)
     model, cfg, optimizer, scaler, state = start_model(cfg, resume, ddp, device, dtype, policy)
-    reference = None
-    if cfg.kl_beta > 0:  # the starting model, frozen: the KL term's other side
-        reference, _ = build_model(cfg, policy, device)
-        reference.requires_grad_(False).eval()
+    # The starting model, frozen: the KL's other side, logged at every step and in the loss with kl_beta > 0.
+    reference, _ = build_model(cfg, policy, device)
+    reference.requires_grad_(False).eval()
     if ddp.is_master:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
-    pool = task.problems("train", min(10_000, cfg.prompts_per_step * cfg.max_iters), cfg.seed)
+    # the problems the steps draw from (with replacement): all a run can use, or 2,000 (or all a file task has)
+    pool = task.problems("train", min(2_000, cfg.prompts_per_step * cfg.max_iters), cfg.seed)
     held_out = task.problems("test", cfg.eval_problems, tasks.TEST_SEED)
     check_fits(pool + held_out, policy.tokenizer, cfg)
     log = open(os.path.join(cfg.out_dir, "log.jsonl") if ddp.is_master else os.devnull, "a")

@@ -62,7 +62,7 @@ class RLConfig(TrainConfig):
     tools: bool = _key(True, "the model may call the calculator (its outputs are fed, and masked from the loss)")
     scale_advantages: bool = _key(False, "divide each group's advantages by its reward's std (GRPO's; off, as in "
                                   "nanochat and Dr. GRPO)")
-    kl_beta: float = _key(0.0, "weight of the KL divergence to the starting model (0: no reference model is kept)")
+    kl_beta: float = _key(0.0, "weight of the KL divergence to the starting model in the loss (it is logged either way)")
     updates_per_batch: int = _key(1, "policy updates per batch of rollouts; above 1 the PPO-clipped ratio applies")
     clip_eps: float = _key(0.2, "PPO's clip range for the probability ratio (updates_per_batch > 1)")
     eval_problems: int = _key(100, "held-out problems scored at each evaluation")
@@ -271,8 +271,9 @@ def row_seeds(cfg, step, indices):
 
 def update_policy(model, reference, optimizer, scaler, rollouts, cfg, ddp, state):
     """updates_per_batch policy-gradient updates on this process's share of a batch of rollouts (each clipped and
-    NaN-guarded by training.apply_update). Returns ({"entropy", "kl"} of the policy that sampled them, averaged
-    over the processes; kl None without a reference), the number of updates the NaN guard skipped in a row)."""
+    NaN-guarded by training.apply_update). reference: the starting model, for the KL (None: no KL; then kl_beta
+    must be 0). Returns ({"entropy", "kl"} of the policy that sampled them, averaged over the processes; kl None
+    without a reference), the number of updates the NaN guard skipped in a row)."""
     x, y, mask = rollout_batch(rollouts, next(model.parameters()).device)
     advantages = group_advantages(rollouts.rewards, cfg.samples_per_prompt, cfg.scale_advantages).to(x.device)
     n_tokens = ddp.mean(mask.sum().clone()) * ddp.world_size  # every process's sampled tokens
@@ -287,8 +288,8 @@ def update_policy(model, reference, optimizer, scaler, rollouts, cfg, ddp, state
         logp = target_logprobs(logits, y)
         old_logp = logp.detach() if old_logp is None else old_logp  # the rollouts' policy, fixed for the batch
         loss = policy_loss(logp, old_logp, advantages, mask, cfg.clip_eps, n_tokens)
-        if reference is not None:
-            kl = kl_to_reference(logits, ref_logits, mask, n_tokens)
+        kl = kl_to_reference(logits, ref_logits, mask, n_tokens) if reference is not None else None
+        if cfg.kl_beta > 0:
             loss = loss + cfg.kl_beta * kl
         if not stats:  # of the policy that sampled the rollouts
             with torch.no_grad():

@@ -112,9 +112,17 @@ class ChatTasks(Task):
         train, val = chat_tasks.chat_tasks(0 if split == "test" else chat_tasks.CHAT_TASKS_TRAIN,
                                            chat_tasks.CHAT_TASKS_VAL, chat_tasks.CHAT_TASKS_SEED)
         pool = [Problem(m[0]["content"], m[1]["content"]) for m in (val if split == "test" else train)]
-        if n > len(pool):
-            raise TaskError(f"task chat_tasks has {len(pool)} {split} problems: ask for at most that many")
-        return random.Random(seed).sample(pool, n) if split == "train" else pool[:n]
+        return sample_of(pool, split, n, seed, "task chat_tasks")
+
+
+def sample_of(pool, split, n, seed, what):
+    """n problems of a fixed list: the first n held-out ones (every command scores the same), or a random n of the
+    training ones (all of them when there are fewer: training draws from them again and again)."""
+    if split == "train":
+        return random.Random(seed).sample(pool, min(n, len(pool)))
+    if n > len(pool):
+        raise TaskError(f"{what} has {len(pool)} held-out problems, fewer than the {n} asked for: ask for fewer")
+    return pool[:n]
 
 
 GSM8K_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
@@ -134,10 +142,7 @@ class GSM8K(Task):
         path = self.paths[split]
         if path is None:
             raise TaskError(f"task gsm8k needs its {split} file: pass --data FILE.jsonl, or let it download")
-        pool = read_gsm8k(path)
-        if n > len(pool):
-            raise TaskError(f"'{path}' has {len(pool)} problems, fewer than the {n} asked for")
-        return random.Random(seed).sample(pool, n) if split == "train" else pool[:n]
+        return sample_of(read_gsm8k(path), split, n, seed, f"'{path}'")
 
     def reward(self, problem, completion):
         said, expected = gsm8k_answer(completion), gsm8k_answer(problem.answer)
