@@ -39,16 +39,15 @@ How it works:
 """
 
 from collections import deque
-
 from dataclasses import dataclass
 
 import torch
 
 from nanoforge.chat_format import ChatError, render_for_reply, require_chat_tokens
-from nanoforge.tokenizer import TOOL_TOKENS
 from nanoforge.cpu_decoding import decoder_for, fast_attention, fast_linear
 from nanoforge.device import resolve_device
 from nanoforge.loading import load_model
+from nanoforge.tokenizer import TOOL_TOKENS
 from nanoforge.tools import ToolCalls, has_tools
 from nanoforge.sampling import (
     SettingError,
