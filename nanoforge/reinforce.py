@@ -90,29 +90,34 @@ class RLConfig(TrainConfig):
             raise ConfigError(f"unknown task '{self.task}': choose one of {', '.join(tasks.TASKS)}")
 
 
-RL_ONLY = tuple(f.name for f in dataclasses.fields(RLConfig) if f.name not in {g.name for g in dataclasses.fields(TrainConfig)})
+TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+RL_ONLY = tuple(f.name for f in dataclasses.fields(RLConfig) if f.name not in TRAIN_FIELDS)
 RL_KEYS = SHARED_KEYS + RL_ONLY
 FIELDS = {f.name: f for f in dataclasses.fields(RLConfig)}
 TYPE_NAMES = {int: "int", float: "float", bool: "bool", str: "str"}
 
 
-def typed(name, value, where):
-    """A TOML or saved value, or the text of --name=text (where is "on the command line"), as the key's type."""
+def from_file(name, value):
+    """A TOML or saved value checked against the key's type (an int is accepted where a float is expected)."""
     want = FIELDS[name].type
-    if isinstance(value, str) and where == "on the command line" and want is not str:
-        lowered = value.lower()
-        if want is bool and lowered in ("true", "1", "yes", "false", "0", "no"):
-            return lowered in ("true", "1", "yes")
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, want) and not (want is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"config key '{name}' expects {TYPE_NAMES[want]}, got {value!r}")
+
+
+def from_text(name, text):
+    """The text of --name=text as the key's type."""
+    want = FIELDS[name].type
+    if want is bool and text.lower() in ("true", "1", "yes", "false", "0", "no"):
+        return text.lower() in ("true", "1", "yes")
+    if want is not bool:
         try:
-            if want is not bool:
-                return want(value)
+            return want(text)
         except ValueError:
             pass
-    elif isinstance(value, want) and not (want is int and isinstance(value, bool)):
-        return value
-    elif want is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    raise ConfigError(f"config key '{name}' expects {TYPE_NAMES[want]}, got {value!r}")
+    raise ConfigError(f"config key '{name}' expects {TYPE_NAMES[want]}, got '{text}'")
 
 
 def unknown_key(name, where):
@@ -131,7 +136,7 @@ def build_rl_config(path=None, overrides=(), base=None):
     for name, value in source.items():
         if name not in RL_KEYS:
             raise unknown_key(name, f"in {path or 'the saved config'}")
-        values[name] = typed(name, value, f"in {path}")
+        values[name] = from_file(name, value)
     for item in overrides:
         name, sep, text = item[2:].partition("=")
         name = name.replace("-", "_")
@@ -139,7 +144,7 @@ def build_rl_config(path=None, overrides=(), base=None):
             raise unknown_key(name, "on the command line")
         if not sep:
             raise ConfigError(f"override '{item}' has no value: write --{name}=VALUE")
-        values[name] = typed(name, text, "on the command line")
+        values[name] = from_text(name, text)
     cfg = RLConfig(**values, dropout=0.0)
     cfg.validate()
     return cfg
@@ -154,8 +159,11 @@ def saved_rl_config(overrides):
     path = os.path.join(out_dir, "config.json")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read the saved config '{path}' ({e}): pass the run's config file before --resume")
 
 
 def rl_help_text():

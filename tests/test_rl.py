@@ -295,6 +295,7 @@ def test_rl_cli_runs_and_bad_input_is_one_line(tmp_path):
             (["--samples_per_prompt=1"], "samples_per_prompt must be at least 2"),
             (["--block_size=64"], "config key 'block_size' on the command line is train.py's, not rl.py's"),
             (["--tools=maybe"], "config key 'tools' expects bool, got 'maybe'"),
+            (["--kl_beta=lots"], "config key 'kl_beta' expects float, got 'lots'"),
             (["--max_new_tokens=30"], "does not fit the model's block_size 40: use max_new_tokens <= "),
             ([f"--init_from={plain}"], "has no chat tokens, so it cannot chat")):
         with pytest.raises(SystemExit) as exit:
