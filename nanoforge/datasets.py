@@ -159,7 +159,7 @@ def fineweb_edu_shards(download_dir, shards):
 def gsm8k_files(download_dir):
     """(train, test) paths of GSM8K's two JSONL files, downloaded once into download_dir (resumably, checked)."""
     os.makedirs(download_dir, exist_ok=True)
-    fix = "pass a local copy of GSM8K's JSONL file with --data FILE.jsonl"
+    fix = "pass a local copy of a GSM8K JSONL file (eval.py --data FILE.jsonl, rl.py --task_data=FILE.jsonl)"
     paths = []
     for name in ("train.jsonl", "test.jsonl"):
         try:

@@ -53,7 +53,8 @@ class RLConfig(TrainConfig):
     log_interval: int = _key(1, "write a log.jsonl record every this many steps")
     checkpoint_interval: int = _key(50, "write latest.safetensors every this many steps (and at the end)")
     task: str = _key("addition", f"the task with its verifier: one of {', '.join(tasks.TASKS)} (nanoforge/tasks.py)")
-    task_data: str = _key("", "gsm8k: a local GSM8K-format JSONL file ('' downloads GSM8K into data/gsm8k)")
+    task_data: str = _key("", "gsm8k: a local GSM8K-format JSONL file, a tenth of it held out ('' downloads GSM8K's "
+                          "train and test files into data/gsm8k)")
     prompts_per_step: int = _key(8, "problems per step (split over the processes under torchrun)")
     samples_per_prompt: int = _key(8, "G: completions sampled per problem; their mean reward is each one's baseline")
     max_new_tokens: int = _key(32, "most tokens per completion (tool outputs included)")

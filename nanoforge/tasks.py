@@ -129,19 +129,21 @@ GSM8K_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 
 
 class GSM8K(Task):
-    """Grade-school maths word problems (Cobbe et al. 2021): the answer is the number after "####". Its problems
-    come from a JSONL file of {"question", "answer"} records (GSM8K's own format): its train file for training, its
-    test file for "test" (nanoforge.datasets.gsm8k_file downloads them)."""
+    """Grade-school maths word problems (Cobbe et al. 2021): the answer is the number after "####". Problems come
+    from JSONL files of {"question", "answer"} records (GSM8K's own format): GSM8K's train file for training and its
+    test file for "test" (nanoforge.datasets.gsm8k_files downloads them), or one local file split as every task is
+    (a tenth held out by the hash of the question)."""
 
     name = "gsm8k"
 
-    def __init__(self, train_path=None, test_path=None):
-        self.paths = {"train": train_path, "test": test_path}
+    def __init__(self, train_path, test_path=None):
+        self.train_path, self.test_path = train_path, test_path
 
     def problems(self, split, n, seed):
-        path = self.paths[split]
-        if path is None:
-            raise TaskError(f"task gsm8k needs its {split} file: pass --data FILE.jsonl, or let it download")
+        if self.test_path is None:  # one file: the hash decides the split
+            pool = [p for p in read_gsm8k(self.train_path) if self.held_out(p) == (split == "test")]
+            return sample_of(pool, split, n, seed, f"'{self.train_path}'")
+        path = self.test_path if split == "test" else self.train_path
         return sample_of(read_gsm8k(path), split, n, seed, f"'{path}'")
 
     def reward(self, problem, completion):
@@ -178,14 +180,14 @@ TASKS = {"addition": Addition, "multiplication": Multiplication, "chat_tasks": C
 
 
 def get_task(name, data=None, download_dir="data/gsm8k"):
-    """The task called name. gsm8k reads data (a local JSONL file, used for both splits' problems as they are
-    asked for), or downloads GSM8K once into download_dir."""
+    """The task called name. gsm8k reads data (one local JSONL file, a tenth of it held out), or downloads GSM8K's
+    train and test files once into download_dir."""
     if name not in TASKS:
         raise TaskError(f"unknown task '{name}': choose one of {', '.join(TASKS)}")
     if name != "gsm8k":
         return TASKS[name]()
     if data:
-        return GSM8K(data, data)
+        return GSM8K(data)
     from nanoforge.datasets import gsm8k_files  # only this task downloads
 
     train, test = gsm8k_files(download_dir)

@@ -202,7 +202,7 @@ def test_held_out_problems_never_reach_training():
 
 
 def test_gsm8k_answers_after_the_marks_and_downloads_resumably(tmp_path, monkeypatch, http_server):
-    task = tasks.GSM8K()
+    task = tasks.GSM8K(None)  # its reward needs no file
     problem = tasks.Problem("q", "She has 3 + 4 = <<3+4=7>>7 apples.\n#### 1,007")
     assert task.reward(problem, "so #### 1007") == 1.0 and task.reward(problem, "#### 1006") == 0.0
     assert task.reward(problem, "1007") == 0.0  # the answer is what follows ####
@@ -224,8 +224,15 @@ def test_gsm8k_answers_after_the_marks_and_downloads_resumably(tmp_path, monkeyp
     gsm8k = tasks.get_task("gsm8k", download_dir=str(tmp_path))
     assert gsm8k.problems("test", 1, 0) == [tasks.Problem("1+1?", "#### 2")] and len(served) == 2  # cached
     monkeypatch.setattr(datasets, "GSM8K_URL", "http://127.0.0.1:9/")  # nothing listens there
-    with pytest.raises(datasets.DownloadError, match="pass a local copy of GSM8K's JSONL file with --data"):
+    with pytest.raises(datasets.DownloadError, match=r"pass a local copy of a GSM8K JSONL file \(eval.py --data"):
         datasets.gsm8k_files(str(tmp_path / "offline"))
+    # one local file: a tenth of it held out, as every task's problems are
+    local = tmp_path / "local.jsonl"
+    local.write_text("".join(json.dumps({"question": f"{i}+1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(60)))
+    own = tasks.get_task("gsm8k", str(local))
+    test, train = own.problems("test", 2, 0), own.problems("train", 100, 0)
+    assert all(own.held_out(p) for p in test) and not any(own.held_out(p) for p in train)
+    assert len(test) == 2 and 40 < len(train) < 60  # every training problem the file has, none held out
 
 
 def test_rewards_that_raise_or_are_not_numbers_are_one_line_errors():
