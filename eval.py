@@ -39,7 +39,7 @@ data/hellaswag/, or --data FILE.jsonl, a local copy in HellaSwag's own format), 
 their 95 % intervals, beside GPT-2 124M's published scores (docs/evaluation.md says how they are scored).
 --max N scores the first N examples.
 
---task addition, multiplication, chat_tasks or gsm8k (nanoforge/tasks.py; gsm8k downloads its test file once, or
+--task addition, multiplication, chat_tasks or gsm8k (nanoforge/tasks.py; gsm8k downloads GSM8K once, or
 --data FILE.jsonl): the task's held-out problems (the first --max N, default 200), answered with the calculator
 and without it. pass@1: answered greedily, the share the task's verifier rewards; pass@k (k = --samples, default
 8): k answers sampled at --temperature (default 1), the share of problems with at least one rewarded (Chen et al.
