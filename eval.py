@@ -4,6 +4,7 @@ Measure a model: loss on a prepared data directory, or exact-match accuracy on c
     python eval.py --ckpt out/quickstart --data data/pystdlib
     python eval.py --ckpt out/sft_quickstart --data chat_tasks
     python eval.py --ckpt out/quickstart --task hellaswag [--data FILE.jsonl] [--max N]
+    python eval.py --ckpt out/rl_quickstart --task addition [--samples K] [--max N]   # pass@1, pass@k, tool on/off
     python eval.py --init-from gpt2 --harness hellaswag,lambada_openai [--harness-include DIR] [--max N]
 
 PATH is one of:
@@ -38,6 +39,13 @@ data/hellaswag/, or --data FILE.jsonl, a local copy in HellaSwag's own format), 
 their 95 % intervals, beside GPT-2 124M's published scores (docs/evaluation.md says how they are scored).
 --max N scores the first N examples.
 
+--task addition, multiplication, chat_tasks or gsm8k (nanoforge/tasks.py; gsm8k downloads GSM8K once, or
+--data FILE.jsonl): the task's held-out problems (the first --max N, default 200), answered with the calculator
+and without it. pass@1: answered greedily, the share the task's verifier rewards; pass@k (k = --samples, default
+8): k answers sampled at --temperature (default 1), the share of problems with at least one rewarded (Chen et al.
+2021's estimator with n = k). Without the tool, a call the model writes is not answered: the model writes the
+output itself. --max-new-tokens (default 32) caps each reply.
+
 --harness TASK[,TASK...]: the tasks of EleutherAI's lm-evaluation-harness (pip install -e '.[harness]'),
 run on this model through lm_eval.simple_evaluate; prints its table. --harness-include DIR adds the
 task YAML files of DIR; --max N limits each task to N examples.
@@ -49,9 +57,12 @@ task YAML files of DIR; --max N limits each task to N examples.
 import json
 import os
 
-from nanoforge import cli, harness, hellaswag, loading, multiple_choice
+from nanoforge import cli, harness, hellaswag, loading, multiple_choice, tasks
+from nanoforge.reinforce import score_problems
+from nanoforge.tools import has_tools
 from nanoforge.config import ConfigError
 from nanoforge.device import resolve_device
+from nanoforge import chat_format
 from nanoforge.engine import Generator
 from nanoforge.evaluation import EvalError, evaluate_accuracy, evaluate_loss, read_examples
 
@@ -91,13 +102,43 @@ def run_task(args):
     print(f"reference: {hellaswag.REFERENCE}")
 
 
+def run_verified_task(args):
+    """--task addition (or another task with a verifier): pass@1 and pass@k with the tool and without it."""
+    if not args.temperature > 0:
+        raise ConfigError(f"--temperature must be above 0 (pass@k samples), got {args.temperature}")
+    task = tasks.get_task(args.task, args.data)
+    problems = task.problems("test", args.max or 200, tasks.TEST_SEED)
+    model, tokenizer = loading.load_model_from_args(args, resolve_device(args.device))
+    generator = Generator(model, tokenizer)
+    chat_format.require_chat_tokens(tokenizer)
+    modes = (True, False) if has_tools(tokenizer) else (False,)
+    results = {"task": args.task, "n": len(problems)}
+    for use_tools in modes:
+        scores = score_problems(generator, task, problems, args.samples, args.temperature, use_tools,
+                                args.max_new_tokens or 32, seed=0, batch_size=args.batch_size * 16)
+        name = "with_tool" if use_tools else "without_tool"
+        results[name] = {k: v for k, v in scores.items() if k.startswith("pass@")}
+        if not args.json:
+            right = [e for e in scores["examples"] if task.reward(tasks.Problem(e[0], e[2]), e[1]) > 0][:1]
+            wrong = [e for e in scores["examples"] if task.reward(tasks.Problem(e[0], e[2]), e[1]) == 0][:2]
+            for prompt, said, expected in right + wrong:
+                print(f"  {prompt[:60]!r} -> {said!r}" + ("" if said.strip() == expected else f" (expected {expected!r})"))
+            figures = ", ".join(f"{k} {v:.1%}" for k, v in results[name].items())
+            print(f"{args.task} {name.replace('_', ' ')}: {figures} ({len(problems)} held-out problems)")
+    if args.json:
+        print(json.dumps(results))
+
+
 @cli.command
 def main(argv=None):
     parser = cli.parser(__doc__)
     cli.add_model_arguments(parser)
     parser.add_argument("--data", help="prepared data directory, chat JSONL or Parquet file, or chat_tasks; with "
                         "--task hellaswag: a local copy of its validation file")
-    parser.add_argument("--task", choices=["hellaswag"], help="multiple-choice accuracy on this task")
+    parser.add_argument("--task", choices=["hellaswag", *tasks.TASKS], help="hellaswag: multiple-choice accuracy; "
+                        "a task with a verifier: pass@1 and pass@k on its held-out problems, with and without the tool")
+    parser.add_argument("--samples", type=int, default=8, metavar="K", help="--task with a verifier: k of pass@k")
+    parser.add_argument("--temperature", type=float, default=1.0, help="--task with a verifier: of pass@k's samples")
     parser.add_argument("--harness", metavar="TASK[,TASK...]", help="lm-evaluation-harness tasks to run")
     parser.add_argument("--harness-include", metavar="DIR", help="directory of extra harness task YAML files")
     parser.add_argument("--max", type=int, metavar="N", help="at most N examples: val windows of a data directory, "
@@ -109,10 +150,12 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="print one JSON object with the results")
     cli.add_device_arguments(parser, dtype=False)
     args = parser.parse_args(argv)
-    for name in ("max", "batch_size", "max_new_tokens"):
+    for name in ("max", "batch_size", "max_new_tokens", "samples"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.task in tasks.TASKS:
+        return run_verified_task(args)
     if args.task or args.harness:
         return run_task(args)
     if args.data is None:

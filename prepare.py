@@ -12,6 +12,8 @@ SOURCE is a built-in dataset name, or a local file, directory or glob pattern:
     fineweb_edu       FineWeb-Edu's 10BT sample: parquet shards from Hugging Face, resumable and
                       checksummed (--shards N takes the first N), GPT-2 BPE
     chat_tasks        chat data: generated conversations of small tasks (offline; the SFT demo)
+    arithmetic        chat data: generated addition and multiplication, half the replies calling the
+                      calculator (offline; the SFT before rl.py, docs/rl.md)
     dolly             chat data: Databricks Dolly 15k at a pinned revision, resumable and checksummed
                       (or --source a local databricks-dolly-15k.jsonl), GPT-2 BPE
     FILE.jsonl        one document per line: the string under --text-field

@@ -19,7 +19,9 @@ so far is the context of each reply; when it no longer fits in block_size (with 
 reply), its oldest turns are dropped, which is said once. "/clear" starts a new conversation; end
 of input ends it. --chat --prompt TEXT answers one message and exits. --system TEXT starts the
 conversation with a system message. Notes go to stderr, replies to stdout; one reply per message
-(--num-samples does not apply).
+(--num-samples does not apply). A model fine-tuned with tool calls (its tokenizer has the tool tokens) may call
+the calculator: the engine answers each call, and the reply shows it as
+<|python_start|>347+85<|python_end|><|output_start|>432<|output_end|> before the answer.
 """
 
 import re
@@ -35,6 +37,7 @@ from nanoforge.engine import Generator
 from nanoforge.machine import probe
 from nanoforge.sampling import SettingError, check_lookup
 from nanoforge.tokenizer import TokenizerError
+from nanoforge.tools import final_text, has_tools, reply_parts
 
 
 def unescape(text):
@@ -90,7 +93,9 @@ def note(text):
 
 
 def chat_session(generator, lines, system, settings, interactive):
-    """A conversation: each line is a user message; each reply streams to stdout, one line after it."""
+    """A conversation: each line is a user message; each reply streams to stdout, one line after it. A model with
+    the tool tokens may call the calculator: the call and its output stream between their tool tokens."""
+    use_tools = has_tools(generator.tokenizer)
     start = [{"role": "system", "content": system}] if system else []
     messages, said_dropping = list(start), False
     for line in lines:
@@ -112,10 +117,11 @@ def chat_session(generator, lines, system, settings, interactive):
             note(f"(the conversation no longer fits in the model's context of {generator.config.block_size} "
                  "tokens: its oldest turns are dropped from now on)")
             said_dropping = True
-        reply = generator.chat(messages, on_text=lambda row, text, done: write(text), **settings)
+        reply = generator.chat(messages, on_text=lambda row, text, done: write(text), tools=use_tools, **settings)
         write("\n")
-        if reply.text.strip():
-            messages.append({"role": "assistant", "content": reply.text})
+        parts = reply_parts(generator.tokenizer, reply.ids)  # the calls and their outputs stay in the history
+        if final_text(parts).strip():
+            messages.append({"role": "assistant", "content": parts if use_tools else reply.text})
         else:  # an empty turn breaks the chat format: leave the exchange out
             messages.pop()
             note("(empty reply: this exchange is left out of the conversation)")

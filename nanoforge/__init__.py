@@ -1,6 +1,6 @@
 """
 nanoforge's library: what the commands at the top of the checkout (prepare.py, train.py, sample.py, serve.py,
-eval.py, explain.py, plot.py, export.py, scaling.py) are made of. model.py, the GPT itself, stays at the top: it
+eval.py, explain.py, plot.py, export.py, scaling.py, rl.py) are made of. model.py, the GPT itself, stays at the top: it
 is the file to read.
 
 One module per concern:
@@ -15,6 +15,9 @@ One module per concern:
     tokenizer       char, byte, BPE and GPT-2 tokenizers, and the chat tokens
     chat_format     conversations as tokens: the chat format, its loss mask, chat records
     chat_tasks      the built-in chat tasks for offline SFT
+    tools           the calculator a chat model calls: a safe evaluator and the engine's per-row tool state
+    tasks           tasks with verifiers for RL and eval.py --task: problems, rewards, held-out splits, GSM8K
+    reinforce       rl.py's config, rollouts, group advantages, policy-gradient loss with KL and clipping, pass@k
     checkpoint      the checkpoint file format (safetensors, atomic, checksummed) and a run's checkpoints
     loading         building a model from a checkpoint, for inference or to start training from it
     gpt2            OpenAI GPT-2 weights and tokenizer in, Hugging Face GPT-2 directories out

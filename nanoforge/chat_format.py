@@ -10,11 +10,17 @@ A system message is merged into the first user turn. Roles alternate user, assis
 after an optional system message. Training learns to produce the assistant turns only: the loss
 mask is 1 on the tokens of each assistant reply and on its <|assistant_end|> (so the model learns
 to stop), 0 on everything else, <|assistant_start|> included (the format, not the model, places it).
+
+An assistant turn may call the calculator (tools.py): its content is then a list of parts,
+[{"type": "text" | "python" | "python_output", "text": ...}], rendered as
+<|python_start|> expression <|python_end|> <|output_start|> result <|output_end|> between the text parts.
+The call is the model's to write (mask 1); the output is the engine's (mask 0, in every loss).
 """
 
 
 from nanoforge import records
 from nanoforge.errors import UserError
+from nanoforge.tools import has_tools
 
 ROLES = ("system", "user", "assistant")
 
@@ -36,7 +42,9 @@ def check_conversation(messages, for_reply=False):
         role, content = message["role"], message["content"]
         if role not in ROLES:
             raise ChatError(f"message {i + 1} has unknown role {role!r}: use one of {', '.join(ROLES)}")
-        if not isinstance(content, str) or not content.strip():
+        if role == "assistant" and isinstance(content, list):
+            check_parts(content, i)
+        elif not isinstance(content, str) or not content.strip():
             raise ChatError(f"message {i + 1} ({role}) has empty content")
         if role == "system" and i > 0:
             raise ChatError(f"message {i + 1} is a system message: only the first message may be one")
@@ -57,6 +65,22 @@ def check_conversation(messages, for_reply=False):
     return turns
 
 
+PART_TYPES = ("text", "python", "python_output")
+
+
+def check_parts(parts, i):
+    """An assistant turn with tool calls: a list of {"type": "text" | "python" | "python_output", "text"}."""
+    if not parts or not all(isinstance(p, dict) and p.get("type") in PART_TYPES and isinstance(p.get("text"), str)
+                            for p in parts):
+        raise ChatError(f"message {i + 1} (assistant) has list content: each part must be {{\"type\": one of "
+                        f"{', '.join(PART_TYPES)}, \"text\": a string}}")
+
+
+def content_text(content):
+    """All the text of a message's content (a string, or an assistant turn's parts)."""
+    return content if isinstance(content, str) else "".join(part["text"] for part in content)
+
+
 def render_conversation(tokenizer, messages):
     """Token ids of a whole conversation and its loss mask (1 on what the model learns to say).
     Returns (ids, mask), two lists of equal length. tokenizer must have the chat tokens."""
@@ -75,15 +99,42 @@ def render_turns(tokenizer, turns):
     chat = tokenizer.chat_ids
     ids, mask = [chat["<|bos|>"]], [0]
     for role, content in turns:
-        text = tokenizer.encode(content)
         if role == "user":
+            text = tokenizer.encode(content)
             part = [chat["<|user_start|>"], *text, chat["<|user_end|>"]]
             ids += part
             mask += [0] * len(part)
         else:
-            ids += [chat["<|assistant_start|>"], *text, chat["<|assistant_end|>"]]
-            mask += [0] + [1] * (len(text) + 1)
+            ids += [chat["<|assistant_start|>"]]
+            mask += [0]
+            for part_ids, part_mask in render_parts(tokenizer, content):
+                ids += part_ids
+                mask += part_mask
+            ids += [chat["<|assistant_end|>"]]
+            mask += [1]
     return ids, mask
+
+
+def render_parts(tokenizer, content):
+    """(ids, mask) of each part of an assistant turn: its text (a string is one text part), a call between
+    <|python_start|> and <|python_end|> that the model learns to write (mask 1), and the call's output
+    between <|output_start|> and <|output_end|>, which the engine writes, so no loss counts it (mask 0)."""
+    if isinstance(content, str):
+        text = tokenizer.encode(content)
+        return [(text, [1] * len(text))]
+    if not has_tools(tokenizer):
+        raise ChatError("this conversation has tool calls, but the tokenizer has no tool tokens (it was made by an "
+                        "earlier version): prepare the data again with this version")
+    chat, rendered = tokenizer.chat_ids, []
+    for part in content:
+        text = tokenizer.encode(part["text"])
+        if part["type"] == "text":
+            rendered.append((text, [1] * len(text)))
+        elif part["type"] == "python":
+            rendered.append(([chat["<|python_start|>"], *text, chat["<|python_end|>"]], [1] * (len(text) + 2)))
+        else:
+            rendered.append(([chat["<|output_start|>"], *text, chat["<|output_end|>"]], [0] * (len(text) + 2)))
+    return rendered
 
 
 def require_chat_tokens(tokenizer):

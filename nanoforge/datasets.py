@@ -34,6 +34,13 @@ DOLLY_FILE = "databricks-dolly-15k.jsonl"
 DOLLY_API = f"https://huggingface.co/api/datasets/databricks/databricks-dolly-15k/tree/{DOLLY_REVISION}"
 DOLLY_URL = f"https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/{DOLLY_REVISION}/{DOLLY_FILE}"
 
+# GSM8K (Cobbe et al. 2021, MIT): grade-school maths word problems, for rl.py and eval.py's --task gsm8k. The
+# files are pinned to a commit of OpenAI's repository, whose bytes these sha256 digests are.
+GSM8K_COMMIT = "3101c7d5072418e28b9008a6636bde82a006892c"
+GSM8K_URL = f"https://raw.githubusercontent.com/openai/grade-school-math/{GSM8K_COMMIT}/grade_school_math/data/"
+GSM8K_SHA256 = {"train.jsonl": "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465",
+                "test.jsonl": "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14"}
+
 # name -> (default tokenizer, what it is)
 BUILTINS = {
     "pystdlib": ("char", "this Python's standard-library sources (offline)"),
@@ -42,6 +49,8 @@ BUILTINS = {
     "fineweb_edu": ("gpt2", "FineWeb-Edu 10BT sample, GPT-2 BPE"),
     "chat_tasks": ("char", "small generated tasks for chat fine-tuning (offline)"),
     "dolly": ("gpt2", "Databricks Dolly 15k instructions and responses, for chat fine-tuning"),
+    "arithmetic": ("char", "generated addition and multiplication, half the replies calling the calculator, for "
+                   "chat fine-tuning before rl.py (offline)"),
 }
 
 
@@ -145,6 +154,19 @@ def fineweb_edu_shards(download_dir, shards):
         dest = os.path.join(download_dir, os.path.basename(f["path"]))
         paths.append(download(FINEWEB_EDU_URL + f["path"], f["lfs"]["oid"], dest))
     return paths
+
+
+def gsm8k_files(download_dir):
+    """(train, test) paths of GSM8K's two JSONL files, downloaded once into download_dir (resumably, checked)."""
+    os.makedirs(download_dir, exist_ok=True)
+    fix = "pass a local copy of a GSM8K JSONL file (eval.py --data FILE.jsonl, rl.py --task_data=FILE.jsonl)"
+    paths = []
+    for name in ("train.jsonl", "test.jsonl"):
+        try:
+            paths.append(download(GSM8K_URL + name, GSM8K_SHA256[name], os.path.join(download_dir, name)))
+        except DownloadError as e:
+            raise DownloadError(e.problem, fix) from None
+    return tuple(paths)
 
 
 def tinyshakespeare(source_path, out_dir):

@@ -32,8 +32,13 @@ How it works:
   things): max_new_tokens, temperature, top_p, seed and stop take one value per prompt. Rows
   that share temperature and top_p are filtered and sampled together, exactly as they would be
   alone, so a request's reply does not depend on what it was batched with.
+- Tools (tools=True, chat models): each row may call the calculator. When a row's tokens complete a call
+  (<|python_start|> expression <|python_end|>), tools.ToolCalls evaluates it and the result is queued for that row
+  (<|output_start|> result <|output_end|>); queued tokens are fed one per step instead of sampled, as a prompt
+  still being read is, and the row samples again once its queue is empty. Sample.forced marks them.
 """
 
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +47,8 @@ from nanoforge.chat_format import ChatError, render_for_reply, require_chat_toke
 from nanoforge.cpu_decoding import decoder_for, fast_attention, fast_linear
 from nanoforge.device import resolve_device
 from nanoforge.loading import load_model
+from nanoforge.tokenizer import TOOL_TOKENS
+from nanoforge.tools import ToolCalls, has_tools
 from nanoforge.sampling import (
     SettingError,
     TextStream,
@@ -87,12 +94,15 @@ class Sample:
     """One generated continuation. ids are the generated token ids (ending with the
     end-of-text or stop token when that stopped it); text is their decoding, cut before a stop
     string. finish_reason: "length" (max_new_tokens), "eot", "stop" (a stop string), "end"
-    (a token of stop_ids, such as a chat reply's <|assistant_end|>) or "cancelled"."""
+    (a token of stop_ids, such as a chat reply's <|assistant_end|>) or "cancelled". forced[i] is whether ids[i] was
+    fed by the engine (a tool's output) rather than sampled; calls the row's (expression, output) tool calls."""
 
     prompt_ids: list
     ids: list
     text: str
     finish_reason: str
+    forced: list = None
+    calls: list = ()
 
 
 class Generator:
@@ -148,7 +158,7 @@ class Generator:
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens=256, temperature=1.0, top_k=None, top_p=1.0,
                  repetition_penalty=1.0, seed=None, stop=(), stop_ids=(), stop_at_eot=True, slide=None,
-                 on_text=None, lookup=0, on_token=None, top_logprobs=0, cancelled=None):
+                 on_text=None, lookup=0, on_token=None, top_logprobs=0, cancelled=None, tools=False):
         """Generate one continuation per prompt, all as one batch; returns a list of Sample.
 
         prompts: strings or lists of token ids. temperature 0 is greedy (argmax). top_k 0 or
@@ -166,7 +176,8 @@ class Generator:
         logprobs) is called with each generated token that is part of a row's text (not an end token);
         logprobs is (the token's log-probability, [(id, log-probability) of the top_logprobs most likely
         tokens]) under the model's own distribution (before temperature and filters). cancelled(row) ->
-        bool is asked after every step; a cancelled row ends with finish reason "cancelled"."""
+        bool is asked after every step; a cancelled row ends with finish reason "cancelled". tools: run the
+        calculator in every row (a chat model's tokenizer with the tool tokens; see the module docstring)."""
         cfg = self.config
         if not prompts:
             return []
@@ -178,6 +189,11 @@ class Generator:
         check_lookup(lookup, temperature, repetition_penalty, n)
         if lookup and on_token:
             raise SettingError("lookup", "0 when per-token log-probabilities are asked for", lookup)
+        if lookup and tools:
+            raise SettingError("lookup", "0 when the model may call tools (their outputs are fed, not drafted)", lookup)
+        if tools and not has_tools(self.tokenizer):
+            raise SettingError("tools", "False: this model's tokenizer has no tool tokens (fine-tune it on data "
+                               "with tool calls, e.g. `prepare.py arithmetic`)", tools)
         # The model sees at most block_size tokens, so a longer prompt keeps its end (as in GPT.generate).
         batch = Batch([self.encode(p)[-cfg.block_size :] for p in prompts], max_new, cfg.vocab_size,
                       self.device, seeds)
@@ -186,7 +202,7 @@ class Generator:
         end_ids = {i: "end" for i in stop_ids}
         if stop_at_eot and self.tokenizer.eot_id is not None:
             end_ids[self.tokenizer.eot_id] = "eot"
-        finisher = RowFinisher(batch, self.tokenizer, stops, end_ids, on_text, on_token, cancelled)
+        finisher = RowFinisher(batch, self.tokenizer, stops, end_ids, on_text, on_token, cancelled, tools)
 
         cache = KVCache(cfg, batch.size, self.device, self.dtype)
         t = min(batch.lengths)  # index of the next token; tokens 0 .. t - 1 exist in every row
@@ -217,15 +233,17 @@ class Generator:
 
     def replies(self, conversations, **settings):
         """The next assistant turn of each conversation, generated as one batch; a list of Sample.
-        A reply ends at <|assistant_end|> (finish reason "end"), or at any other chat token, since
-        none can be part of a reply; chat tokens are kept in ids, never in text."""
+        A reply ends at <|assistant_end|> (finish reason "end"), or at any other chat token but the tool tokens,
+        since none can be part of a reply; chat tokens are kept in ids, never in text. The tool tokens are text's,
+        written by their names (tools.reply_parts reads a reply's ids as text, calls and outputs); with
+        tools=True the engine answers each call (generate's tools)."""
         require_chat_tokens(self.tokenizer)
         prompts = [render_for_reply(self.tokenizer, messages) for messages in conversations]
         for i, ids in enumerate(prompts):
             if len(ids) > self.config.block_size:  # cutting its start would lose <|bos|> and the first turns
                 raise ChatError(f"conversation {i + 1} is {len(ids)} tokens, more than the model's block_size "
                                 f"{self.config.block_size}: drop its oldest turns first (chat.fit_to_context)")
-        return self.generate(prompts, stop_ids=self.tokenizer.chat_ids.values(), **settings)
+        return self.generate(prompts, stop_ids=reply_end_ids(self.tokenizer), **settings)
 
     def prefill(self, idx, cache):
         """Run the prompts' common part idx (B, T) through the model from position 0, filling the
@@ -285,7 +303,13 @@ class Generator:
                 next_ids = picked
             else:
                 next_ids[rows] = picked
-        return torch.where(batch.prompt_len > t, batch.seq[:, t], next_ids)
+        next_ids = torch.where(batch.prompt_len > t, batch.seq[:, t], next_ids)
+        return batch.feed_forced(t, next_ids)
+
+
+def reply_end_ids(tokenizer):
+    """The tokens that end a chat reply: every chat token but the tool tokens, which are part of one."""
+    return [i for name, i in tokenizer.chat_ids.items() if name not in TOOL_TOKENS]
 
 
 def row_settings(n, max_new_tokens, temperature, top_p, seed, stop):
@@ -350,6 +374,18 @@ class Batch:
             torch.rand(longest, generator=torch.Generator().manual_seed(s)) for s in seeds
         ]).to(device)  # (B, longest): row b's n-th generated token uses uniforms[b, n]
         self.prompt_len = torch.tensor(self.lengths, device=device)
+        self.queued = [deque() for _ in prompt_ids]  # tokens each row is fed before it samples again (tool outputs)
+        self.forced = [set() for _ in prompt_ids]  # the positions t where a row was fed a queued token
+
+    def feed_forced(self, t, next_ids):
+        """next_ids (B,) with each row that has queued tokens taking the first of them instead."""
+        rows = [b for b, queue in enumerate(self.queued) if queue]
+        if not rows:
+            return next_ids
+        for b in rows:
+            self.forced[b].add(t)
+        tokens = torch.tensor([self.queued[b].popleft() for b in rows], device=next_ids.device)
+        return next_ids.index_put((torch.tensor(rows, device=next_ids.device),), tokens)
 
     def append(self, t, next_ids):
         self.seq[:, t] = next_ids
@@ -362,10 +398,11 @@ class RowFinisher:
     reason}, end-of-text among them), a stop string, max_new_tokens, or cancelled(row). results[b] is
     row b's Sample once it has finished, None before."""
 
-    def __init__(self, batch, tokenizer, stops, end_ids, on_text, on_token=None, cancelled=None):
+    def __init__(self, batch, tokenizer, stops, end_ids, on_text, on_token=None, cancelled=None, tools=False):
         self.batch, self.end_ids, self.on_text = batch, end_ids, on_text
         self.on_token, self.cancelled = on_token, cancelled
         self.streams = [TextStream(tokenizer, stop) for stop in stops]
+        self.tools = [ToolCalls(tokenizer) for _ in stops] if tools else None
         self.results = [None] * batch.size
 
     def after_token(self, t, logprobs=None):
@@ -386,10 +423,15 @@ class RowFinisher:
                     self.on_token(b, token, (chosen[b], list(zip(ids[b], values[b]))))
                 text = stream.push(token)
                 reason = "stop" if stream.stopped else "length" if generated == batch.max_new_tokens[b] else None
+            if reason is None and self.tools and t not in batch.forced[b]:
+                batch.queued[b].extend(self.tools[b].after(token))  # a call that just closed: its output
             if reason:
                 text += stream.finish()
-                ids = batch.seq[b, batch.lengths[b] : t + 1].tolist()
-                self.results[b] = Sample(batch.prompt_ids[b], ids, stream.text, reason)
+                start = batch.lengths[b]
+                ids = batch.seq[b, start : t + 1].tolist()
+                forced = [u in batch.forced[b] for u in range(start, t + 1)]
+                calls = self.tools[b].calls if self.tools else []
+                self.results[b] = Sample(batch.prompt_ids[b], ids, stream.text, reason, forced, calls)
             if self.on_text and (text or reason):
                 self.on_text(b, text, reason is not None)
         return all(r is not None for r in self.results)

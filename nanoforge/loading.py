@@ -51,13 +51,17 @@ def load_model_from_args(args, device):
 # Starting a training run from a checkpoint (train.py's init_from): fine-tuning, or pretraining further.
 
 def check_extends(base, tokenizer, ckpt):
-    """tokenizer (the data's) must be base (the checkpoint's) itself, or base plus the chat tokens:
-    then every id the weights know keeps its meaning."""
+    """tokenizer (the data's) must be base (the checkpoint's) itself, or base plus the chat tokens (a chat
+    checkpoint with the five chat tokens of CHAT_TOKENS_V1 grows by the tool tokens): then every id the
+    weights know keeps its meaning."""
     described = tokenizer.to_dict()
     if described == base.to_dict():
         return
     plain = {k: v for k, v in described.items() if k != "chat_tokens"}
-    if "chat_tokens" in described and plain == base.to_dict():
+    saved = base.to_dict()
+    base_chat = saved.pop("chat_tokens", [])
+    # base's chat tokens (none, or the five of CHAT_TOKENS_V1) must start the data's: the ids they had stay theirs
+    if "chat_tokens" in described and plain == saved and described["chat_tokens"][: len(base_chat)] == base_chat:
         return
     raise CheckpointError(
         f"the data's tokenizer ({tokenizer.kind}, {tokenizer.vocab_size} tokens) is not the one of '{ckpt}' "

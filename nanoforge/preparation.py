@@ -17,7 +17,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from nanoforge import chat_format, chat_tasks, records
+from nanoforge import chat_format, chat_tasks, records, tasks
 from nanoforge.data import META_VERSION
 from nanoforge.datasets import (
     BUILTINS,
@@ -310,6 +310,10 @@ def chat_conversations(name, source_path, out_dir, val_fraction, seed):
         train, val = chat_tasks.chat_tasks(chat_tasks.CHAT_TASKS_TRAIN, chat_tasks.CHAT_TASKS_VAL, chat_tasks.CHAT_TASKS_SEED)
         return {"name": name, "seed": chat_tasks.CHAT_TASKS_SEED}, ([(TRAIN, f"train task {i + 1}", m) for i, m in enumerate(train)]
                                 + [(VAL, f"val task {i + 1}", m) for i, m in enumerate(val)])
+    if name == "arithmetic":  # from the tasks' own seed and train split: rl.py and eval.py hold the test split out
+        train, val = tasks.arithmetic_conversations()
+        return {"name": name, "seed": tasks.ARITHMETIC_SEED}, ([(TRAIN, f"train problem {i + 1}", m) for i, m in enumerate(train)]
+                                + [(VAL, f"val problem {i + 1}", m) for i, m in enumerate(val)])
     if name == "dolly":
         path = source_path or download_dolly(os.path.join(out_dir, "download"))
         description, to_messages = {"name": "dolly", "url": DOLLY_URL}, dolly_messages
@@ -331,7 +335,7 @@ def prepare_chat(description, conversations, make_tokenizer, out_dir, seed, skip
     if bad and not skip_bad:
         raise PrepareError(f"{bad[0]}; fix the record, or pass --skip-bad to leave such records out")
     good = [(split, where, messages) for split, where, messages in conversations if not isinstance(messages, records.BadRecord)]
-    tokenizer = make_tokenizer(m["content"] for _, _, messages in good for m in messages)
+    tokenizer = make_tokenizer(chat_format.content_text(m["content"]) for _, _, messages in good for m in messages)
     rendered = ([], [])
     for split, where, messages in good:
         try:

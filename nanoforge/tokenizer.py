@@ -32,7 +32,13 @@ GPT4_PATTERN = (
 EOT = "<|endoftext|>"
 # The chat format's tokens (chat_format places them): a conversation starts with <|bos|>, and each turn sits
 # between its role's start and end tokens. System text is merged into the first user turn, as nanochat does.
-CHAT_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>")
+# The calculator's tokens come after them (tools.py): the assistant writes an expression between
+# <|python_start|> and <|python_end|>, the engine answers between <|output_start|> and <|output_end|> (nanochat's names).
+# They were appended, so the first five ids are what they were: a checkpoint or prepared data that saved the
+# earlier five-token list (CHAT_TOKENS_V1) still loads, as a chat tokenizer without the tool tokens.
+CHAT_TOKENS_V1 = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>")
+TOOL_TOKENS = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
+CHAT_TOKENS = CHAT_TOKENS_V1 + TOOL_TOKENS
 
 
 def replace_surrogates(text):
@@ -189,11 +195,11 @@ class ChatTokenizer:
     alone: a message holding the literal text "<|user_start|>" encodes as ordinary characters, and only
     the chat format (chat_format) ever places a chat token."""
 
-    def __init__(self, base):
-        self.base = base
+    def __init__(self, base, names=CHAT_TOKENS):
+        self.base, self.names = base, tuple(names)  # names: CHAT_TOKENS, or CHAT_TOKENS_V1 for older files
         self.kind = base.kind
-        self.chat_ids = {name: base.vocab_size + i for i, name in enumerate(CHAT_TOKENS)}
-        self.vocab_size = base.vocab_size + len(CHAT_TOKENS)
+        self.chat_ids = {name: base.vocab_size + i for i, name in enumerate(self.names)}
+        self.vocab_size = base.vocab_size + len(self.names)
         self.eot_id = base.eot_id
 
     def encode(self, text):
@@ -207,14 +213,14 @@ class ChatTokenizer:
         pieces, run = [], []
         for i in ids:
             if i >= self.base.vocab_size:
-                pieces += [self.base.decode(run), CHAT_TOKENS[i - self.base.vocab_size]]
+                pieces += [self.base.decode(run), self.names[i - self.base.vocab_size]]
                 run = []
             else:
                 run.append(i)
         return "".join(pieces) + self.base.decode(run)
 
     def to_dict(self):
-        return {**self.base.to_dict(), "chat_tokens": list(CHAT_TOKENS)}
+        return {**self.base.to_dict(), "chat_tokens": list(self.names)}
 
 
 def with_chat_tokens(tokenizer):
@@ -269,10 +275,10 @@ def build_tokenizer(kind, texts=None, vocab_size=None):
 def tokenizer_from_dict(d):
     """Rebuild a tokenizer from its JSON description (meta.json or a checkpoint)."""
     if "chat_tokens" in d:
-        if d["chat_tokens"] != list(CHAT_TOKENS):
+        if d["chat_tokens"] not in (list(CHAT_TOKENS), list(CHAT_TOKENS_V1)):
             raise TokenizerError(f"saved chat tokens {d['chat_tokens']} are not this version's {list(CHAT_TOKENS)}: "
                                  "use the version of this project that wrote them")
-        return ChatTokenizer(tokenizer_from_dict({k: v for k, v in d.items() if k != "chat_tokens"}))
+        return ChatTokenizer(tokenizer_from_dict({k: v for k, v in d.items() if k != "chat_tokens"}), d["chat_tokens"])
     kind = d.get("type")
     if kind == "char":
         return CharTokenizer(d["chars"])
@@ -288,7 +294,7 @@ def token_byte_counts(tokenizer):
     and chat tokens stand for no text (0). Byte-level tokens that split a character count the bytes
     they hold, so the counts of a token sequence add up to the bytes of its text (bits per byte)."""
     if isinstance(tokenizer, ChatTokenizer):
-        return np.concatenate([token_byte_counts(tokenizer.base), np.zeros(len(CHAT_TOKENS), np.int64)])
+        return np.concatenate([token_byte_counts(tokenizer.base), np.zeros(len(tokenizer.names), np.int64)])
     counts = np.zeros(tokenizer.vocab_size, np.int64)
     if tokenizer.kind == "char":
         counts[:] = [len(utf8(c)) for c in tokenizer.chars]

@@ -10,7 +10,7 @@ import torch
 from nanoforge import chat_format, chat_tasks
 from nanoforge import preparation as prepare
 from nanoforge.data import Dataset
-from nanoforge.tokenizer import CHAT_TOKENS, BPETokenizer, ByteTokenizer, CharTokenizer, tokenizer_from_dict, with_chat_tokens
+from nanoforge.tokenizer import CHAT_TOKENS, CHAT_TOKENS_V1, BPETokenizer, ByteTokenizer, CharTokenizer, tokenizer_from_dict, with_chat_tokens
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -53,7 +53,7 @@ def test_message_text_never_becomes_a_chat_token(tok):
                                             {"role": "assistant", "content": sneaky}])
     specials = [i for i in ids if i >= tok.base.vocab_size]
     # only the five tokens the format places: bos, user start/end, assistant start/end
-    assert [tok.decode([i]) for i in specials] == list(CHAT_TOKENS)
+    assert [tok.decode([i]) for i in specials] == list(CHAT_TOKENS_V1)
     assert tok.decode(tok.encode(sneaky)) == sneaky
 
 

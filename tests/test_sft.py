@@ -252,7 +252,7 @@ def test_init_from_refuses_data_of_another_tokenizer_and_a_longer_context(base_r
     path = write_jsonl(tmp_path / "c.jsonl", conversations(20))
     prepare.prepare(str(path), "byte", str(tmp_path / "d"), 0.2)
     cfg = tiny_config(tmp_path / "d", tmp_path / "run", init_from=str(base_run), block_size=32)
-    with pytest.raises(checkpoint.CheckpointError, match=r"the data's tokenizer \(byte, 262 tokens\) is not the one of "
+    with pytest.raises(checkpoint.CheckpointError, match=r"the data's tokenizer \(byte, 266 tokens\) is not the one of "
                        ".*--tokenizer-from"):
         train(cfg)
     result = run_cli("train.py", f"--data_dir={task_data}", f"--out_dir={tmp_path / 'run'}",
