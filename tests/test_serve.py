@@ -361,6 +361,8 @@ def test_command_line_errors_are_one_line(chat_ckpt, tmp_path):
     assert "pick another --port" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = run_cli("serve.py", "--ckpt", chat_ckpt, "--max-batch", "0")
     assert r.returncode == 1 and r.stderr.strip() == "serve.py: error: --max-batch must be at least 1, got 0"
+    r = run_cli("serve.py", "--ckpt", chat_ckpt, "--max-queue", "0")  # 0 would refuse every request
+    assert r.returncode == 1 and r.stderr.strip() == "serve.py: error: --max-queue must be at least 1, got 0"
     r = run_cli("serve.py", "--ckpt", tmp_path / "missing", "--port", "0")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "missing" in r.stderr
 
