@@ -19,8 +19,8 @@ Why this shape:
 - The queue is bounded and counts live jobs only: past max_queue waiting jobs, submit refuses (the server
   answers 503 with Retry-After) instead of letting latency grow without limit; a job cancelled while waiting
   leaves the queue at once.
-- A job may carry a deadline (time.monotonic()); past it, waiting or running, it ends with finish reason
-  "deadline" and what it has so far.
+- A generation job may carry a deadline (time.monotonic()); past it, waiting or running, it ends with finish
+  reason "deadline" and what it has so far.
 - A job with `run` set is not decoded: the worker calls run() between steps (model work for the server's "why"
   view), so it waits in the same bounded queue and never runs beside the decoding.
 - The worker reports through job.emit(event), called from its own thread: ("token", id, logprobs) for each
@@ -150,7 +150,7 @@ class Scheduler:
                 self.steps += 1
 
     def start(self, job):
-        if job.deadline is not None and time.monotonic() > job.deadline:  # it waited past its deadline
+        if job.run is None and job.deadline is not None and time.monotonic() > job.deadline:  # waited too long
             job.emit(("done", Sample(list(job.prompt_ids), [], "", "deadline")))
         elif job.run is not None:
             try:
