@@ -157,13 +157,15 @@ class SlotDecoder:
 
     @torch.no_grad()
     def prefill(self):
-        """Feed queued prompts, oldest row first, up to prefill_chunk tokens in all (one forward pass per row)."""
+        """Feed queued prompts, oldest row first, up to prefill_chunk tokens in all (one forward pass per row).
+        A row's chunks are always prefill_chunk tokens (the last one what is left), never cut to fit what other
+        rows left of the step's budget, so its numbers (and its reply) do not depend on the other rows."""
         budget = self.prefill_chunk
         for i, row in enumerate(self.rows):
-            if budget == 0:
-                break
             if row.to_feed:
-                n = min(budget, len(row.to_feed))
+                n = min(self.prefill_chunk, len(row.to_feed))
+                if n > budget:
+                    break  # its next chunk goes first in the next step
                 ids = torch.tensor([[row.to_feed.popleft() for _ in range(n)]], device=self.generator.device)
                 logits = self.generator.forward(ids, CacheView(self.cache, slice(i, i + 1), row.pos))  # (1, V)
                 row.pos += n

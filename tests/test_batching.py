@@ -129,16 +129,19 @@ MIX = [("First Citizen:\nBefore we", 1, 40, 1.0, 1.0, []), ("Re", 2, 7, 0.0, 1.0
        ("F", 4, 25, 1.2, 1.0, []), ("Speak, speak", 5, 33, 1.0, 0.5, ["ak"])]
 
 
-@pytest.mark.parametrize("arch", [{}, dict(pos_emb="rope", n_kv_head=2)], ids=["gpt2", "rope-gqa"])
-def test_the_same_seed_gives_the_same_reply_alone_or_in_any_mix(arch):
+@pytest.mark.parametrize("arch,dtype", [({}, torch.float32), (dict(pos_emb="rope", n_kv_head=2), torch.float32),
+                                        ({}, torch.bfloat16)], ids=["gpt2", "rope-gqa", "gpt2-bfloat16"])
+def test_the_same_seed_gives_the_same_reply_alone_or_in_any_mix(arch, dtype):
     """Fewer slots than jobs, prompts prefilled 3 tokens a step, replies past block_size (16: the window
-    slides), jobs arriving while others run: each reply is generate()'s for that prompt alone."""
-    gen = Generator(small_model(sharpen=3, **arch), CHARS)
+    slides), jobs arriving while others run: each reply is generate()'s for that prompt alone. In bfloat16
+    a CPU decodes with cpu_decoding.OneQueryAttention, which must honour the slots' mask too; there prompts
+    are prefilled whole, as generate() does (chunks would round differently in 16 bits)."""
+    gen = Generator(small_model(sharpen=3, **arch).to(dtype), CHARS)
     alone = [gen.generate([p], max_new_tokens=n, temperature=t, top_p=top_p, seed=seed, stop=stop)[0]
              for p, seed, n, t, top_p, stop in MIX]
     for slots, order in [(2, [0, 1, 2, 3, 4]), (3, [4, 2, 0, 3, 1])]:
         scheduler = Scheduler(gen, max_batch=slots, max_queue=8)
-        scheduler.decoder.prefill_chunk = 3
+        scheduler.decoder.prefill_chunk = 3 if dtype == torch.float32 else 64
         try:
             jobs = {}
             for n, i in enumerate(order):
