@@ -167,3 +167,34 @@ def test_a_web_page_cannot_drive_the_server(chat_model):
         assert client.get("/health", headers={"Host": "localhost:8000"}).status_code == 200
         assert client.get("/").status_code == 200
     assert host_names("0.0.0.0", 8000) is None  # every address: no one name to check
+
+
+def test_parsing_and_writing_answers_run_off_the_event_loop(chat_model, monkeypatch):
+    """A megabyte of conversation to fit, or thousands of logprobs to write, must not stall /health and the
+    other streams: those steps run in a thread, where no event loop is running."""
+    import asyncio
+
+    from nanoforge import server
+
+    calls = []
+
+    def watched(function):
+        def run(*args, **kwargs):
+            try:
+                asyncio.get_running_loop()
+                calls.append((function.__name__, "on the event loop"))
+            except RuntimeError:
+                calls.append((function.__name__, "in a thread"))
+            return function(*args, **kwargs)
+        return run
+
+    for name in ("parse_request", "response", "explain_context", "explanation"):
+        monkeypatch.setattr(server, name, watched(getattr(server, name)))
+    service, client = serve(chat_model)
+    with client:
+        reply = ask(client, temperature=0, logprobs=True).json()
+        ids = [t["token_id"] for t in reply["choices"][0]["logprobs"]["content"]]
+        body = {"messages": conversation(("spell dog", None)), "reply_ids": ids, "step": 0}
+        assert client.post("/explain", json=body).status_code == 200
+    assert sorted(calls) == [(name, "in a thread") for name in ("explain_context", "explanation", "parse_request",
+                                                                "response")]
