@@ -85,8 +85,8 @@ class Row:
     slide; tokens forced into a reply, such as a tool's output, would be queued here too). logits: the next
     token's logits (V,), once to_feed is empty. pos: the positions of its slot filled so far."""
 
-    def __init__(self, job, tokenizer, block_size):
-        self.job, self.settings = job, job.settings
+    def __init__(self, job, tokenizer, block_size, number):
+        self.job, self.settings, self.number = job, job.settings, number  # number: the order rows came in
         self.prompt_ids = list(job.prompt_ids)[-block_size:]  # the model sees at most block_size tokens
         self.tokens = list(self.prompt_ids)
         self.to_feed = deque(self.tokens)
@@ -130,6 +130,7 @@ class SlotDecoder:
         self.generator, self.config, self.slots = generator, generator.config, slots
         self.cache = SlotCache(self.config, slots, generator.device, generator.dtype)
         self.rows = []
+        self.added = 0  # rows added so far: each row's number
         self.prefill_chunk = prefill_chunk
         self.slide = max(1, self.config.block_size // 4)  # as generate()'s default slide
         self.end_ids = {i: "end" for i in stop_ids}
@@ -144,10 +145,11 @@ class SlotDecoder:
         """Give job a slot. Settings out of range end the job at once with its error, taking no slot."""
         try:
             check_row(job.settings, self.config.vocab_size, self.config.block_size)
-            row = Row(job, self.generator.tokenizer, self.config.block_size)
+            row = Row(job, self.generator.tokenizer, self.config.block_size, self.added)
         except Exception as e:
             job.emit(("error", e))
             return
+        self.added += 1
         self.rows.append(row)
 
     def step(self):
@@ -161,16 +163,18 @@ class SlotDecoder:
         A row's chunks are always prefill_chunk tokens (the last one what is left), never cut to fit what other
         rows left of the step's budget, so its numbers (and its reply) do not depend on the other rows."""
         budget = self.prefill_chunk
-        for i, row in enumerate(self.rows):
-            if row.to_feed:
-                n = min(self.prefill_chunk, len(row.to_feed))
-                if n > budget:
-                    break  # its next chunk goes first in the next step
-                ids = torch.tensor([[row.to_feed.popleft() for _ in range(n)]], device=self.generator.device)
-                logits = self.generator.forward(ids, CacheView(self.cache, slice(i, i + 1), row.pos))  # (1, V)
-                row.pos += n
-                budget -= n
-                row.logits = None if row.to_feed else logits[0]
+        # Oldest first: free() packs the rows into the lowest slots, so a row's slot says nothing of its age.
+        waiting = sorted((row.number, i) for i, row in enumerate(self.rows) if row.to_feed)
+        for _, i in waiting:
+            row = self.rows[i]
+            n = min(self.prefill_chunk, len(row.to_feed))
+            if n > budget:
+                break  # its next chunk goes first in the next step
+            ids = torch.tensor([[row.to_feed.popleft() for _ in range(n)]], device=self.generator.device)
+            logits = self.generator.forward(ids, CacheView(self.cache, slice(i, i + 1), row.pos))  # (1, V)
+            row.pos += n
+            budget -= n
+            row.logits = None if row.to_feed else logits[0]
 
     def sample(self):
         for row in list(self.rows):
