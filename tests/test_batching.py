@@ -158,6 +158,19 @@ def test_the_same_seed_gives_the_same_reply_alone_or_in_any_mix(arch, dtype):
             scheduler.close()
 
 
+def test_a_long_prompt_is_prefilled_in_chunks_beside_a_short_one():
+    """A 200-token prompt beside a 1-token one takes a few steps (64-token chunks), not one step per token."""
+    gen = Generator(small_model(block_size=256, n_layer=1, n_embd=32, sharpen=3), CHARS)
+    scheduler = Scheduler(gen, max_batch=2, max_queue=2)
+    try:
+        long_prompt = CHARS.decode([i % CHARS.vocab_size for i in range(200)])
+        events = run_jobs(scheduler, [job(gen, long_prompt, 1, max_new_tokens=1), job(gen, "F", 2, max_new_tokens=1)])
+        assert [e[1].finish_reason for e in events] == ["length", "length"]
+        assert scheduler.steps <= 200 // 64 + 2
+    finally:
+        scheduler.close()
+
+
 def test_one_bad_row_fails_alone(gen):
     """top_p 0 (the engine's (0, 1]) and more log-probabilities than the vocabulary: those two get their own
     error; the job decoded beside them is unharmed."""

@@ -19,6 +19,7 @@ from nanoforge.loading import load_model
 from nanoforge.openai_api import APIError, parse_request, text_logprobs, token_text
 from nanoforge.server import Service, create_app, host_names
 from nanoforge.tokenizer import CharTokenizer
+from test_serve import save_base_model
 
 URL = "http://127.0.0.1:8000"
 
@@ -63,6 +64,15 @@ def test_top_logprobs_past_the_vocabulary_and_max_tokens_past_the_limit_are_refu
         r = ask(client, max_tokens=9)
         assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
         assert ask(client, max_tokens=8).status_code == 200
+
+
+def test_a_request_ends_at_its_deadline_with_what_it_has(tmp_path):
+    model, tokenizer = load_model(save_base_model(tmp_path), "cpu")  # a model that never stops on its own
+    service = Service(Generator(model, tokenizer), model, "base", 2, 2, max_tokens=100000, timeout=0.5)
+    with TestClient(create_app(service, host_names("127.0.0.1", 8000)), base_url=URL) as client:
+        r = client.post("/v1/completions", json={"prompt": "F", "max_tokens": 100000})
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+        assert 0 < r.json()["usage"]["completion_tokens"] < 100000
 
 
 def test_explain_waits_in_the_same_bounded_queue(chat_model):
