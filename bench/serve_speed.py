@@ -16,7 +16,8 @@ counts as an error) and its client goes on to its next one. Time to first token 
 request to its first piece of text; inter-token latency (ITL) is the time between consecutive pieces. The server's
 resident memory is sampled throughout (peak RSS). --shape serves a model of that config's shape with random
 weights (decoding speed does not depend on what the weights hold), so no training is needed first. Each server
-is serve.py itself, on a free port of 127.0.0.1; the three run one after the other, never at the same time.
+is serve.py itself, on a free port of 127.0.0.1; the three are started together, and for each number of clients
+they are measured one right after the other, never at the same time.
 """
 
 import argparse
@@ -239,16 +240,21 @@ def main():
     args.load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = args.ckpt or random_checkpoint(args.shape, tmp)
+        limits = ["--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue)]
+        servers = {mode: start_server(["--ckpt", ckpt], limits + flags, args.device, args.dtype)
+                   for mode, flags in SERVINGS.items()}
         results = {}
-        for mode, flags in SERVINGS.items():
-            limits = ["--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue)]
-            process, url = start_server(["--ckpt", ckpt], limits + flags, args.device, args.dtype)
-            try:
+        try:
+            for process, url in servers.values():
                 one_request(url, Ask(0, "warm up", 8, 0))
-                for clients in args.clients:
-                    asks = workload(clients, args.requests, args.think, args.long)
+            # For each number of clients the three servers run one right after the other (the idle ones wait
+            # without using the CPU), so a change in the machine's load hits them alike.
+            for clients in args.clients:
+                asks = workload(clients, args.requests, args.think, args.long)
+                for mode, (process, url) in servers.items():
                     results[mode, clients] = summary(*measure(url, process.pid, asks))
-            finally:
+        finally:
+            for process, _ in servers.values():
                 process.terminate()
                 process.wait()
     report(args, results)
