@@ -127,9 +127,12 @@ class Rotary(nn.Module):
         self.register_buffer("sin", angles.sin(), persistent=False)
 
     def forward(self, x, start=0):
-        """x: (B, heads, T, head_dim) at positions start .. start + T - 1 -> the same shape, rotated."""
-        T = x.size(-2)
-        cos, sin = self.cos[start : start + T].to(x.dtype), self.sin[start : start + T].to(x.dtype)  # (T, head_dim/2)
+        """x: (B, heads, T, head_dim) at positions start .. start + T - 1 -> the same shape, rotated.
+        start: an int, or a (B, 1) tensor when each row goes on from its own position (the engine's slots)."""
+        pos = start + torch.arange(x.size(-2), device=x.device)  # (T,), or (B, T) with a start per row
+        cos, sin = self.cos[pos].to(x.dtype), self.sin[pos].to(x.dtype)  # (T, head_dim/2) or (B, T, head_dim/2)
+        if pos.dim() == 2:  # a start per row: the same angles for every head of the row
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, head_dim/2)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
@@ -158,7 +161,8 @@ class CausalSelfAttention(nn.Module):
         """Returns the attended output, and with return_weights=True also the attention
         pattern (B, n_head, T, S), computed on the explicit math path. Without a cache S = T;
         with one (this layer's part of a generate.KVCache), x holds the T positions after those
-        already cached, and S = cached + T."""
+        already cached, and S = cached + T. A cache whose rows sit at different positions (the
+        engine's slots) also carries the mask of the keys each row may see."""
         B, T, C = x.size()
         kv_width = self.n_kv_head * self.head_dim
         q, k, v = self.c_attn(x).split([C, kv_width, kv_width], dim=2)  # (B, T, C), 2 x (B, T, kv_width)
@@ -170,26 +174,30 @@ class CausalSelfAttention(nn.Module):
         if self.rotary is not None:
             start = 0 if kv_cache is None else kv_cache.cache.pos  # the new positions follow the cached ones
             q, k = self.rotary(q, start), self.rotary(k, start)
+        mask = None
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # the cached positions and these: (B, n_kv_head, S, head_dim)
+            mask = kv_cache.cache.mask  # (B, 1, T, S), or None when every row is at the same position
 
         if return_weights:
             y, weights = self.attention_math(q, k, v)
         else:
-            y, weights = self.attend(q, k, v), None
+            y, weights = self.attend(q, k, v, mask), None
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads merged: (B, T, C)
         y = self.resid_dropout(self.c_proj(y))
         return (y, weights) if return_weights else y
 
-    def attend(self, q, k, v):
+    def attend(self, q, k, v, mask=None):
         """The fused path: softmax(QK^T / sqrt(d_head) + causal mask) V in one kernel (flash attention
         where the device has it). q (B, n_head, T, head_dim), k and v (B, n_kv_head, S, head_dim), the T
-        queries being the last T of the S positions -> (B, n_head, T, head_dim)."""
+        queries being the last T of the S positions -> (B, n_head, T, head_dim). mask: True where a
+        query may look, given when the rows' positions differ; else the causal mask is made here."""
         # is_causal aligns the mask to the top left, which is right only when the queries start at
         # position 0 (T == S). A single new query sees every key: no mask. A chunk of T queries after
         # S - T cached positions needs the mask aligned to the bottom right.
         T, S = q.size(-2), k.size(-2)
-        mask = None if T in (1, S) else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        if mask is None and T not in (1, S):
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
         dropout_p = self.dropout if self.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                               is_causal=mask is None and T > 1,
@@ -302,10 +310,11 @@ class GPT(nn.Module):
         return n
 
     def embed(self, idx, start=0):
-        """Token ids (B, T) at positions start .. start + T - 1 -> the residual stream (B, T, n_embd)."""
+        """Token ids (B, T) at positions start .. start + T - 1 -> the residual stream (B, T, n_embd).
+        start: an int, or a (B, 1) tensor of each row's own start (the engine's slots)."""
         x = self.transformer.wte(idx)
         if "wpe" in self.transformer:
-            pos = torch.arange(start, start + idx.size(1), dtype=torch.long, device=idx.device)  # (T,)
+            pos = start + torch.arange(idx.size(1), device=idx.device)  # (T,), or (B, T) when start is (B, 1)
             x = x + self.transformer.wpe(pos)
         return self.transformer.drop(x)
 
@@ -324,9 +333,10 @@ class GPT(nn.Module):
         With a kv_cache (generate.KVCache), idx continues the sequence the cache holds: its
         positions start at kv_cache.pos. The caller advances kv_cache.pos afterwards."""
         B, T = idx.size()
-        start = 0 if kv_cache is None else kv_cache.pos
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
+        start = 0 if kv_cache is None else kv_cache.pos  # an int, or (B, 1): each row's own (the engine's slots)
+        end = (start if isinstance(start, int) else int(start.max())) + T
+        if end > self.config.block_size:
+            raise ValueError(f"sequence of length {end} is longer than block_size {self.config.block_size}")
         x = self.embed(idx, start)  # (B, T, n_embd)
         for i, block in enumerate(self.transformer.h):
             if self.activation_checkpointing and self.training:

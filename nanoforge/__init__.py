@@ -37,7 +37,8 @@ One module per concern:
     cpu_decoding    the CPU decoding layers (packed and int8 weights, one-query attention)
     server          serve.py's app: the OpenAI-compatible API and the chat page (chat_page.html)
     openai_api      OpenAI's request and response shapes, checked and written
-    batching        the queue that decodes concurrent requests together
+    batching        the bounded queue and worker that serve concurrent requests
+    slots           continuous batching: a row per request in KV-cache slots, joining and leaving every step
     evaluation      eval.py's loss, perplexity, bits per byte and chat exact match
     multiple_choice scoring a context's endings: acc and acc_norm
     hellaswag       the HellaSwag task: its file, its download, scoring during training

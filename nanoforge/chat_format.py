@@ -149,15 +149,31 @@ def fit_to_context(tokenizer, messages, block_size, max_new_tokens):
     reply leaves room for it: at most block_size - min(max_new_tokens, block_size // 2) tokens. The last
     user message is never dropped: alone, it may fill up to block_size (the reply then goes on past
     block_size as the engine's sliding window does). messages ends with a user message. Returns
-    (messages kept, number of messages dropped); ChatError when the last message alone is too long."""
+    (messages kept, number of messages dropped); ChatError when the last message alone is too long.
+
+    Linear in the conversation's length: each message is encoded once, and how many to drop is found from
+    the sums of their lengths (render_turns encodes each turn on its own, so lengths add up), then checked
+    with one rendering. Only a system message merged into the first kept turn can make the sum a few tokens
+    off; a check that fails drops one more exchange."""
     budget = block_size - min(max_new_tokens, block_size // 2)
+    check_conversation(messages, for_reply=True)
     head = messages[:1] if messages and messages[0].get("role") == "system" else []
     turns = messages[len(head):]
-    dropped = 0
-    while len(turns) - dropped > 1 and len(render_for_reply(tokenizer, head + turns[dropped:])) > budget:
+    head_length = len(tokenizer.encode(head[0]["content"] + "\n\n")) if head else 0
+    # <|user_start|> text <|user_end|>, <|assistant_start|> text <|assistant_end|>: two chat tokens a turn
+    lengths = [len(tokenizer.encode(m["content"])) + 2 for m in turns]
+    suffix = [0] * (len(turns) + 1)  # suffix[d]: tokens of turns d, d + 1, ...
+    for d in range(len(turns) - 1, -1, -1):
+        suffix[d] = suffix[d + 1] + lengths[d]
+    dropped = 0  # <|bos|> and <|assistant_start|> are the 2
+    while len(turns) - dropped > 1 and 2 + head_length + suffix[dropped] > budget:
         dropped += 2  # a user turn and the assistant's answer to it
     kept = head + turns[dropped:]
     n = len(render_for_reply(tokenizer, kept))
+    while n > budget and len(turns) - dropped > 1:
+        dropped += 2
+        kept = head + turns[dropped:]
+        n = len(render_for_reply(tokenizer, kept))
     if n > block_size:
         raise ChatError(f"the message is too long: {n} tokens with the chat format, more than the model's "
                         f"block_size {block_size}; shorten it")

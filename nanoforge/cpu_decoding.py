@@ -100,13 +100,15 @@ class OneQueryAttention(CausalSelfAttention):
     built for many queries at a time and is slow for one in bfloat16 (docs/performance.md has the
     figures). In float32 the fused kernel is as fast and stays; prefill (many queries) keeps it too."""
 
-    def attend(self, q, k, v):
+    def attend(self, q, k, v, mask=None):
         B, n_head, T, head_dim = q.size()
         if T > 1:
-            return super().attend(q, k, v)
+            return super().attend(q, k, v, mask)
         group = n_head // self.n_kv_head  # query heads per key/value head (grouped-query attention)
         q = q.view(B, self.n_kv_head, group, head_dim).float()  # each kv head's group of one-position queries
         scores = q @ k.float().transpose(-2, -1) / math.sqrt(head_dim)  # (B, n_kv_head, group, S)
+        if mask is not None:  # (B, 1, 1, S): rows at different positions (the engine's slots)
+            scores = scores.masked_fill(~mask, float("-inf"))
         y = scores.softmax(dim=-1) @ v.float()  # (B, n_kv_head, group, head_dim)
         return y.to(v.dtype).view(B, n_head, 1, head_dim)
 

@@ -70,6 +70,7 @@ class KVCache:
         shape = (batch_size, config.kv_heads, config.block_size, config.n_embd // config.n_head)
         self.layers = [LayerKVCache(self, shape, device, dtype) for _ in range(config.n_layer)]
         self.pos = 0
+        self.mask = None  # every row is at the same position: attention makes the causal mask itself
 
 
 class LayerKVCache:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from nanoforge.engine import KVCache
 from nanoforge.tokenizer import EOT
 
 
@@ -232,10 +233,25 @@ class Step:
 
 @torch.no_grad()
 def explain_step(model, tokenizer, ids):
-    """A Step for the token after ids (at most block_size token ids), under model (eval mode)."""
-    device = next(model.parameters()).device
-    idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
-    logits, _ = model(idx)  # (1, T, vocab_size)
-    attention = torch.stack([w[0, :, -1] for w in model.attention_weights(idx)])  # (n_layer, n_head, T)
-    return Step(labels=[token_label(tokenizer, i) for i in ids], probs=F.softmax(logits[0, -1].float(), dim=-1).cpu(),
-                attention=attention.float().cpu())
+    """A Step for the token after ids (at most block_size token ids), under model (eval mode). Only what the
+    Step holds is computed: the context before the last token fills a KV cache through the fused attention,
+    and the last position alone is attended on the math path (its weights, (n_head, T) per layer) and
+    un-embedded, so no T x T pattern and no T x vocab_size logits are ever made."""
+    param = next(model.parameters())
+    idx = torch.tensor([ids], dtype=torch.long, device=param.device)  # (1, T)
+    cache = KVCache(model.config, 1, param.device, param.dtype)
+    if len(ids) > 1:
+        x = model.embed(idx[:, :-1])  # (1, T - 1, n_embd)
+        for block, layer in zip(model.transformer.h, cache.layers):
+            x = block(x, kv_cache=layer)
+        cache.pos = len(ids) - 1
+    x = model.embed(idx[:, -1:], cache.pos)  # (1, 1, n_embd)
+    attention = []
+    for block, layer in zip(model.transformer.h, cache.layers):
+        attended, weights = block.attn(block.ln_1(x), return_weights=True, kv_cache=layer)  # (1, n_head, 1, T)
+        attention.append(weights[0, :, 0])
+        x = x + attended
+        x = x + block.mlp(block.ln_2(x))
+    logits = model.unembed(x)[0, -1]  # (vocab_size,)
+    return Step(labels=[token_label(tokenizer, i) for i in ids], probs=F.softmax(logits.float(), dim=-1).cpu(),
+                attention=torch.stack(attention).float().cpu())

@@ -9,6 +9,7 @@ Fields OpenAI has that we do not implement are refused when set to anything but 
 (n > 1, echo, penalties, logit_bias) rather than silently ignored.
 """
 
+import itertools
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from nanoforge.errors import UserError
 from nanoforge.inspect_model import token_bytes
 from nanoforge.tokenizer import CHAT_TOKENS
 
-MAX_TOKENS = 32768  # the most tokens one request may ask for: the engine holds (rows, prompt + max_tokens) ids
+MAX_TOKENS = 4096  # the most tokens one request may ask for, unless the server says otherwise (serve.py --max-tokens)
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
 MAX_TOP_LOGPROBS = {"chat": 20, "text": 5}  # as OpenAI allows
 
@@ -61,8 +62,10 @@ class Request:
     top_logprobs: int
 
     def settings(self):
-        """The batching.Job settings of this request."""
-        return dict(max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
+        """The batching.Job settings of this request. top_p 0 keeps OpenAI's meaning: the nucleus holds the most
+        likely token alone, which is greedy decoding (the engine's top_p is in (0, 1])."""
+        temperature, top_p = (0.0, 1.0) if self.top_p == 0 else (self.temperature, self.top_p)
+        return dict(max_new_tokens=self.max_tokens, temperature=temperature, top_p=top_p, seed=self.seed,
                     stop=self.stop, top_logprobs=self.top_logprobs)
 
 
@@ -117,19 +120,20 @@ def check_fields(body, kind, model_name):
                        "model_not_found")
 
 
-def parse_request(body, kind, tokenizer, block_size, model_name):
-    """A JSON body of /v1/chat/completions (kind "chat") or /v1/completions ("text") -> Request, or APIError."""
+def parse_request(body, kind, tokenizer, block_size, model_name, max_tokens=MAX_TOKENS):
+    """A JSON body of /v1/chat/completions (kind "chat") or /v1/completions ("text") -> Request, or APIError.
+    max_tokens: the most tokens a request may ask for (the server's limit)."""
     try:
-        return checked_request(body, kind, tokenizer, block_size, model_name)
+        return checked_request(body, kind, tokenizer, block_size, model_name, max_tokens)
     except UserError as e:  # text the tokenizer cannot encode (a character outside a char model's vocabulary)
         raise bad(str(e), "messages" if kind == "chat" else "prompt") from None
 
 
-def checked_request(body, kind, tokenizer, block_size, model_name):
+def checked_request(body, kind, tokenizer, block_size, model_name, limit):
     check_fields(body, kind, model_name)
     chat = hasattr(tokenizer, "chat_ids")
     max_tokens = number(body, "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens",
-                        block_size, 1, MAX_TOKENS, integer=True)
+                        min(block_size, limit), 1, limit, integer=True)
     stream = flag(body, "stream")
     options = body.get("stream_options")
     if options is not None and (not stream or not isinstance(options, dict) or set(options) - {"include_usage"}):
@@ -140,7 +144,8 @@ def checked_request(body, kind, tokenizer, block_size, model_name):
             raise bad(f"'{model_name}' is not a chat model (its tokenizer has no chat tokens): use /v1/completions",
                       "messages")
         prompt_ids, dropped = chat_prompt(body.get("messages"), tokenizer, block_size, max_tokens)
-        top_logprobs = number(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS["chat"], integer=True)
+        top_logprobs = number(body, "top_logprobs", 0, 0, min(MAX_TOP_LOGPROBS["chat"], tokenizer.vocab_size),
+                              integer=True)
         if "top_logprobs" in body and body["top_logprobs"] is not None and not flag(body, "logprobs"):
             raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
         top_logprobs = top_logprobs if flag(body, "logprobs") else None
@@ -148,7 +153,8 @@ def checked_request(body, kind, tokenizer, block_size, model_name):
         prompt_ids = text_prompt(body.get("prompt"), tokenizer, chat)
         dropped = max(0, len(prompt_ids) - block_size)  # the engine keeps the prompt's end
         prompt_ids = prompt_ids[dropped:]
-        top_logprobs = number(body, "logprobs", None, 0, MAX_TOP_LOGPROBS["text"], integer=True)
+        top_logprobs = number(body, "logprobs", None, 0, min(MAX_TOP_LOGPROBS["text"], tokenizer.vocab_size),
+                              integer=True)
     return Request(kind, prompt_ids, dropped, max_tokens, temperature=number(body, "temperature", 1.0, 0, 2),
                    top_p=number(body, "top_p", 1.0, 0, 1), stop=stop_strings(body),
                    seed=number(body, "seed", None, 0, 2**63 - 1, integer=True), stream=stream,
@@ -214,8 +220,9 @@ def new_id(kind):
 
 
 def finish_reason(sample):
-    """The engine's reasons -> OpenAI's: a length cut is "length", every other end is "stop"."""
-    return "length" if sample.finish_reason == "length" else "stop"
+    """The engine's reasons -> OpenAI's: a reply cut short (max_tokens, or the request's deadline) is "length",
+    every other end is "stop"."""
+    return "length" if sample.finish_reason in ("length", "deadline") else "stop"
 
 
 def token_text(tokenizer, i):
@@ -241,7 +248,7 @@ def text_logprobs(tokenizer, tokens, offset=0):
     """The same tokens -> the legacy completions logprobs (parallel lists); offset: the text's start. token_ids
     is ours (the page sends them back to ask why a token was chosen)."""
     texts = [token_text(tokenizer, i)[0] for i, _ in tokens]
-    offsets = [offset + sum(len(t) for t in texts[:k]) for k in range(len(texts))]
+    offsets = list(itertools.accumulate((len(t) for t in texts), initial=offset))[:-1]  # where each token starts
     return {"tokens": texts, "token_logprobs": [lp for _, (lp, _) in tokens],
             "top_logprobs": [{token_text(tokenizer, j)[0]: v for j, v in top} for _, (_, top) in tokens],
             "text_offset": offsets, "token_ids": [i for i, _ in tokens]}

@@ -93,7 +93,7 @@ def save_base_model(directory):
 
 @pytest.fixture(scope="module")
 def base_server(base_ckpt):
-    server = Server(base_ckpt, "--max-batch", 2, "--max-queue", 2)
+    server = Server(base_ckpt, "--max-batch", 2, "--max-queue", 2, "--max-tokens", 30000)
     yield server
     server.stop()
 
@@ -219,7 +219,8 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}, 400),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "9"}, 400),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": True}, 400),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4097}, 400),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 7}]}, 400),
     ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "hi"}]}, 400),
@@ -249,9 +250,11 @@ def test_bad_requests_get_a_4xx_with_openais_error_object(chat_server, path, bod
 
 def test_huge_bodies_wrong_methods_and_the_server_keeps_serving(chat_server):
     huge = b'{"messages": [{"role": "user", "content": "' + b"x" * (2 << 20) + b'"}]}'
-    r = httpx.post(chat_server.url + "/v1/chat/completions", content=huge)
+    json_type = {"Content-Type": "application/json"}
+    r = httpx.post(chat_server.url + "/v1/chat/completions", content=huge, headers=json_type)
     assert r.status_code == 413 and "bytes" in r.json()["error"]["message"]
-    chunked = httpx.post(chat_server.url + "/v1/completions", content=iter([b"[" + b"1," * 400000] * 2 + [b"1]"]))
+    chunked = httpx.post(chat_server.url + "/v1/completions", content=iter([b"[" + b"1," * 400000] * 2 + [b"1]"]),
+                         headers=json_type)
     assert chunked.status_code == 413  # no Content-Length: counted as it arrives
     assert httpx.get(chat_server.url + "/v1/chat/completions").status_code == 405
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
@@ -358,6 +361,8 @@ def test_command_line_errors_are_one_line(chat_ckpt, tmp_path):
     assert "pick another --port" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = run_cli("serve.py", "--ckpt", chat_ckpt, "--max-batch", "0")
     assert r.returncode == 1 and r.stderr.strip() == "serve.py: error: --max-batch must be at least 1, got 0"
+    r = run_cli("serve.py", "--ckpt", chat_ckpt, "--max-queue", "0")  # 0 would refuse every request
+    assert r.returncode == 1 and r.stderr.strip() == "serve.py: error: --max-queue must be at least 1, got 0"
     r = run_cli("serve.py", "--ckpt", tmp_path / "missing", "--port", "0")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "missing" in r.stderr
 
