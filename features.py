@@ -250,11 +250,8 @@ def run_embedding(args, device):
 @cli.command
 def main(argv=None):
     args = arguments().parse_args(argv)
-    if args.command == "train" and not 1 <= args.k:
-        raise FeatureError(f"--k must be at least 1, got {args.k}")
     device = resolve_device(args.device)
-    with torch.no_grad() if args.command != "train" else torch.enable_grad():
-        {"train": run_train, "show": run_show, "page": run_page, "embedding": run_embedding}[args.command](args, device)
+    {"train": run_train, "show": run_show, "page": run_page, "embedding": run_embedding}[args.command](args, device)
 
 
 if __name__ == "__main__":
