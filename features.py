@@ -112,7 +112,7 @@ class Log:
             return [json.loads(line) for line in f if line.strip()]
 
 
-def start_or_resume(args, cfg, identity, dataset, site, generator, device):
+def start_or_resume(args, model, cfg, identity, dataset, site, generator, device):
     """A new SAE (b_dec at the mean of a first batch) and optimizer, or those saved at args.out."""
     if args.resume:
         saved = features.load(args.out, identity=identity)
@@ -130,8 +130,8 @@ def start_or_resume(args, cfg, identity, dataset, site, generator, device):
         raise FeatureError(f"'{args.out}' exists: pass --resume to continue it, or another --out")
     sae = SparseAutoencoder(cfg, generator=torch.Generator().manual_seed(args.seed)).to(device).train()
     with torch.no_grad():
-        first = features.training_activations(args.model, dataset, site, args.contexts, torch.Generator().manual_seed(
-            args.seed + 1))
+        first_batch = torch.Generator().manual_seed(args.seed + 1)
+        first = features.training_activations(model, dataset, site, args.contexts, first_batch)
         sae.b_dec.copy_(first.mean(dim=0))
     optimizer = features.make_optimizer(sae, args.lr or features.default_lr(cfg.latents))
     return sae, optimizer, features.FiringTracker(cfg.latents, args.dead_after), 0, 0
@@ -146,10 +146,10 @@ def run_train(args, device):
     source = args.ckpt or args.init_from
     dataset = open_data(args.data, tokenizer, config.block_size, source)
     args.out = args.out or features.default_path(args.ckpt or ".", site)
-    args.model = model
     identity = features.model_identity(model)
     generator = torch.Generator().manual_seed(args.seed)
-    sae, optimizer, tracker, step, tokens = start_or_resume(args, cfg, identity, dataset, site, generator, device)
+    sae, optimizer, tracker, step, tokens = start_or_resume(args, model, cfg, identity, dataset, site, generator,
+                                                                 device)
     batches = val_batches(dataset, args.eval_batches, args.contexts, device)
     log = Log(args.out, args.resume)
     info = dict(site={"kind": site.kind, "layer": site.layer}, model=source, model_identity=identity,

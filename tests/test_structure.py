@@ -8,7 +8,7 @@ import sys
 
 from conftest import REPO
 
-COMMANDS = {"prepare", "train", "sample", "export", "eval", "explain", "plot", "serve", "scaling"}
+COMMANDS = {"prepare", "train", "sample", "export", "eval", "explain", "plot", "serve", "scaling", "features"}
 
 
 def module_files():
