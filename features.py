@@ -2,7 +2,7 @@
 What did the model learn? Sparse-autoencoder features of one site of a model: train them, measure them, look at
 them (docs/features.md).
 
-    python features.py train --ckpt out/quickstart --data data/pystdlib --site block2
+    python features.py train --ckpt out/quickstart --data data/pystdlib --site block2 --steps 200 --lr 2e-3
     python features.py show --ckpt out/quickstart --sae out/quickstart/features_block2.safetensors --data data/pystdlib
     python features.py page --ckpt out/quickstart --sae out/quickstart/features_block2.safetensors --data data/pystdlib
     python features.py embedding --ckpt out/quickstart --token "(" --out embedding.html
@@ -160,7 +160,7 @@ def run_train(args, device):
     started = time.time()
     while step < args.steps:
         acts = features.training_activations(model, dataset, site, args.contexts, generator)
-        out = features.train_step(sae, optimizer, acts, tracker.dead())
+        out = features.train_step(sae, optimizer, acts, tracker.dead().to(device))
         tracker.update(out.acts)
         step, tokens = step + 1, tokens + acts.size(0)
         if step % args.eval_every == 0 or step == args.steps:
