@@ -142,11 +142,11 @@ def test_metrics_by_hand():
     assert features.next_token_ce(clean, torch.tensor([[0, 1]])) == pytest.approx(-math.log(0.75))
 
 
-def test_evaluate_on_a_perfect_and_an_empty_reconstruction():
+@pytest.mark.parametrize("site", [Site("block", 0), Site("mlp", 1)])
+def test_evaluate_on_a_perfect_and_an_empty_reconstruction(site):
     """An SAE whose reconstruction is the activation itself recovers all the loss (KL 0); one that reconstructs
     nothing (b_dec 0, no latent active) recovers none. dead counts the latents that never fired."""
     model = tiny_model()
-    site = Site("block", 0)
     x = torch.randint(0, 40, (4, 16))
     batches = [(x[:, :-1], x[:, 1:])]
     n = model.config.n_embd
