@@ -22,6 +22,10 @@ ablates each head alone over validation batches of a prepared data directory (a 
 each head and each MLP; --patch copies activations of the --prompt run into a run of a corrupted
 prompt of the same length and shows how much of the answer's logit each restores. --json prints one
 view's numbers as JSON instead of text (the predictions, without a causal view).
+
+With --sae FILE (an SAE of this model, features.py train) it prints the features active at each token (the page
+shows them too); --ablate-feature F takes feature F's part out of the SAE's site (its activation times its
+direction) and shows each next-token probability before and after (docs/features.md).
 """
 
 import json
@@ -30,7 +34,7 @@ import sys
 
 import torch
 
-from nanoforge import causal_views, cli, inspect_html, loading
+from nanoforge import causal_views, cli, features, inspect_html, interventions, loading
 from nanoforge.config import ConfigError
 from nanoforge.device import resolve_device
 from nanoforge.inspect_model import explain, fit_prompt, trace
@@ -148,6 +152,8 @@ def check_args(args):
         raise ConfigError("--max-tokens and --top must be at least 1")
     if (args.layer is None) != (args.head is None):
         raise ConfigError("--layer and --head go together: give both, e.g. --layer 0 --head 0")
+    if args.ablate_feature is not None and not args.sae:
+        raise ConfigError("--ablate-feature needs --sae FILE: the SAE the feature belongs to")
     if not args.prompt:
         raise ConfigError("--prompt is empty: give the text to look at, e.g. --prompt 'def main():'")
     causal_views.check_args(args)
@@ -174,6 +180,10 @@ def main(argv=None):
                         help="look at the last N tokens of the prompt at most")
     cli.add_device_arguments(parser, dtype=False)
     causal_views.add_arguments(parser)
+    parser.add_argument("--sae", metavar="FILE", help="an SAE of this model (features.py train): show the features "
+                        "active at each token")
+    parser.add_argument("--ablate-feature", type=int, metavar="F", help="with --sae: take feature F out of its site "
+                        "and show each next-token probability before and after")
     args = parser.parse_args(argv)
     check_args(args)
     device = resolve_device(args.device)
@@ -202,6 +212,8 @@ def show(args, model, tokenizer, ids, e, device):
     if args.trace:
         print_trace(model, ids, device)
     views = causal_views.run(args, model, tokenizer, ids, e)
+    if args.sae:
+        views["features"] = feature_view(args, model, ids, e)
     if args.html:
         page = inspect_html.render(e, f"explain.py: {args.ckpt or args.init_from}", args.top, views)
         with open(args.html + ".tmp", "w", encoding="utf-8") as f:
@@ -211,6 +223,43 @@ def show(args, model, tokenizer, ids, e, device):
     if args.png:
         paths = write_pngs(e, args.png)
         print(f"wrote {len(paths)} images to {args.png}")
+
+
+def feature_view(args, model, ids, e):
+    """The features active at each token (printed), and with --ablate-feature the ablation; the page's JSON."""
+    saved = features.load(args.sae, model=model, device=next(model.parameters()).device)
+    active = features.token_features(model, saved.sae, saved.site, ids)
+    width = max(len(s) for s in e.labels) + 2
+    print(f"\nSAE features of {saved.site} active at each token (the strongest first; activation):")
+    for t, (label, row) in enumerate(zip(e.labels, active)):
+        print(f"{t:>4} {quoted(label, width)} " + "  ".join(f"F{f} {a:.2f}" for f, a in row))
+    view = {"site": str(saved.site), "sae": args.sae, "tokens": active}
+    if args.ablate_feature is not None:
+        view["ablated"] = ablate_feature(args.ablate_feature, saved, model, ids, e)
+    return view
+
+
+def ablate_feature(feature, saved, model, ids, e):
+    if not 0 <= feature < saved.sae.cfg.latents:
+        raise ConfigError(f"--ablate-feature {feature}: this SAE has features 0..{saved.sae.cfg.latents - 1}")
+    if len(ids) < 2:
+        raise ConfigError("--ablate-feature needs a prompt of at least 2 tokens (it scores each next token)")
+    idx = torch.tensor([ids], device=next(model.parameters()).device)
+    logits = features.ablate_feature(model, saved.sae, saved.site, idx, feature)
+    p_after = torch.softmax(logits[0, :-1].float(), dim=-1).gather(1, idx[0, 1:, None])[:, 0].tolist()
+    p_before = [e.probs[t, ids[t + 1]].item() for t in range(len(ids) - 1)]
+    result = interventions.Ablation([f"F{feature}"], "feature", e.loss(), interventions.next_token_loss(logits, idx),
+                                    p_before, p_after)
+    print(f"\nfeature {feature} ablated at {saved.site}: loss over the prompt {result.loss:.4f} -> "
+          f"{result.ablated_loss:.4f}")
+    for t, (p, q) in enumerate(zip(p_before, p_after)):
+        print(f"{t:>4} {quoted(e.labels[t])} -> {quoted(e.labels[t + 1])}  p {p:.3f} -> {q:.3f}")
+    top = logits[0, -1].float().softmax(-1).topk(3)
+    print("after the last token it now predicts: " + "  ".join(
+        f"{quoted(e.label(i))} {p:.3f}" for p, i in zip(top.values.tolist(), top.indices.tolist())))
+    json = result.to_json(e.labels)
+    json["feature"] = feature
+    return json
 
 
 if __name__ == "__main__":

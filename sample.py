@@ -13,6 +13,9 @@ line from stdin and prints the continuations (without the prompt) until end of i
 --init-from samples straight from pretrained GPT-2 weights (a model name found in the Hugging
 Face cache, or a Hugging Face GPT-2 directory).
 
+--sae FILE --steer F=SCALE (repeatable) steers with sparse-autoencoder features (features.py train): SCALE times
+feature F's decoder direction is added to the SAE's site at every position while generating (docs/features.md).
+
 --chat talks with a model fine-tuned on chat data (its tokenizer has the chat tokens): each line of
 stdin is a user message, and the reply streams back, ending at <|assistant_end|>. The conversation
 so far is the context of each reply; when it no longer fits in block_size (with room for the
@@ -29,7 +32,7 @@ import sys
 
 import torch
 
-from nanoforge import cli, loading
+from nanoforge import cli, features, loading
 from nanoforge.chat_format import ChatError, fit_to_context, require_chat_tokens
 from nanoforge.config import ConfigError
 from nanoforge.device import resolve_device, resolve_dtype
@@ -161,6 +164,9 @@ def arguments():
     parser.add_argument("--lookup", type=int, default=0, metavar="K", help="with --temperature 0 and one sample: "
                         "draft up to K tokens per step from earlier text and check them in one pass (prompt lookup: "
                         "the same output as plain greedy decoding, faster on repetitive text; 0: off)")
+    parser.add_argument("--sae", metavar="FILE", help="an SAE file (features.py train) whose features --steer adds")
+    parser.add_argument("--steer", action="append", default=[], metavar="F=SCALE", help="with --sae: add SCALE x "
+                        "feature F's direction at the SAE's site while generating; repeatable")
     cli.add_device_arguments(parser)
     return parser
 
@@ -175,6 +181,8 @@ def check(args):
         raise ConfigError("--system only applies with --chat")
     # a chat turn is one prompt
     check_lookup(args.lookup, args.temperature, args.repetition_penalty, 1 if args.chat else args.num_samples)
+    if bool(args.sae) != bool(args.steer):
+        raise ConfigError("--sae and --steer go together: --sae FILE --steer FEATURE=SCALE")
     if args.quantize and args.dtype not in ("auto", "float32"):
         raise ConfigError(f"--quantize int8 decodes in bfloat16 from the checkpoint's own weights: drop --dtype "
                           f"{args.dtype}")
@@ -208,6 +216,14 @@ def sample(args, generator, settings):
         printer.finish()
 
 
+def steering_of(args, model):
+    """(site, sae, [(feature, scale)]) for --sae/--steer, or None; an SAE of another model is refused."""
+    if not args.sae:
+        return None
+    saved = features.load(args.sae, model=model, device=next(model.parameters()).device)
+    return saved.site, saved.sae, features.parse_steering(args.steer, saved.sae.cfg.latents)
+
+
 @cli.command
 def main(argv=None):
     args = arguments().parse_args(argv)
@@ -222,7 +238,10 @@ def main(argv=None):
         model, tokenizer = loading.load_model_from_args(args, device)
         if args.chat:
             require_chat_tokens(tokenizer)
+        steering = steering_of(args, model)  # read before the dtype changes the weights the SAE file names
         generator = Generator(model.to(dtype), tokenizer, compile=args.compile, quantize=args.quantize)
+        if steering:
+            features.steer(generator.decoder, *steering)  # a hook on the decoder's block: the engine is unchanged
         del model  # the generator decodes with its own copy of the matrices: let the originals go
         if args.chat:
             print(probe().summary(), file=sys.stderr)  # once set up: a bad flag or prompt stays one line

@@ -1,7 +1,7 @@
 """
 nanoforge's library: what the commands at the top of the checkout (prepare.py, train.py, sample.py, serve.py,
-eval.py, explain.py, plot.py, export.py, scaling.py, rl.py) are made of. model.py, the GPT itself, stays at the top: it
-is the file to read.
+eval.py, explain.py, features.py, plot.py, export.py, scaling.py, rl.py) are made of. model.py, the GPT itself,
+stays at the top: it is the file to read.
 
 One module per concern:
     config          the training config (TrainConfig), its TOML files and --key=value overrides
@@ -47,6 +47,10 @@ One module per concern:
     inspect_html    explain.py's offline HTML page
     interventions   ablation, head importance, direct logit attribution, activation patching
     causal_views    explain.py's flags and views of the interventions
+    features        sparse autoencoders on one site of a model: training step, metrics, SAE file, steering
+    feature_survey  what each SAE feature does on data: density, top contexts, histogram, logit effects
+    features_html   features.py's offline page: the feature browser and the embedding map
+    embedding_space nearest tokens by cosine in the embedding and un-embedding, and their PCA map
     errors          UserError, the base of every error a user can cause
     cli             the command-line dialect every command shares, and its runner
 """

@@ -3,7 +3,8 @@ One self-contained HTML page showing an inspect_model.Explanation: the layer x h
 attention patterns (click one to enlarge it, with token labels and the weight under the
 pointer), a token view in the manner of bertviz's head view, next-token probability bars at
 every position, and the logit lens; and the causal views explain.py was asked for (ablation, head
-importance, direct logit attribution, activation patching) as tables, bars and heatmaps.
+importance, direct logit attribution, activation patching) as tables, bars and heatmaps; and with an SAE
+(explain.py --sae), the features active at each token and what ablating one does to each next-token probability.
 
 All script, style and data are inline and nothing is fetched, so the page opens offline. Token
 text reaches the page only as JSON (with <, >, & and / escaped) and is put into the document
@@ -137,6 +138,14 @@ table.heat td, table.heat th { font-family: ui-monospace, monospace; font-size: 
 <table class="heat" id="patch-residual"></table>
 <p>one head's clean output, at every position:</p>
 <table class="heat" id="patch-heads"></table>
+</section>
+
+<section id="features-view" hidden>
+<h2>SAE features active at each token (the strongest first)</h2>
+<p id="features-summary"></p>
+<table class="preds" id="features"></table>
+<p id="features-ablated-summary"></p>
+<table class="preds" id="features-ablated"></table>
 </section>
 
 <script id="data" type="application/json">{{DATA}}</script>
@@ -336,6 +345,20 @@ function heatTable(table, corner, columns, rows, values, scale, format) {
     const tr = row(table, [el("th", rows[i])]);
     r.forEach(function (v) { const td = el("td", format(v)); td.style.background = heat(v, scale); tr.appendChild(td); });
   });
+}
+if (V.features) {
+  const f = V.features, t = show("features", "features of " + f.site + " from " + f.sae);
+  row(t, ["pos", "token", "active features (activation)"], "th");
+  f.tokens.forEach(function (active, i) {
+    row(t, [String(i), shown(D.labels[i]), active.map(function (p) { return "F" + p[0] + " " + p[1].toFixed(2); }).join("  ")]);
+  });
+  if (f.ablated) {
+    const a = f.ablated, u = document.getElementById("features-ablated");
+    document.getElementById("features-ablated-summary").textContent = "feature " + a.feature + " ablated: loss over the prompt " +
+      a.loss.toFixed(4) + " -> " + a.ablated_loss.toFixed(4);
+    row(u, ["pos", "token", "next", "p before", "p after"], "th");
+    a.positions.forEach(function (p) { row(u, [String(p.position), shown(p.token), shown(p.next), p.p.toFixed(3), p.ablated_p.toFixed(3)]); });
+  }
 }
 if (V.ablate) {
   const a = V.ablate, t = show("ablate", "ablated (" + a.ablation + "): " + a.ablate + "; loss over the prompt " +

@@ -8,7 +8,8 @@ import sys
 
 from conftest import REPO
 
-COMMANDS = {"prepare", "train", "sample", "export", "eval", "explain", "plot", "serve", "scaling", "rl"}
+COMMANDS = {"prepare", "train", "sample", "export", "eval", "explain", "plot", "serve", "scaling", "rl",
+            "features"}
 
 
 def module_files():
