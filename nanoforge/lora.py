@@ -162,14 +162,14 @@ def merge(model):
 
 def adapter_state(model, state):
     """The part of a model's state dict that a LoRA run trains (and its checkpoint stores)."""
-    trainable = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     return {name: t for name, t in state.items() if name in trainable}
 
 
 def load_adapter_state(model, state):
     """Load adapter tensors (adapter_state's) into a model that add_adapters prepared; every trainable
     tensor must be there and nothing else."""
-    trainable = set(adapter_state(model, dict(model.named_parameters(remove_duplicate=False))))
+    trainable = set(adapter_state(model, dict(model.named_parameters())))
     if set(state) != trainable:
         odd = sorted(set(state) ^ trainable)
         raise CheckpointError(f"the checkpoint's adapters do not fit this model (first differing tensor "
