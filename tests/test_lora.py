@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 
 import peft
 import pytest
@@ -249,3 +250,26 @@ def test_finetune_lora_config_runs_on_a_gpt2_directory_and_exports_to_hugging_fa
         torch.testing.assert_close(theirs(tokens).logits, ours(tokens)[0], rtol=1e-5, atol=1e-5)
         base = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()(tokens).logits
         assert (base - theirs(tokens).logits).abs().max() > 1e-3  # the adapters are in it
+
+
+def test_lora_under_ddp_and_fsdp_trains_as_one_process_on_the_same_global_batch(base_run, tmp_path):
+    from test_fsdp import ENV, assert_close_losses, one_process, torchrun, training_losses
+
+    args = [f"--init_from={base_run / 'run'}", f"--data_dir={base_run / 'data'}", "--block_size=16", "--batch_size=4",
+            "--gradient_accumulation_steps=4", "--max_iters=6", "--eval_interval=6", "--eval_iters=2",
+            "--log_interval=1", "--dropout=0.0", "--device=cpu", "--lora_rank=4", "--learning_rate=1e-2",
+            "--grad_clip=0.1"]
+    runs = {"one": one_process(*args, f"--out_dir={tmp_path / 'one'}"),
+            "ddp": torchrun(*args, f"--out_dir={tmp_path / 'ddp'}"),
+            "fsdp": torchrun(*args, "--parallel=fsdp", f"--out_dir={tmp_path / 'fsdp'}")}
+    for name, command in runs.items():
+        result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, (name, result.stderr[-3000:])
+    one = checkpoint.load(tmp_path / "one" / "latest.safetensors")
+    assert len(one.model_state) == 2 * 4 * 2  # adapters only: char data adds no tokens
+    for name in ("ddp", "fsdp"):
+        assert_close_losses(training_losses(tmp_path / name), training_losses(tmp_path / "one"))
+        other = checkpoint.load(tmp_path / name / "latest.safetensors")
+        assert other.model_state.keys() == one.model_state.keys()
+        for key, tensor in one.model_state.items():
+            torch.testing.assert_close(other.model_state[key], tensor, rtol=1e-4, atol=1e-6)
