@@ -109,6 +109,27 @@ def test_a_fresh_adapter_leaves_the_logits_unchanged_and_starts_a_as_peft_does(h
     assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
 
 
+def test_a_bfloat16_frozen_base_computes_what_autocast_does_and_keeps_float32_adapters(hf_dir):
+    """What a CUDA bfloat16 run does (runs.start_model calls freeze_base there), here under the CPU's autocast:
+    autocast rounds each float32 weight to bfloat16 for its matmul anyway, so storing the frozen ones rounded
+    changes no logit, and halves their memory."""
+    model = lora.add_adapters(gpt2.from_pretrained(str(hf_dir)), LoraKeys(lora_rank=4), PlainTokenizer())
+    random_adapters(model, seed=3)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        reference, _ = model(tokens)
+    lora.freeze_base(model, torch.bfloat16)
+    layer = model.transformer.h[0].attn.c_attn
+    assert layer.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    assert model.transformer.wte.weight.dtype == torch.float32  # the residual stream starts in float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(tokens, tokens)
+    loss.backward()
+    assert torch.equal(logits, reference)
+    assert layer.lora_B.grad.dtype == torch.float32 and layer.lora_B.grad.abs().sum() > 0
+    assert layer.weight.grad is None
+
+
 # ------------------------------------------------------------------------------------- training
 
 @pytest.fixture(scope="module")
