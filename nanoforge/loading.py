@@ -102,8 +102,6 @@ def init_for_training(ckpt, data_tokenizer, block_size, dropout, vocab_multiple)
     return model
 
 
-
-
 def pretrained(cfg, data_tokenizer):
     """The weights cfg.init_from names (one of our checkpoints, or GPT-2), as a GPT on the CPU to train on data
     of data_tokenizer, and cfg with the keys the weights decide set to their values."""
