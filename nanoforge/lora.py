@@ -145,9 +145,9 @@ def merge(model):
             setattr(model.get_submodule(parent), child, module.merged())
     wte = model.transformer.wte
     if isinstance(wte, EmbeddingWithNewRows):
-        head = model.lm_head
-        embedding, lm_head = nn.Embedding(*wte.weight.shape), nn.Linear(head.weight.size(1), head.weight.size(0),
-                                                                        bias=False)
+        head, device = model.lm_head, wte.weight.device
+        embedding = nn.Embedding(*wte.weight.shape, device=device)
+        lm_head = nn.Linear(head.weight.size(1), head.weight.size(0), bias=False, device=device)
         with torch.no_grad():
             embedding.weight.copy_(wte.weight)
             embedding.weight[wte.new_rows.first:][: len(wte.new_rows.delta)] += wte.new_rows.delta
@@ -156,7 +156,7 @@ def merge(model):
             else:
                 lm_head.weight.copy_(head.weight)
                 lm_head.weight[head.new_rows.first:][: len(head.new_rows.delta)] += head.new_rows.delta
-        model.transformer.wte, model.lm_head = embedding.to(wte.weight.device), lm_head.to(head.weight.device)
+        model.transformer.wte, model.lm_head = embedding, lm_head
     return model.requires_grad_(True)
 
 

@@ -109,6 +109,31 @@ def test_a_fresh_adapter_leaves_the_logits_unchanged_and_starts_a_as_peft_does(h
     assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
 
 
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_chat_tokens_rows_train_from_zero_and_merge_into_the_embedding(tied):
+    from model import GPT, GPTConfig
+    from nanoforge.tokenizer import CharTokenizer, with_chat_tokens
+
+    tokenizer = with_chat_tokens(CharTokenizer.train("abcdefgh"))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=16, block_size=8,
+                          tie_embeddings=tied)).eval()
+    tokens = torch.arange(tokenizer.vocab_size - 8, tokenizer.vocab_size).view(1, 8)  # the 5 chat tokens among them
+    with torch.no_grad():
+        before, _ = model(tokens)
+        lora.add_adapters(model, LoraKeys(lora_rank=2), tokenizer)
+        assert torch.equal(model(tokens)[0], before)  # the new rows start at zero
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    rows = ["transformer.wte.new_rows.delta"] + ([] if tied else ["lm_head.new_rows.delta"])
+    assert set(trainable) - {n for n in trainable if "lora_" in n} == set(rows)
+    random_adapters(model, seed=5)
+    with torch.no_grad():
+        adapted, _ = model(tokens)
+        merged = lora.merge(model)
+        torch.testing.assert_close(merged(tokens)[0], adapted, rtol=1e-5, atol=1e-5)
+    assert (merged.lm_head.weight is merged.transformer.wte.weight) == tied
+
+
 def test_a_bfloat16_frozen_base_computes_what_autocast_does_and_keeps_float32_adapters(hf_dir):
     """What a CUDA bfloat16 run does (runs.start_model calls freeze_base there), here under the CPU's autocast:
     autocast rounds each float32 weight to bfloat16 for its matmul anyway, so storing the frozen ones rounded
