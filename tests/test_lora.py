@@ -282,11 +282,10 @@ def test_finetune_lora_config_runs_on_a_gpt2_directory_and_exports_to_hugging_fa
     prepare.prepare(str(tmp_path / "corpus.txt"), out_dir=str(tmp_path / "data"), val_fraction=0.1,
                     tokenizer_from=str(hf_dir))
     run = tmp_path / "run"
-    result = run_cli("train.py", os.path.join(REPO, "configs/finetune_shakespeare_lora.toml"), f"--init_from={hf_dir}",
-                     f"--data_dir={tmp_path / 'data'}", f"--out_dir={run}", "--block_size=32",
-                     "--gradient_accumulation_steps=2", "--batch_size=4", "--max_iters=6", "--eval_interval=6",
-                     "--eval_iters=2", "--device=cpu", "--dtype=float32", "--learning_rate=3e-2")
-    assert result.returncode == 0, result.stderr
+    train(build_config(os.path.join(REPO, "configs/finetune_shakespeare_lora.toml"), [
+        f"--init_from={hf_dir}", f"--data_dir={tmp_path / 'data'}", f"--out_dir={run}", "--block_size=32",
+        "--gradient_accumulation_steps=2", "--batch_size=4", "--max_iters=6", "--eval_interval=6", "--eval_iters=2",
+        "--device=cpu", "--dtype=float32", "--learning_rate=3e-2"]))
     log = read_log(run)
     assert log[-1]["val_loss"] < log[0]["loss"]
     result = run_cli("export.py", "--ckpt", run, "--out", tmp_path / "hf")
