@@ -20,6 +20,7 @@ from nanoforge import preparation as prepare
 from nanoforge.config import ConfigError, build_config
 from nanoforge.data import Dataset
 from nanoforge.runs import start_model
+from nanoforge.tokenizer import CHAT_TOKENS
 from nanoforge.distributed import Distributed
 from nanoforge.training import TrainingStopped, apply_update, train_step
 from conftest import REPO, TINY_TEXT, run_cli, tiny_config
@@ -118,7 +119,7 @@ def test_chat_tokens_rows_train_from_zero_and_merge_into_the_embedding(tied):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=16, block_size=8,
                           tie_embeddings=tied)).eval()
-    tokens = torch.arange(tokenizer.vocab_size - 8, tokenizer.vocab_size).view(1, 8)  # the 5 chat tokens among them
+    tokens = torch.arange(tokenizer.vocab_size - 8, tokenizer.vocab_size).view(1, 8)  # chat tokens among them
     with torch.no_grad():
         before, _ = model(tokens)
         lora.add_adapters(model, LoraKeys(lora_rank=2), tokenizer)
@@ -176,8 +177,9 @@ def test_training_moves_only_the_adapters_and_keeps_no_optimizer_state_for_the_b
     model, cfg, optimizer, scaler, state = start_model(cfg, False, ddp, device, torch.float32, data)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    # adapters on the 4 linear layers of 2 blocks, and the 5 chat tokens' rows (the lm_head is tied: one set)
-    assert len(trainable) == 2 * 4 * 2 + 1 and trainable["transformer.wte.new_rows.delta"].shape == (5, 32)
+    # adapters on the 4 linear layers of 2 blocks, and the chat tokens' rows (the lm_head is tied: one set)
+    assert len(trainable) == 2 * 4 * 2 + 1
+    assert trainable["transformer.wte.new_rows.delta"].shape == (len(CHAT_TOKENS), 32)
 
     def batch():
         x, y = data.get_batch("train", cfg.batch_size, state.batches)
