@@ -10,21 +10,33 @@ vocab.json, merges.txt and tokenizer_config.json, so that
     transformers.GPT2LMHeadModel.from_pretrained(out)   # and GPT2TokenizerFast.from_pretrained(out)
 
 load it. The vocabulary is cut to the tokenizer's: vocab_multiple padding is not exported.
+
+A LoRA run's checkpoint (adapters only, docs/lora.md) exports the same way, its adapters merged into its base.
+--merge instead writes them merged as one self-contained checkpoint of ours, which needs the base no more:
+
+    python export.py --ckpt out/finetune_shakespeare_lora --merge --out out/shakespeare_merged.safetensors
 """
 
 import os
 import sys
 
 from nanoforge import cli, gpt2
-from nanoforge.loading import load_model
+from nanoforge.loading import load_model, save_merged
 
 
 @cli.command
 def main(argv=None):
     parser = cli.parser(__doc__)
     parser.add_argument("--ckpt", required=True, metavar="RUN", help="run directory or checkpoint file")
-    parser.add_argument("--out", required=True, metavar="DIR", help="directory to write the Hugging Face model to")
+    parser.add_argument("--out", required=True, metavar="DIR", help="directory to write the Hugging Face model to "
+                        "(with --merge: the checkpoint file to write)")
+    parser.add_argument("--merge", action="store_true", help="write a LoRA checkpoint's adapters merged into its "
+                        "base as one checkpoint file (.safetensors) instead")
     args = parser.parse_args(argv)
+    if args.merge:
+        save_merged(args.ckpt, args.out)
+        print(f"wrote {args.out}: sample, evaluate or fine-tune it like any checkpoint (--ckpt {args.out})")
+        return
     model, tokenizer = load_model(args.ckpt, "cpu")
     gpt2.export(model, args.out, tokenizer)
     files = ", ".join(sorted(os.listdir(args.out)))

@@ -24,6 +24,7 @@ One module per concern:
     optim           AdamW and Muon, and the learning-rate groups
     training        one training step: schedule, micro-batches, the NaN-guarded update, evaluation, signals
     runs            a training run: its starting model, RunState, checkpoints written and restored, resume
+    lora            LoRA: low-rank adapters on frozen weights, merged back; the base a LoRA checkpoint names
     device          devices, dtypes and GPU peak FLOP/s
     machine         the capability probe: what this machine runs natively, which fast paths are on
     distributed     torchrun (DDP) process groups

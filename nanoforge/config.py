@@ -113,6 +113,13 @@ class TrainConfig(GPTConfig):
     wandb_run_name: str = _key("", "Weights & Biases name of the run ('' uses the name of out_dir)")
     tensorboard_log: bool = _key(False, "also write log.jsonl's records as TensorBoard scalars to out_dir/tensorboard "
                                  "(pip install -e '.[tensorboard]')")
+    # LoRA (nanoforge/lora.py, docs/lora.md): freeze the weights of init_from, train low-rank adapters
+    lora_rank: int = _key(0, "LoRA: rank r of the adapters on the lora_targets layers, base weights frozen (0 is off: "
+                          "every weight trains)")
+    lora_alpha: float = _key(16.0, "LoRA: the adapters' update is scaled by lora_alpha / lora_rank")
+    lora_dropout: float = _key(0.0, "LoRA: dropout on the adapters' input")
+    lora_targets: str = _key("attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj", "LoRA: the linear layers that get "
+                             "adapters, comma-separated (of attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)")
     # system
     device: str = _key("auto", "'auto' (cuda, then mps, then cpu), or a torch device such as cpu, cuda, cuda:1, mps")
     dtype: str = _key("auto", "'auto' (bfloat16 on CUDA that has it, else float16; float32 elsewhere), float32, bfloat16, float16")
@@ -143,7 +150,7 @@ class TrainConfig(GPTConfig):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key '{name}' must be at least 1, got {getattr(self, name)}")
         for name in ("warmup_iters", "lr_decay_iters", "keep_last_n", "n_kv_head", "hellaswag_interval", "hellaswag_max",
-                     "depth"):
+                     "depth", "lora_rank"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config key '{name}' must be 0 or more, got {getattr(self, name)}")
         for name, (low, high, text) in FLOAT_RANGES.items():
@@ -164,11 +171,28 @@ class TrainConfig(GPTConfig):
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise ConfigError(f"pos_emb='rope' rotates pairs of channels: the head size n_embd / n_head "
                               f"({self.n_embd // self.n_head}) must be even")
+        if self.lora_rank:
+            self.validate_lora()
         if self.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
             raise ConfigError(f"optimizer='muon' uses torch.optim.Muon, which PyTorch {torch.__version__} lacks "
                               "(it arrived in 2.9): upgrade torch, or use optimizer='adamw'")
 
 
+    def validate_lora(self):
+        targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if not targets or unknown:
+            raise ConfigError(f"lora_targets must name some of {', '.join(LORA_TARGETS)} (comma-separated), got "
+                              f"'{self.lora_targets}'")
+        if self.init_from == "scratch":
+            raise ConfigError("lora_rank adapts pretrained weights, but init_from is 'scratch': set init_from to a "
+                              "checkpoint or GPT-2, or lora_rank = 0 to train every weight")
+        if self.optimizer != "adamw":
+            raise ConfigError("LoRA trains its adapters with AdamW: use optimizer = 'adamw' with lora_rank")
+
+
+# The linear layers of a block LoRA can adapt, as their names end (model.py's, and GPT-2's on the Hub).
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2", "swiglu"),
            "optimizer": ("adamw", "muon"), "lr_schedule": ("constant", "cosine", "wsd"), "dtype": DTYPES, "parallel": ("ddp", "fsdp")}
@@ -181,6 +205,7 @@ FLOAT_RANGES = {
     "min_lr": _non_negative, "weight_decay": _non_negative, "grad_clip": _non_negative,
     "logit_softcap": _non_negative, "dropout": _unit, "beta1": _unit, "beta2": _unit, "muon_momentum": _unit,
     "decay_fraction": (lambda v: v >= 0, lambda v: v <= 1, "in [0, 1]"), "tokens_per_param": _positive,
+    "lora_alpha": _positive, "lora_dropout": _unit,
 }
 # Keys of earlier versions, each with what replaced it: an old config file gets one line naming the new key.
 REPLACED_KEYS = {

@@ -1,14 +1,16 @@
 """
 Building a model from a checkpoint: for inference (sample.py, eval.py, export.py, the engine), and to start
-a training run from one (train.py's init_from: fine-tuning, or pretraining further).
+a training run from one (train.py's init_from: fine-tuning, or pretraining further). A LoRA run's checkpoint
+(nanoforge/lora.py) holds only its adapters: its base is rebuilt and the adapters merged in (full_weights), so
+every command loads it like any checkpoint.
 """
-
 
 import torch
 
 from model import GPT, GPTConfig, padded_vocab_size
-from nanoforge import gpt2
+from nanoforge import checkpoint, gpt2, lora
 from nanoforge.checkpoint import CheckpointError, checkpoint_path, load
+from nanoforge.config import TrainConfig, keys_from_weights
 from nanoforge.tokenizer import tokenizer_from_dict
 
 # ---------------------------------------------------------------------------------------------
@@ -30,7 +32,7 @@ def load_model(ckpt, device):
     loaded = load(checkpoint_path(ckpt), device="cpu")
     tokenizer = tokenizer_from_dict(loaded.info["tokenizer"])
     model_cfg = GPTConfig(**{**loaded.info["model"], "vocab_size": tokenizer.vocab_size, "dropout": 0.0})
-    state = dict(loaded.model_state)
+    state = full_weights(loaded)
     state["transformer.wte.weight"] = state["transformer.wte.weight"][: tokenizer.vocab_size]
     if "lm_head.weight" in state:  # an untied un-embedding: its padding rows go too
         state["lm_head.weight"] = state["lm_head.weight"][: tokenizer.vocab_size]
@@ -96,7 +98,7 @@ def init_for_training(ckpt, data_tokenizer, block_size, dropout, vocab_multiple)
         raise CheckpointError(f"block_size {block_size} is larger than the {saved['block_size']} positions of "
                               f"'{ckpt}': use block_size <= {saved['block_size']}")
     vocab_size = padded_vocab_size(data_tokenizer.vocab_size, vocab_multiple)
-    state = grow_vocabulary(loaded.model_state, base.vocab_size, vocab_size)
+    state = grow_vocabulary(full_weights(loaded), base.vocab_size, vocab_size)
     if "transformer.wpe.weight" in state:  # learned positions: keep the first block_size
         state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size]
     model = GPT(GPTConfig(**{**saved, "block_size": block_size, "vocab_size": vocab_size, "dropout": dropout}))
@@ -104,3 +106,42 @@ def init_for_training(ckpt, data_tokenizer, block_size, dropout, vocab_multiple)
     return model
 
 
+def pretrained(cfg, data_tokenizer):
+    """The weights cfg.init_from names (one of our checkpoints, or GPT-2), as a GPT on the CPU to train on data
+    of data_tokenizer, and cfg with the keys the weights decide set to their values."""
+    if checkpoint.is_checkpoint(cfg.init_from):
+        model = init_for_training(cfg.init_from, data_tokenizer, cfg.block_size, cfg.dropout, cfg.vocab_multiple)
+        return model, keys_from_weights(cfg, model.config)
+    return gpt2.init_for_training(cfg, data_tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA checkpoints: the adapters of a run, and the base they adapt named by path and hash.
+
+def full_weights(loaded):
+    """A loaded checkpoint's whole state dict: its own, or for a LoRA checkpoint its base's weights (rebuilt
+    as the run built them: the vocabulary grown, the context cropped) with the adapters merged in."""
+    if "lora_base" not in loaded.info:
+        return dict(loaded.model_state)
+    recorded = loaded.info["lora_base"]
+    lora.check_base(recorded, loaded.path)
+    tokenizer = tokenizer_from_dict(loaded.info["tokenizer"])
+    cfg = TrainConfig(**{**loaded.info["config"], "init_from": lora.base_location(recorded), "dropout": 0.0})
+    model, _ = pretrained(cfg, tokenizer)
+    lora.add_adapters(model, cfg, tokenizer)
+    lora.load_adapter_state(model, loaded.model_state)
+    return lora.merge(model).state_dict()
+
+
+def save_merged(ckpt, out):
+    """Write a LoRA checkpoint's adapters merged into its base as one self-contained checkpoint (no optimizer
+    state: it is for inference or for fine-tuning further, not for resuming the LoRA run)."""
+    path = checkpoint_path(ckpt)
+    loaded = load(path)
+    if "lora_base" not in loaded.info:
+        raise CheckpointError(f"'{path}' is not a LoRA checkpoint (it holds all its weights already): --merge "
+                              "takes the checkpoint of a run trained with lora_rank > 0")
+    state = full_weights(loaded)
+    info = {key: value for key, value in loaded.info.items() if key != "lora_base"}
+    info.update(config={**info["config"], "lora_rank": 0}, merged_from={"adapters": path, **loaded.info["lora_base"]})
+    checkpoint.save(out, state, info)

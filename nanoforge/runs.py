@@ -15,14 +15,15 @@ import time
 import torch
 
 from model import GPT, GPTConfig, padded_vocab_size
-from nanoforge import checkpoint, gpt2, loading, sharding
+from nanoforge import checkpoint, loading, lora, sharding
 from nanoforge.config import MODEL_KEYS, ConfigError, keys_from_weights
 from nanoforge.optim import build_optimizer
 from nanoforge.training import TrainingStopped
 
 # Keys that fix the model's shape (and the optimizer, whose saved state fits only itself): a
 # checkpoint can only be resumed with the same values.
-SHAPE_KEYS = (*(key for key in MODEL_KEYS if key != "dropout"), "vocab_multiple", "optimizer")
+SHAPE_KEYS = (*(key for key in MODEL_KEYS if key != "dropout"), "vocab_multiple", "optimizer", "lora_rank",
+              "lora_targets")
 # Keys a resumed run may change without changing what it computes up to the old end.
 SAFE_TO_CHANGE = ("max_iters", "eval_interval", "eval_iters", "log_interval", "checkpoint_interval",
                   "keep_last_n", "max_bad_steps", "out_dir", "device", "compile",
@@ -105,6 +106,9 @@ class RunState:
     # clock started when it did: elapsed() counts on across resumes.
     elapsed_before: float = 0.0
     clock_start: float = dataclasses.field(default_factory=time.perf_counter)
+    # A LoRA run's base weights, by path and content hash (lora.base_reference): its checkpoints hold only the
+    # adapters, and name the base they need.
+    lora_base: dict = None
 
     def elapsed(self):
         return self.elapsed_before + time.perf_counter() - self.clock_start
@@ -112,7 +116,8 @@ class RunState:
     @classmethod
     def start(cls, cfg, device):
         return cls(step=0, best_val_loss=float("inf"), skipped_steps=0, window_steps=0,
-                   loss_sum=torch.zeros((), device=device), batches=torch.Generator().manual_seed(cfg.seed))
+                   loss_sum=torch.zeros((), device=device), batches=torch.Generator().manual_seed(cfg.seed),
+                   lora_base=lora.base_reference(cfg.init_from) if cfg.lora_rank else None)
 
     def to_checkpoint(self, ddp, device):
         """(JSON-able info, tensors). Every process must call it: each contributes its RNG states."""
@@ -122,6 +127,8 @@ class RunState:
         info = {"step": self.step, "best_val_loss": self.best_val_loss, "skipped_steps": self.skipped_steps,
                 "window_steps": self.window_steps, "elapsed_s": self.elapsed(),
                 "rng": [rank_info for _, rank_info in everyone]}
+        if self.lora_base:
+            info["lora_base"] = self.lora_base
         tensors = {f"rank{rank}.{name}": t for rank, (ts, _) in enumerate(everyone) for name, t in ts.items()}
         tensors["loss_sum"] = self.loss_sum
         return info, tensors
@@ -132,7 +139,8 @@ class RunState:
         info = ckpt.info
         state = cls(step=info["step"], best_val_loss=info["best_val_loss"], skipped_steps=info["skipped_steps"],
                     window_steps=info["window_steps"], loss_sum=ckpt.extra["loss_sum"].to(device),
-                    batches=torch.Generator(), elapsed_before=info.get("elapsed_s", 0.0))
+                    batches=torch.Generator(), elapsed_before=info.get("elapsed_s", 0.0),
+                    lora_base=info.get("lora_base"))
         if len(info["rng"]) == ddp.world_size:
             prefix = f"rank{ddp.rank}."
             rng = {k[len(prefix):]: v for k, v in ckpt.extra.items() if k.startswith(prefix)}
@@ -154,12 +162,20 @@ def build_model(cfg, data, device):
     if cfg.init_from == "scratch":
         vocab_size = padded_vocab_size(data.vocab_size, cfg.vocab_multiple)
         return GPT(cfg.model_config(vocab_size)).to(device), cfg
-    if checkpoint.is_checkpoint(cfg.init_from):
-        model = loading.init_for_training(cfg.init_from, data.tokenizer, cfg.block_size, cfg.dropout,
-                                             cfg.vocab_multiple)
-        return model.to(device), keys_from_weights(cfg, model.config)
-    model, cfg = gpt2.init_for_training(cfg, data.tokenizer)
+    model, cfg = loading.pretrained(cfg, data.tokenizer)
     return model.to(device), cfg
+
+
+def lora_model_for_resume(cfg, ckpt, data, device):
+    """The model a resumed LoRA run continues: its base, rebuilt from the path its checkpoint names (refused in
+    one line when missing or changed), with adapters of the checkpoint's shape. Their weights come in restore()."""
+    recorded = ckpt.info["lora_base"]
+    lora.check_base(recorded, ckpt.path)
+    model, base_cfg = build_model(dataclasses.replace(cfg, init_from=lora.base_location(recorded)), data, device)
+    saved = ckpt.info["config"]  # a differing rank or targets is refused in restore(), with the other shape keys
+    lora.add_adapters(model, dataclasses.replace(cfg, lora_rank=saved["lora_rank"],
+                                                 lora_targets=saved["lora_targets"]), data.tokenizer)
+    return model, dataclasses.replace(base_cfg, init_from=cfg.init_from)
 
 
 def model_for_resume(cfg, ckpt, device):
@@ -193,7 +209,12 @@ def restore(ckpt, cfg, data, model, optimizer, scaler, ddp, device):
     if ckpt.info["tokenizer"] != data.tokenizer.to_dict():
         raise ConfigError(f"cannot resume: '{cfg.data_dir}' was prepared with another tokenizer than the "
                           "checkpoint's: use the data the run was trained on")
-    sharding.load_model_state(model, ckpt.model_state)  # whole tensors, cut to shards under FSDP
+    if "lora_base" in ckpt.info:  # the adapters alone, cut to shards under FSDP
+        own = dict(model.named_parameters())
+        lora.load_adapter_state(model, {name: sharding.shard_like(t, own[name]) if name in own else t
+                                        for name, t in ckpt.model_state.items()})
+    else:
+        sharding.load_model_state(model, ckpt.model_state)  # whole tensors, cut to shards under FSDP
     sharding.load_optimizer_state(optimizer, ckpt.optimizer_state)
     if ckpt.info["scaler"]:
         scaler.load_state_dict(ckpt.info["scaler"])
@@ -212,6 +233,8 @@ def save_checkpoint(path, cfg, model, optimizer, scaler, tokenizer, state, ddp, 
     model_state, optimizer_state = sharding.full_model_state(model), sharding.full_optimizer_state(optimizer)
     if not ddp.is_master:
         return
+    if state.lora_base:  # the base is named in run_info: the file keeps only what trained
+        model_state = lora.adapter_state(model, model_state)
     info = {"config": cfg.to_dict(), "model": dataclasses.asdict(model.config),
             "tokenizer": tokenizer.to_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             **run_info}
@@ -230,9 +253,16 @@ def start_model(cfg, resume, ddp, device, dtype, data):
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     if resume:
         ckpt = checkpoint.load_for_resume(cfg.out_dir, device=device)
-        model, cfg = model_for_resume(cfg, ckpt, device)
+        if "lora_base" in ckpt.info:
+            model, cfg = lora_model_for_resume(cfg, ckpt, data, device)
+        else:
+            model, cfg = model_for_resume(cfg, ckpt, device)
     else:
         model, cfg = build_model(cfg, data, device)
+        if cfg.lora_rank:
+            lora.add_adapters(model, cfg, data.tokenizer)
+    if cfg.lora_rank and device.type == "cuda" and dtype == torch.bfloat16 and not sharding.sharded(cfg, ddp):
+        lora.freeze_base(model, torch.bfloat16)  # FSDP's policy casts instead: it wants one dtype per unit
     torch.manual_seed(cfg.seed + ddp.rank)  # but each process its own dropout masks
     model.activation_checkpointing = cfg.activation_checkpointing
     if sharding.sharded(cfg, ddp):  # before the optimizer, which then holds the shards
@@ -240,7 +270,8 @@ def start_model(cfg, resume, ddp, device, dtype, data):
     optimizer = build_optimizer(model, cfg, device.type)
     # Loss scaling only for float16 on CUDA: bfloat16 and float32 have float32's exponent range.
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16 and device.type == "cuda"))
-    state = RunState.start(cfg, device)
     if resume:
         state = restore(ckpt, cfg, data, model, optimizer, scaler, ddp, device)
+    else:
+        state = RunState.start(cfg, device)
     return model, cfg, optimizer, scaler, state
