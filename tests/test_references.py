@@ -235,6 +235,32 @@ def test_adamw_groups_and_first_step_follow_adams_definition():
         torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6, msg=n)
 
 
+def test_optimizers_state_dict_is_torchs_format():
+    """Muon + AdamW save one state_dict as a single torch optimizer over all parameters would: parameter indices
+    0 .. N - 1 in group order, each parameter's state under its own index (what torch.optim.Optimizer writes)."""
+    model = optimizer_model(tie_embeddings=False)
+    optimizer = build_optimizer(model, TrainConfig(optimizer="muon"), "cpu")
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    state = optimizer.state_dict()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    assert [i for g in state["param_groups"] for i in g["params"]] == list(range(len(params)))
+    assert sorted(state["state"]) == list(range(len(params)))
+    for i, p in enumerate(params):  # Muon keeps a momentum buffer the shape of its matrix, AdamW exp_avg
+        kept = state["state"][i].get("momentum_buffer", state["state"][i].get("exp_avg"))
+        assert kept.shape == p.shape
+    muon_count = len(optimizer.optimizers[0].param_groups[0]["params"])
+    assert all("momentum_buffer" in state["state"][i] for i in range(muon_count))
+    assert all("exp_avg" in state["state"][i] for i in range(muon_count, len(params)))
+    fresh = build_optimizer(model, TrainConfig(optimizer="muon"), "cpu")
+    fresh.load_state_dict(state)
+    for opt, again in zip(optimizer.optimizers, fresh.optimizers):
+        for p in [p for g in opt.param_groups for p in g["params"]]:
+            for name, value in opt.state[p].items():
+                assert torch.equal(again.state[p][name], value), name
+
+
 @pytest.mark.parametrize("shape", [(16, 48), (48, 16), (24, 24)])
 def test_muon_update_is_nearly_orthogonal_and_aligned_with_the_svd(shape):
     """Muon's first update of a matrix is -lr * scale * orthogonalize(g): compare it with U V^T from an SVD of g
