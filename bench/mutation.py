@@ -112,15 +112,19 @@ class Mutant:
     module: str
     scope: str  # the enclosing function's qualified name ("<module>" at the top)
     line: int
+    line_text: str  # the source line, stripped: names the mutant with its context
     start: tuple  # (line, col) of the replaced source, 1-based line
     end: tuple
     original: str  # the source replaced
     mutated: str  # what replaces it
 
+    occurrence: int = 0  # the n-th mutant of the same key (the same change twice on one line)
+
     @property
     def key(self):
         """What names a mutant across edits elsewhere in the file (line numbers move; these do not, often)."""
-        return f"{self.scope}: {self.original} -> {self.mutated}"
+        repeat = f" #{self.occurrence + 1}" if self.occurrence else ""
+        return f"{self.scope}: {self.original} -> {self.mutated} in `{self.line_text}`{repeat}"
 
 
 SWAPS = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
@@ -199,11 +203,16 @@ def find_mutants(path, source, functions=None):
                 start, end = (target.lineno, target.col_offset), (target.end_lineno, target.end_col_offset)
                 original = segment(lines, start, end)
                 if original.strip() != replacement.strip():
-                    mutants.append(Mutant(path, scope, node.lineno, start, end, one_line(original), replacement))
+                    mutants.append(Mutant(path, scope, target.lineno, lines[target.lineno - 1].strip(), start, end,
+                                          one_line(original), replacement))
         for child in ast.iter_child_nodes(node):
             visit(child, scope, selected)
 
     visit(tree, "<module>", functions is None)
+    seen = {}
+    for m in mutants:
+        m.occurrence = seen.get(m.key, 0)
+        seen[m.key.rsplit(" #", 1)[0] if m.occurrence else m.key] = m.occurrence + 1
     return mutants
 
 
@@ -295,7 +304,11 @@ def campaign(module, settings, args, equivalents, tree):
         source = f.read()
     mutants = find_mutants(module, source, settings.get("functions"))
     total = len(mutants)
-    if args.max_mutants and total > args.max_mutants:
+    if args.retest:
+        with open(os.path.join(args.retest, result_name(module))) as f:
+            survived = {r["key"] for r in json.load(f)["mutants"] if r["outcome"] == "survived"}
+        mutants = [m for m in mutants if m.key in survived]
+    elif args.max_mutants and total > args.max_mutants:
         mutants = sorted(random.Random(args.seed).sample(mutants, args.max_mutants), key=lambda m: m.start)
     tests = settings["tests"]
     missing = [t for t in tests if not os.path.exists(os.path.join(tree, t.split("::")[0]))]
@@ -333,6 +346,10 @@ def campaign(module, settings, args, equivalents, tree):
     return summarize(module, tests, missing, total, results, time.monotonic() - started)
 
 
+def result_name(module):
+    return module.replace("/", "_").replace(".py", ".json")
+
+
 def summarize(module, tests, missing, total, results, seconds):
     count = lambda *outcomes: sum(r["outcome"] in outcomes for r in results)
     killed, survived, equivalent = count("killed", "killed (timeout)"), count("survived"), count("equivalent")
@@ -352,6 +369,8 @@ def main(argv=None):
     parser.add_argument("--timeout", type=float, default=60, help="seconds per mutant at least (3x the unmutated "
                         "run's time if longer); a mutant that runs past it counts as killed")
     parser.add_argument("--out", default="out/mutation", help="folder for <module>.json and summary.json")
+    parser.add_argument("--retest", metavar="FOLDER", help="run only the mutants that survived in an earlier "
+                        "campaign's --out FOLDER (after adding tests for them)")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--verbose", action="store_true", help="print every mutant's outcome, not only survivors")
     args = parser.parse_args(argv)
@@ -377,7 +396,7 @@ def main(argv=None):
         copy_tree(tree)
         for module in modules:
             result = campaign(module, MODULES[module], args, equivalents, tree)
-            with open(os.path.join(args.out, module.replace("/", "_").replace(".py", ".json")), "w") as f:
+            with open(os.path.join(args.out, result_name(module)), "w") as f:
                 json.dump(result, f, indent=1)
             rate = "n/a" if result["kill_rate"] is None else f"{result['kill_rate']:.0%}"
             print(f"{module}: {result['killed']} killed, {result['survived']} survived, {result['equivalent']} "
