@@ -21,6 +21,7 @@ from the copy and runs pytest there with -x: a killed mutant usually costs a sec
 import argparse
 import ast
 import dataclasses
+import importlib
 import json
 import os
 import random
@@ -48,7 +49,8 @@ MODULES = {
                             "tests/test_gpt2.py::test_logits_equal_transformers_at_full_and_cropped_block_size",
                             "tests/test_gpt2.py::test_loss_equals_transformers",
                             "tests/test_architecture.py::test_each_option_is_causal",
-                            "tests/test_architecture.py::test_each_option_explicit_attention_path_equals_fused_path_with_and_without_cache"]),
+                            "tests/test_architecture.py::test_each_option_explicit_attention_path_equals_fused_path_with_and_without_cache"],
+                     warm=["transformers:GPT2LMHeadModel", "tokenizers"]),
     "nanoforge/sampling.py": dict(tests=["tests/test_sampling_references.py", R + "test_engine_top_k_never_draws_outside_the_k_most_likely",
                                          R + "test_engine_sampling_frequencies_match_softmax_of_logits_over_temperature",
                                          "tests/test_generate.py::test_top_k_and_top_p_sample_only_from_the_allowed_set",
@@ -90,7 +92,8 @@ MODULES = {
                                                 "tests/test_multiple_choice.py::test_accuracy_counts_both_conventions_and_the_interval",
                                                 "tests/test_multiple_choice.py::test_an_ending_longer_than_the_context_window_is_one_clear_error",
                                                 "tests/test_multiple_choice.py::test_log_likelihoods_and_accuracies_equal_lm_evals_hflm",
-                                                "tests/test_mc_references.py"]),
+                                                "tests/test_mc_references.py"],
+                                 warm=["transformers:GPT2LMHeadModel", "tokenizers", "lm_eval.api.instance"]),
     "nanoforge/interventions.py": dict(tests=["tests/test_interventions.py::test_ablating_nothing_reproduces_the_logits_exactly",
                                               "tests/test_interventions.py::test_ablating_a_head_equals_editing_its_slice_by_hand",
                                               "tests/test_interventions.py::test_ablating_a_whole_attention_layer_or_mlp_removes_its_output",
@@ -100,7 +103,8 @@ MODULES = {
                                               "tests/test_interventions.py::test_head_importance_ranks_the_head_the_task_needs_first"]),
 }
 
-# Modules imported once in the parent, before forking (their import is most of a small test run's time).
+# Modules imported once in the parent, before forking (their import is most of a small test run's time);
+# a MODULES entry's "warm" adds its own ("module:attribute" for a lazily imported library).
 WARM_IMPORTS = ("torch", "numpy", "safetensors.torch", "tiktoken", "tqdm", "pytest")
 
 
@@ -298,7 +302,16 @@ def wait_for(pid, tree, tests, timeout):
     return "timeout"  # run_tests kills it
 
 
+def warm_up(names):
+    for name in names:
+        module, _, attribute = name.partition(":")
+        imported = importlib.import_module(module)
+        if attribute:
+            getattr(imported, attribute)
+
+
 def campaign(module, settings, args, equivalents, tree):
+    warm_up(settings.get("warm", ()))
     path = os.path.join(tree, module)
     with open(path) as f:
         source = f.read()
@@ -383,8 +396,7 @@ def main(argv=None):
                 for m in find_mutants(module, f.read(), MODULES[module].get("functions")):
                     print(f"{module}:{m.line}: {m.key}")
         return
-    for name in WARM_IMPORTS:
-        __import__(name)
+    warm_up(WARM_IMPORTS)
     import torch
     torch.set_num_threads(1)  # a shared machine: one core per campaign
     # Mutants of one size written within a second would share a stale .pyc (it is keyed by mtime in seconds).
