@@ -112,6 +112,7 @@ def test_each_setting_is_refused_just_past_its_range(name, value):
 def test_lookup_is_allowed_only_for_greedy_decoding_of_one_prompt():
     check_lookup(0, 1.0, 1.3, 4)
     check_lookup(3, 0, 1.0, 1)
+    check_lookup(1, 0, 1.0, 1)  # a draft of one token is allowed
     for bad in [(3, 0.5, 1.0, 1), (3, 0, 1.1, 1), (3, 0, 1.0, 2), (-1, 0, 1.0, 1)]:
         with pytest.raises(SettingError, match="lookup must be"):
             check_lookup(*bad)
