@@ -74,6 +74,7 @@ MODULES = {
                                       R + "test_adamw_groups_and_first_step_follow_adams_definition",
                                       R + "test_muon_update_is_nearly_orthogonal_and_aligned_with_the_svd",
                                       R + "test_optimizers_state_dict_is_torchs_format",
+                                      R + "test_newton_schulz_runs_in_bfloat16_only_on_the_device_that_multiplies_it_natively",
                                       "tests/test_machine.py::test_muon_in_bfloat16_is_torchs_and_in_float32_close_to_it",
                                       "tests/test_machine.py::test_a_torch_muon_checkpoint_resumes_in_ours_step_for_step",
                                       "tests/test_machine.py::test_muon_orthogonalises_in_bfloat16_only_where_it_is_native",

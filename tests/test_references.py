@@ -261,6 +261,18 @@ def test_optimizers_state_dict_is_torchs_format():
                 assert torch.equal(again.state[p][name], value), name
 
 
+@pytest.mark.parametrize("cuda_bf16, native_bf16, expected", [
+    (False, True, {"cpu": torch.bfloat16, "cuda": torch.float32, "mps": torch.float32}),
+    (True, False, {"cpu": torch.float32, "cuda": torch.bfloat16, "mps": torch.float32}),
+])
+def test_newton_schulz_runs_in_bfloat16_only_on_the_device_that_multiplies_it_natively(monkeypatch, cuda_bf16,
+                                                                                       native_bf16, expected):
+    from types import SimpleNamespace
+    from nanoforge import optim
+    monkeypatch.setattr(optim, "probe", lambda: SimpleNamespace(cuda_bf16=cuda_bf16, native_bf16=native_bf16))
+    assert {device: optim.newton_schulz_dtype(device) for device in expected} == expected
+
+
 @pytest.mark.parametrize("shape", [(16, 48), (48, 16), (24, 24)])
 def test_muon_update_is_nearly_orthogonal_and_aligned_with_the_svd(shape):
     """Muon's first update of a matrix is -lr * scale * orthogonalize(g): compare it with U V^T from an SVD of g
