@@ -173,3 +173,17 @@ def test_random_states_restore_torch_numpy_and_python_draws():
     again = (torch.rand(3), np.random.rand(3), random.random(), np.random.randn())
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1])
     assert expected[2:] == again[2:]
+
+
+def test_saving_leaves_no_file_descriptor_open(tmp_path):
+    """A training run saves hundreds of checkpoints: each save must close every file it opened (the temporary
+    file and the directory it fsyncs), or the process runs out of descriptors."""
+    fds = "/proc/self/fd"  # Linux, where CI and training runs are
+    if not os.path.isdir(fds):
+        pytest.skip("counting open descriptors needs /proc/self/fd (Linux)")
+    model_state, info, _ = states()
+    checkpoint.save(str(tmp_path / "c.safetensors"), model_state, info)  # imports and caches warmed up
+    before = len(os.listdir(fds))
+    for _ in range(5):
+        checkpoint.save(str(tmp_path / "c.safetensors"), model_state, info)
+    assert len(os.listdir(fds)) == before
