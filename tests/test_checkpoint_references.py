@@ -128,6 +128,8 @@ def test_save_latest_keeps_previous_and_the_last_n_step_copies(tmp_path):
         ["step_0000030.safetensors", "step_0000040.safetensors"]
     checkpoint.save_latest(out, 0, 50, *states(50))
     assert len(glob.glob(os.path.join(out, "step_*"))) == 2  # keep_last_n 0: no new copy, none removed
+    checkpoint.save_latest(out, 1, 60, *states(60))
+    assert [os.path.basename(p) for p in glob.glob(os.path.join(out, "step_*"))] == ["step_0000060.safetensors"]
     assert not glob.glob(os.path.join(out, "*.tmp-*"))
 
 
