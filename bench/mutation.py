@@ -318,9 +318,12 @@ def campaign(module, settings, args, equivalents, tree):
         source = f.read()
     mutants = find_mutants(module, source, settings.get("functions"))
     total = len(mutants)
+    carried = []  # with --retest: the earlier outcomes that stand (tests are only ever added, so killed stays killed)
     if args.retest:
         with open(os.path.join(args.retest, result_name(module))) as f:
-            survived = {r["key"] for r in json.load(f)["mutants"] if r["outcome"] == "survived"}
+            earlier = json.load(f)["mutants"]
+        survived = {r["key"] for r in earlier if r["outcome"] == "survived"}
+        carried = [{**r, "carried": True} for r in earlier if r["outcome"] != "survived"]
         mutants = [m for m in mutants if m.key in survived]
     elif args.max_mutants and total > args.max_mutants:
         mutants = sorted(random.Random(args.seed).sample(mutants, args.max_mutants), key=lambda m: m.start)
@@ -359,7 +362,7 @@ def campaign(module, settings, args, equivalents, tree):
     finally:
         with open(path, "w") as f:
             f.write(source)
-    return summarize(module, tests, missing, total, results, time.monotonic() - started)
+    return summarize(module, tests, missing, total, carried + results, time.monotonic() - started)
 
 
 def result_name(module):
@@ -385,8 +388,8 @@ def main(argv=None):
     parser.add_argument("--timeout", type=float, default=60, help="seconds per mutant at least (3x the unmutated "
                         "run's time if longer); a mutant that runs past it counts as killed")
     parser.add_argument("--out", default="out/mutation", help="folder for <module>.json and summary.json")
-    parser.add_argument("--retest", metavar="FOLDER", help="run only the mutants that survived in an earlier "
-                        "campaign's --out FOLDER (after adding tests for them)")
+    parser.add_argument("--retest", metavar="FOLDER", help="run again only the mutants that survived in an earlier "
+                        "campaign's --out FOLDER (after adding tests for them); its other outcomes are carried over")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--verbose", action="store_true", help="print every mutant's outcome, not only survivors")
     args = parser.parse_args(argv)
