@@ -75,6 +75,8 @@ def test_fit_to_context_keeps_the_system_message_and_refuses_a_last_message_too_
     messages = [system, user("aaaa"), assistant("bb"), user("cc"), assistant("dd"), user("ee")]
     kept, n = fit_to_context(TOK, messages, 24, 12)  # budget 12: only the system message and the last turn fit
     assert n == 4 and kept == [system, user("ee")]
+    long_last = [user("aaaa"), assistant("bb"), user("x" * 12)]  # the last alone: 16 tokens, over the budget of 10
+    assert fit_to_context(TOK, long_last, 20, 10) == (long_last[2:], 2)  # kept all the same: it fits block_size
     alone = [user("x" * 16)]  # 1 + 18 + 1 = 20 tokens: exactly block_size is allowed
     assert fit_to_context(TOK, alone, 20, 5) == (alone, 0)
     with pytest.raises(ChatError, match="21 tokens with the chat format, more than the model's block_size 20"):

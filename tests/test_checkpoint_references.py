@@ -157,8 +157,13 @@ def test_resume_takes_the_newest_intact_checkpoint(tmp_path, capsys):
     data = bytearray(latest.read_bytes())
     data[-3] ^= 0xFF
     latest.write_bytes(bytes(data))
+    junk = os.path.join(out, "step_0000099.safetensors")
+    with open(junk, "wb") as f:
+        f.write(b"not even a header")
     assert checkpoint.load_for_resume(out).path == os.path.join(out, "best.safetensors")
-    assert "skipping damaged checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"skipping damaged checkpoint '{junk}'" in err  # its header: unreadable
+    assert f"skipping damaged checkpoint: '{latest}' failed its checksum" in err
     best = tmp_path / "best.safetensors"
     best.write_bytes(best.read_bytes()[:-5])
     with pytest.raises(CheckpointError, match="every checkpoint in .* is damaged"):
