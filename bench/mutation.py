@@ -37,71 +37,104 @@ EQUIVALENT_FILE = os.path.join(REPO, "bench", "mutation_equivalent.toml")
 
 # The modules under campaign: the tests that cover each (pytest arguments, kept fast: they run once per mutant),
 # and optionally the functions or classes to mutate (None: the whole module).
-R = "tests/test_references.py::"
+def nodes(file, *tests):
+    """pytest arguments for some tests of tests/<file> (all of them when none are named)."""
+    return [f"tests/{file}::{t}" for t in tests] or [f"tests/{file}"]
+
+
 MODULES = {
-    "model.py": dict(tests=[R + "test_rotary_keeps_norms_of_every_channel_pair",
-                            R + "test_rotary_angles_are_position_times_base_to_the_minus_2i_over_d",
-                            R + "test_rotary_scores_depend_only_on_relative_position",
-                            R + "test_rotary_start_offsets_positions", "tests/test_model_references.py",
-                            "tests/test_model.py::test_changing_future_tokens_never_changes_past_logits",
-                            "tests/test_model.py::test_targets_of_minus_one_are_ignored",
-                            "tests/test_model.py::test_sdpa_and_explicit_math_paths_agree",
-                            "tests/test_gpt2.py::test_logits_equal_transformers_at_full_and_cropped_block_size",
-                            "tests/test_gpt2.py::test_loss_equals_transformers",
-                            "tests/test_architecture.py::test_each_option_is_causal",
-                            "tests/test_architecture.py::test_each_option_explicit_attention_path_equals_fused_path_with_and_without_cache"],
-                     warm=["transformers:GPT2LMHeadModel", "tokenizers"]),
-    "nanoforge/sampling.py": dict(tests=["tests/test_sampling_references.py", R + "test_engine_top_k_never_draws_outside_the_k_most_likely",
-                                         R + "test_engine_sampling_frequencies_match_softmax_of_logits_over_temperature",
-                                         "tests/test_generate.py::test_top_k_and_top_p_sample_only_from_the_allowed_set",
-                                         "tests/test_generate.py::test_sampling_frequencies_follow_the_renormalised_distribution",
-                                         "tests/test_generate.py::test_repetition_penalty_lowers_only_tokens_already_seen",
-                                         "tests/test_generate.py::test_stream_never_splits_a_multibyte_character_and_holds_back_stop_prefixes",
-                                         "tests/test_generate.py::test_lookup_draft_takes_what_followed_the_latest_match",
-                                         "tests/test_generate.py::test_prompt_lookup_refuses_sampling_and_batches",
-                                         "tests/test_generate.py::test_stop_string_and_end_of_text_end_each_sample_separately"]),
-    "nanoforge/engine.py": dict(tests=[R + "test_engine_sampling_frequencies_match_softmax_of_logits_over_temperature",
-                                       R + "test_engine_top_k_never_draws_outside_the_k_most_likely",
-                                       R + "test_engine_greedy_takes_the_largest_logit", "tests/test_sampling_references.py",
-                                       "tests/test_generate.py::test_generator_samples_vary_with_the_seed_only",
-                                       "tests/test_generate.py::test_seed_fixes_output_and_batch_row_i_equals_single_run_with_seed_plus_i",
-                                       "tests/test_generate.py::test_cached_greedy_equals_reference_across_block_size",
-                                       "tests/test_generate.py::test_repetition_penalty_lowers_only_tokens_already_seen"],
-                                functions=["Generator.pick_next_tokens", "row_settings", "per_row", "sampling_groups",
-                                           "token_logprobs", "Batch"]),
-    "nanoforge/optim.py": dict(tests=[R + "test_muon_groups_matrices_decay_and_everything_else_does_not",
-                                      R + "test_muon_step_with_zero_gradients_decays_only_the_matrices",
-                                      R + "test_adamw_groups_and_first_step_follow_adams_definition",
-                                      R + "test_muon_update_is_nearly_orthogonal_and_aligned_with_the_svd",
-                                      R + "test_optimizers_state_dict_is_torchs_format",
-                                      R + "test_newton_schulz_runs_in_bfloat16_only_on_the_device_that_multiplies_it_natively",
-                                      "tests/test_machine.py::test_muon_in_bfloat16_is_torchs_and_in_float32_close_to_it",
-                                      "tests/test_machine.py::test_a_torch_muon_checkpoint_resumes_in_ours_step_for_step",
-                                      "tests/test_machine.py::test_muon_orthogonalises_in_bfloat16_only_where_it_is_native",
-                                      "tests/test_architecture.py::test_muon_groups_take_their_own_learning_rate_keys",
-                                      "tests/test_architecture.py::test_optimizers_state_dict_round_trips_through_a_fresh_pair"]),
-    "nanoforge/training.py": dict(tests=["tests/test_training_references.py", R + "test_warmup_rises_linearly_to_the_peak",
-                                         R + "test_cosine_schedule_follows_the_formula_after_warmup",
-                                         R + "test_constant_schedule_holds_the_peak_after_warmup",
-                                         R + "test_wsd_schedule_decays_over_the_last_fraction_of_lr_decay_iters",
-                                         R + "test_wsd_decay_never_starts_inside_warmup",
-                                         "tests/test_architecture.py::test_wsd_schedule_values_at_its_boundaries"],
-                                  functions=["get_lr", "train_step", "apply_update"]),
-    "nanoforge/checkpoint.py": dict(tests=["tests/test_checkpoint_references.py"]),
-    "nanoforge/chat_format.py": dict(tests=["tests/test_chat.py", "tests/test_chat_references.py"]),
-    "nanoforge/multiple_choice.py": dict(tests=["tests/test_multiple_choice.py::test_batched_scores_equal_model_forward_on_our_architectures",
-                                                "tests/test_multiple_choice.py::test_accuracy_counts_both_conventions_and_the_interval",
-                                                "tests/test_multiple_choice.py::test_an_ending_longer_than_the_context_window_is_one_clear_error",
-                                                "tests/test_multiple_choice.py::test_log_likelihoods_and_accuracies_equal_lm_evals_hflm",
-                                                "tests/test_mc_references.py"],
-                                 warm=["transformers:GPT2LMHeadModel", "tokenizers", "lm_eval.api.instance"]),
-    "nanoforge/interventions.py": dict(tests=["tests/test_interventions.py::test_ablating_nothing_reproduces_the_logits_exactly",
-                                              "tests/test_interventions.py::test_ablating_a_head_equals_editing_its_slice_by_hand",
-                                              "tests/test_interventions.py::test_ablating_a_whole_attention_layer_or_mlp_removes_its_output",
-                                              "tests/test_interventions.py::test_ablation_specs_parse_and_are_checked_against_the_model",
-                                              "tests/test_interventions.py::test_attribution_parts_sum_to_the_logit",
-                                              "tests/test_interventions.py::test_patching_the_whole_clean_stream_restores_all_and_nothing_restores_nothing",
-                                              "tests/test_interventions.py::test_head_importance_ranks_the_head_the_task_needs_first"]),
+    "model.py": dict(
+        tests=nodes("test_references.py",
+                    "test_rotary_keeps_norms_of_every_channel_pair",
+                    "test_rotary_angles_are_position_times_base_to_the_minus_2i_over_d",
+                    "test_rotary_scores_depend_only_on_relative_position",
+                    "test_rotary_start_offsets_positions")
+              + nodes("test_model_references.py")
+              + nodes("test_model.py",
+                      "test_changing_future_tokens_never_changes_past_logits",
+                      "test_targets_of_minus_one_are_ignored",
+                      "test_sdpa_and_explicit_math_paths_agree")
+              + nodes("test_gpt2.py",
+                      "test_logits_equal_transformers_at_full_and_cropped_block_size",
+                      "test_loss_equals_transformers")
+              + nodes("test_architecture.py",
+                      "test_each_option_is_causal",
+                      "test_each_option_explicit_attention_path_equals_fused_path_with_and_without_cache"),
+        warm=["transformers:GPT2LMHeadModel", "tokenizers"]),
+    "nanoforge/sampling.py": dict(
+        tests=nodes("test_sampling_references.py")
+              + nodes("test_references.py",
+                      "test_engine_top_k_never_draws_outside_the_k_most_likely",
+                      "test_engine_sampling_frequencies_match_softmax_of_logits_over_temperature")
+              + nodes("test_generate.py",
+                      "test_top_k_and_top_p_sample_only_from_the_allowed_set",
+                      "test_sampling_frequencies_follow_the_renormalised_distribution",
+                      "test_repetition_penalty_lowers_only_tokens_already_seen",
+                      "test_stream_never_splits_a_multibyte_character_and_holds_back_stop_prefixes",
+                      "test_lookup_draft_takes_what_followed_the_latest_match",
+                      "test_prompt_lookup_refuses_sampling_and_batches",
+                      "test_stop_string_and_end_of_text_end_each_sample_separately")),
+    "nanoforge/engine.py": dict(
+        tests=nodes("test_references.py",
+                    "test_engine_sampling_frequencies_match_softmax_of_logits_over_temperature",
+                    "test_engine_top_k_never_draws_outside_the_k_most_likely",
+                    "test_engine_greedy_takes_the_largest_logit")
+              + nodes("test_sampling_references.py")
+              + nodes("test_generate.py",
+                      "test_generator_samples_vary_with_the_seed_only",
+                      "test_seed_fixes_output_and_batch_row_i_equals_single_run_with_seed_plus_i",
+                      "test_cached_greedy_equals_reference_across_block_size",
+                      "test_repetition_penalty_lowers_only_tokens_already_seen"),
+        functions=["Generator.pick_next_tokens", "row_settings", "per_row", "sampling_groups", "token_logprobs",
+                   "Batch"]),  # the engine's sampling step and per-row settings (its decoding is model.py's)
+    "nanoforge/optim.py": dict(
+        tests=nodes("test_references.py",
+                    "test_muon_groups_matrices_decay_and_everything_else_does_not",
+                    "test_muon_step_with_zero_gradients_decays_only_the_matrices",
+                    "test_adamw_groups_and_first_step_follow_adams_definition",
+                    "test_muon_update_is_nearly_orthogonal_and_aligned_with_the_svd",
+                    "test_optimizers_state_dict_is_torchs_format",
+                    "test_newton_schulz_runs_in_bfloat16_only_on_the_device_that_multiplies_it_natively")
+              + nodes("test_machine.py",
+                      "test_muon_in_bfloat16_is_torchs_and_in_float32_close_to_it",
+                      "test_a_torch_muon_checkpoint_resumes_in_ours_step_for_step",
+                      "test_muon_orthogonalises_in_bfloat16_only_where_it_is_native")
+              + nodes("test_architecture.py",
+                      "test_muon_groups_take_their_own_learning_rate_keys",
+                      "test_optimizers_state_dict_round_trips_through_a_fresh_pair")),
+    "nanoforge/training.py": dict(
+        tests=nodes("test_training_references.py")
+              + nodes("test_references.py",
+                      "test_warmup_rises_linearly_to_the_peak",
+                      "test_cosine_schedule_follows_the_formula_after_warmup",
+                      "test_constant_schedule_holds_the_peak_after_warmup",
+                      "test_wsd_schedule_decays_over_the_last_fraction_of_lr_decay_iters",
+                      "test_wsd_decay_never_starts_inside_warmup")
+              + nodes("test_architecture.py",
+                      "test_wsd_schedule_values_at_its_boundaries"),
+        functions=["get_lr", "train_step", "apply_update"]),
+    "nanoforge/checkpoint.py": dict(
+        tests=nodes("test_checkpoint_references.py")),
+    "nanoforge/chat_format.py": dict(
+        tests=nodes("test_chat.py")
+              + nodes("test_chat_references.py")),
+    "nanoforge/multiple_choice.py": dict(
+        tests=nodes("test_multiple_choice.py",
+                    "test_batched_scores_equal_model_forward_on_our_architectures",
+                    "test_accuracy_counts_both_conventions_and_the_interval",
+                    "test_an_ending_longer_than_the_context_window_is_one_clear_error",
+                    "test_log_likelihoods_and_accuracies_equal_lm_evals_hflm")
+              + nodes("test_mc_references.py"),
+        warm=["transformers:GPT2LMHeadModel", "tokenizers", "lm_eval.api.instance"]),
+    "nanoforge/interventions.py": dict(
+        tests=nodes("test_interventions.py",
+                    "test_ablating_nothing_reproduces_the_logits_exactly",
+                    "test_ablating_a_head_equals_editing_its_slice_by_hand",
+                    "test_ablating_a_whole_attention_layer_or_mlp_removes_its_output",
+                    "test_ablation_specs_parse_and_are_checked_against_the_model",
+                    "test_attribution_parts_sum_to_the_logit",
+                    "test_patching_the_whole_clean_stream_restores_all_and_nothing_restores_nothing",
+                    "test_head_importance_ranks_the_head_the_task_needs_first")),
 }
 
 # Modules imported once in the parent, before forking (their import is most of a small test run's time);
