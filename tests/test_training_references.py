@@ -24,13 +24,23 @@ def no_scaler():
     return torch.amp.GradScaler("cpu", enabled=False)
 
 
-def test_micro_batches_accumulate_the_gradient_of_the_mean_loss():
+class TwoProcesses:
+    """Distributed's interface as process 0 of two sees it, the other process's step loss being 1.0."""
+
+    def mean(self, tensor):
+        return tensor.copy_((tensor + 1.0) / 2)
+
+
+@pytest.mark.parametrize("loss_scale", [None, 64.0])
+def test_micro_batches_accumulate_the_gradient_of_the_mean_loss(loss_scale):
+    """With a loss scale (float16's GradScaler), the gradients left in the parameters are unscaled."""
     model = tiny_model()
     torch.manual_seed(1)
     batches = [(torch.randint(0, 16, (2, 8)), torch.randint(0, 16, (2, 8))) for _ in range(3)]
     fed = iter(batches)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    loss = train_step(model, optimizer, no_scaler(), lambda: next(fed), 3, contextlib.nullcontext(), Distributed())
+    scaler = torch.amp.GradScaler("cpu", init_scale=loss_scale) if loss_scale else no_scaler()
+    loss = train_step(model, optimizer, scaler, lambda: next(fed), 3, contextlib.nullcontext(), Distributed())
     assert next(fed, None) is None  # exactly one batch per micro-step
     # The reference: cross-entropy of each micro-batch by torch's own function, averaged, differentiated once.
     reference = tiny_model()
@@ -40,6 +50,15 @@ def test_micro_batches_accumulate_the_gradient_of_the_mean_loss():
     torch.testing.assert_close(loss, mean.detach())
     for p, g in zip(model.parameters(), grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+
+
+def test_the_step_loss_is_averaged_over_processes():
+    model = tiny_model()
+    x, y = torch.randint(0, 16, (2, 8)), torch.randint(0, 16, (2, 8))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = train_step(model, optimizer, no_scaler(), lambda: (x, y), 1, contextlib.nullcontext(), TwoProcesses())
+    own = F.cross_entropy(tiny_model()(x)[0].view(-1, 16), y.view(-1))
+    torch.testing.assert_close(loss, (own.detach() + 1.0) / 2)  # every process decides on the same number
 
 
 def run_state():
