@@ -72,3 +72,20 @@ def test_trailing_whitespace_moves_to_the_continuation_and_an_empty_context_star
     assert encode_pair(chars, "", "yes") == (chars.encode("\n"), chars.encode("yes"))  # no end-of-text token
     assert encode_pair(chars, "  ", "yes") == (chars.encode("\n"), chars.encode("  yes"))
     assert encode_pair(ByteTokenizer(), "", "hi") == ([256], list(b"hi"))
+
+
+def test_evaluate_splits_examples_over_processes_and_sums_the_counts():
+    """Ending "a" (token 0, the most likely) wins every example: examples labelled 0 are right, 1 wrong. Under
+    torchrun, process 1 of 2 scores examples 1 and 3 and the counts of both processes are summed."""
+    from types import SimpleNamespace
+    from nanoforge.multiple_choice import evaluate
+    model = fixed_logits_model().train()
+    examples = [Example("b", ["a", "f"], label) for label in (0, 1, 0, 1)]
+    alone = evaluate(model, TOKENS, examples)
+    assert (alone["n"], alone["correct"], alone["correct_norm"]) == (4, 2, 2)
+    assert model.training  # evaluate leaves the model in the mode it found it in
+    other = (1, 1, 2)  # what process 0 found on examples 0 and 2
+    ddp = SimpleNamespace(enabled=True, rank=1, world_size=2, gather=lambda counts: [other, counts])
+    both = evaluate(model.eval(), TOKENS, examples, ddp=ddp)
+    assert (both["n"], both["correct"], both["correct_norm"]) == (4, 1, 1)
+    assert not model.training
