@@ -134,7 +134,8 @@ MODULES = {
                     "test_ablation_specs_parse_and_are_checked_against_the_model",
                     "test_attribution_parts_sum_to_the_logit",
                     "test_patching_the_whole_clean_stream_restores_all_and_nothing_restores_nothing",
-                    "test_head_importance_ranks_the_head_the_task_needs_first")),
+                    "test_head_importance_ranks_the_head_the_task_needs_first")
+              + nodes("test_interventions_references.py")),
 }
 
 # Modules imported once in the parent, before forking (their import is most of a small test run's time);

@@ -77,6 +77,14 @@ def test_stream_releases_text_except_a_possible_stop_start():
     assert plain.push(ids["x"]) == "" and plain.finish() == "x" and plain.text == "axbx"
 
 
+def test_stream_holds_back_every_prefix_of_a_longer_stop_string():
+    stream = TextStream(CharTokenizer.train("abcx"), stop=["abc"])
+    ids = {c: i for i, c in enumerate("abcx")}
+    assert [stream.push(ids[c]) for c in "xa"] == ["x", ""]  # "a" may start "abc"
+    assert stream.push(ids["b"]) == ""  # so may "ab"
+    assert stream.push(ids["c"]) == "" and stream.text == "x" and stream.stopped
+
+
 def test_stream_waits_for_a_whole_utf8_character():
     stream = TextStream(ByteTokenizer())
     assert [stream.push(b) for b in "€".encode()] == ["", "", "€"]  # three bytes, one character
