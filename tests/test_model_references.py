@@ -123,8 +123,7 @@ def test_gpt2_initialisation_measured_on_the_weights():
     assert std("transformer.wpe.weight") == pytest.approx(0.02, rel=0.05)
     assert std("transformer.h.3.mlp.c_proj.weight") == pytest.approx(0.02 / math.sqrt(16), rel=0.02)
     assert std("transformer.h.5.attn.c_proj.weight") == pytest.approx(0.02 / math.sqrt(16), rel=0.02)
-    assert all(p.abs().sum() == 0 for n, p in model.named_parameters() if n.endswith(".bias"))
-    assert all(p.abs().sum() == 0 for n, p in model.named_parameters() if n.endswith("ln_1.bias"))
+    assert all(p.abs().sum() == 0 for n, p in model.named_parameters() if n.endswith(".bias"))  # norms' too
     assert all(torch.all(p == 1) for n, p in model.named_parameters() if n.endswith("ln_2.weight"))
     zero = GPT(config(zero_init_proj=True))
     assert all(p.abs().sum() == 0 for n, p in zero.named_parameters() if n.endswith("c_proj.weight"))
@@ -190,5 +189,6 @@ def test_reference_sampler_greedy_and_top_k():
     for step in range(3):
         logits, _ = model(out[:, : 5 + step])
         assert torch.equal(out[:, 5 + step], logits[:, -1].argmax(-1))
-    sampled = model.generate(idx, max_new_tokens=3, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    sampled = model.generate(idx, max_new_tokens=3, temperature=1.0, top_k=1, generator=generator)
     assert torch.equal(sampled, out)
