@@ -194,3 +194,26 @@ def test_saving_leaves_no_file_descriptor_open(tmp_path):
     for _ in range(5):
         checkpoint.save(str(tmp_path / "c.safetensors"), model_state, info)
     assert len(os.listdir(fds)) == before
+
+
+def test_save_makes_the_data_and_the_rename_durable(tmp_path, monkeypatch):
+    """A checkpoint survives a power cut only if its bytes reach the disk before the rename that publishes it,
+    and the directory entry after it: fsync(file), rename, fsync(directory), in that order."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("naming a descriptor's file needs /proc/self/fd (Linux)")
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", os.path.basename(src), os.path.basename(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    checkpoint.save(str(tmp_path / "c.safetensors"), *states()[:2])
+    tmp_name = f".c.safetensors.tmp-{os.getpid()}"
+    assert events == [("fsync", str(tmp_path / tmp_name)), ("rename", tmp_name, "c.safetensors"),
+                      ("fsync", str(tmp_path))]

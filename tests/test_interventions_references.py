@@ -26,3 +26,20 @@ def test_one_token_and_positions_from_either_end():
     for bad in (4, -5):
         with pytest.raises(iv.InterventionError, match=f"--position {bad} is outside the prompt's 4 tokens"):
             iv.position_in(bad, 4)
+
+
+def test_attribution_sums_to_the_logit_where_the_norms_epsilon_matters():
+    """A residual stream of variance ~1e-9, far below LayerNorm's eps (1e-5): the parts still sum to the logit
+    only if the frozen norm scale is 1 / sqrt(variance + eps), as F.layer_norm computes it."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=10, n_layer=1, n_head=2, n_embd=8)).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(1e-3)
+        model.transformer.wpe.weight.mul_(1e-3)
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_proj.weight.zero_()
+    idx = torch.tensor([[1, 2, 3, 4]])
+    logits, _ = model(idx)
+    result = iv.attribute(model, idx, 3, 5)
+    assert sum(v for _, v in result.parts) == pytest.approx(logits[0, 3, 5].item(), rel=1e-4, abs=1e-6)

@@ -162,3 +162,16 @@ def test_unseeded_rows_draw_distinct_seeds():
     torch.manual_seed(0)
     samples = Generator(fixed_logits_model(), TOKENS).generate([[0]] * 40, max_new_tokens=30, temperature=1.0)
     assert len({tuple(s.ids) for s in samples}) == 40
+
+
+def test_successive_draws_of_a_row_are_independent_after_a_long_prompt():
+    """Each generated token takes its own random number: with the same distribution at every step, a row's
+    first two tokens agree with probability sum(p^2) (0.24 here), never always. A 12-token prompt: the
+    numbers are counted from the first generated token, not from the start of the sequence."""
+    probs = torch.softmax(LOGITS.double() / 2.0, 0)
+    samples = Generator(fixed_logits_model(), TOKENS).generate([list(range(6)) * 2] * 100, max_new_tokens=30,
+                                                              temperature=2.0, seed=7)
+    same_first_pair = sum(s.ids[0] == s.ids[1] for s in samples)
+    assert abs(same_first_pair - 100 * (probs**2).sum().item()) < 20  # ~4.6 standard deviations
+    same_last_pair = sum(s.ids[-2] == s.ids[-1] for s in samples)
+    assert abs(same_last_pair - 100 * (probs**2).sum().item()) < 20
