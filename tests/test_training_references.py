@@ -101,3 +101,24 @@ def test_a_non_finite_loss_or_gradient_never_reaches_the_weights(loss, poison):
     for p, p0 in zip(model.parameters(), before):
         assert torch.equal(p.detach(), p0) and p.grad is None
     assert (state.loss_sum.item(), state.window_steps, state.skipped_steps) == (4.0, 0, 1)
+
+
+def test_a_loss_scale_grows_after_good_steps_and_shrinks_after_an_overflow():
+    """With float16's GradScaler (growth every step here), apply_update steps through the scaler and updates its
+    scale: doubled after a finite step; after an overflowing gradient the step is skipped and the scale halved
+    (torch's GradScaler rules), the loss being finite."""
+    model, _, before = with_gradients(1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=1)
+    scaler.scale(torch.ones(()))  # as a backward pass would have (the scale is created lazily)
+    scaler.unscale_(optimizer)  # as train_step leaves it
+    assert apply_update(model, optimizer, scaler, torch.tensor(1.0), SimpleNamespace(grad_clip=0.0), run_state())
+    assert scaler.get_scale() == 16.0 and not torch.equal(next(model.parameters()).detach(), before[0])
+    moved = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("inf"))
+    scaler.scale(torch.ones(()))
+    scaler.unscale_(optimizer)
+    assert apply_update(model, optimizer, scaler, torch.tensor(1.0), SimpleNamespace(grad_clip=0.0), run_state())
+    assert scaler.get_scale() == 8.0
+    assert all(torch.equal(p.detach(), m) for p, m in zip(model.parameters(), moved))
