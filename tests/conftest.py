@@ -179,7 +179,8 @@ def calculator_model(block_size=32):
     rule(chat["<|python_end|>"], [(chat["<|output_start|>"], 4.0)])  # without the tool: it writes an output itself
     rule(chat["<|output_start|>"], [(d, 2.0) for d in digits])
     rule(chat["<|output_end|>"], [(one[" "], 3.0), (one["o"], 2.0)])
-    rule(one[" "], [(one["o"], 2.5), (one["a"], 2.0), (chat["<|python_start|>"], 1.5), (chat["<|assistant_end|>"], 1.0)])
+    rule(one[" "], [(one["o"], 2.5), (one["a"], 2.0), (chat["<|python_start|>"], 1.5),
+                    (chat["<|assistant_end|>"], 1.0)])
     rule(one["o"], [(tokenizer.encode("k")[0], 3.0), (one["a"], 1.0), (one[" "], 1.0)])
     rule(tokenizer.encode("k")[0], [(chat["<|assistant_end|>"], 3.0), (one[" "], 1.5)])
     rule(one["a"], [(one[" "], 2.0), (chat["<|assistant_end|>"], 2.2), (tokenizer.encode("k")[0], 1.0)])
