@@ -9,9 +9,9 @@ cancelled give their slot back and waiting requests take it, so a short request 
         decoder.step()      # each row's events go to its own job.emit
 
 One step:
-1. prefill: rows with tokens queued to feed (a new request's prompt, or the kept context after a window slide)
-   feed them in chunks, at most `prefill_chunk` tokens per step over all rows, so that a long prompt neither
-   stalls the others for long nor is fed one token per step;
+1. prefill: rows with tokens queued to feed (a new request's prompt, the kept context after a window slide, a
+   calculator's output) feed them in chunks, at most `prefill_chunk` tokens per step over all rows, so that a
+   long prompt neither stalls the others for long nor is fed one token per step;
 2. sample: every row whose queue is empty picks its next token from its own logits with its own settings and
    random numbers, streams it, and either ends (max_new_tokens, an end token, a stop string, cancelled, its
    deadline) or queues it to be fed; when it closes a calculator call (a row with tools), the call's output is
