@@ -10,11 +10,13 @@ Open http://127.0.0.1:8000/ for the page: a chat for a chat model (one fine-tune
 completion box for a base model; click a generated token to see the alternatives the model weighed at
 that step and where each layer's heads looked. The API at http://127.0.0.1:8000/v1 speaks OpenAI's
 chat completions (chat models), completions (every model) and models, streaming included; see
-docs/serving.md. Up to --max-batch requests are decoded together, each joining as soon as a place is free
-and leaving as soon as it is done (continuous batching); past --max-queue waiting requests the server
-answers 503 with Retry-After. A request may ask for up to --max-tokens tokens and takes at most --timeout
-seconds. It listens on 127.0.0.1 only, unless --host says otherwise; with --api-key every request but the
-page and /health needs "Authorization: Bearer KEY". Web pages of other origins may call it only when
+docs/serving.md. A chat model with the tool tokens runs its calculator calls in chat completions (the
+reply's text is the final text; the calls come in a nanoforge_calculator field, and the page shows them). Up to
+--max-batch requests are decoded together, each joining as soon as a place is free and leaving as soon as it
+is done (continuous batching); past --max-queue waiting requests the server answers 503 with Retry-After. A
+request may ask for up to --max-tokens tokens and takes at most --timeout seconds. It listens on 127.0.0.1
+only, unless --host says otherwise; with --api-key every request but the page and /health needs
+"Authorization: Bearer KEY". Web pages of other origins may call it only when
 --cors-origin names them.
 """
 

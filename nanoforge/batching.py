@@ -23,9 +23,14 @@ Why this shape:
   reason "deadline" and what it has so far.
 - A job with `run` set is not decoded: the worker calls run() between steps (model work for the server's "why"
   view), so it waits in the same bounded queue and never runs beside the decoding.
+- A job with settings["tools"] (a chat model with the tool tokens) runs the calculator as
+  engine.Generator.generate(tools=True) does, with the same replies for the same seed; its text events carry the
+  reply's final text only (tools.ReplyText: no calls, outputs or tool tokens), and each call is reported apart.
 - The worker reports through job.emit(event), called from its own thread: ("token", id, logprobs) for each
-  generated token (when the job asked for logprobs), ("text", piece) as text becomes final, ("done", Sample)
-  at the end (or ("done", result) of run), or ("error", exception) when the job failed.
+  generated token of the text (when the job asked for logprobs), ("text", piece) as text becomes final,
+  ("call", expression, output, ids) when a call has been answered (ids: the call's tokens and its output's, as
+  far as the reply got), ("done", Sample) at the end (or ("done", result) of run), or ("error", exception) when
+  the job failed.
 """
 
 import threading
@@ -47,8 +52,9 @@ class QueueFull(Exception):
 
 @dataclass
 class Job:
-    """One request: its prompt token ids, its settings (max_new_tokens, temperature, top_p, seed, stop and
-    top_logprobs, None for no log-probabilities) and emit(event), called from the worker thread. deadline: a
+    """One request: its prompt token ids, its settings (max_new_tokens, temperature, top_p, seed, stop,
+    top_logprobs, None for no log-probabilities, and tools, True to run the calculator) and emit(event), called
+    from the worker thread. deadline: a
     time.monotonic() past which it ends (None: none). run: work to do on the worker instead of decoding."""
 
     prompt_ids: list
@@ -62,7 +68,7 @@ class Job:
 
 class Scheduler:
     """One worker thread decoding the jobs in up to max_batch slots. stop_ids: token ids that end every reply
-    (a chat model's chat tokens). policy: "continuous" or "static" (the comparison baseline; see above)."""
+    (a chat model's engine.reply_end_ids). policy: "continuous" or "static" (the comparison baseline; see above)."""
 
     def __init__(self, generator, max_batch, max_queue, stop_ids=(), policy="continuous"):
         if policy not in POLICIES:
@@ -151,7 +157,7 @@ class Scheduler:
 
     def start(self, job):
         if job.run is None and job.deadline is not None and time.monotonic() > job.deadline:  # waited too long
-            job.emit(("done", Sample(list(job.prompt_ids), [], "", "deadline")))
+            job.emit(("done", Sample(list(job.prompt_ids), [], "", "deadline", [], [])))
         elif job.run is not None:
             try:
                 job.emit(("done", job.run()))

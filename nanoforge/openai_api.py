@@ -7,6 +7,14 @@ What is checked, and the status each mistake gets (OpenAI's): a field of the wro
 range, an unknown field or role, a message with a chat token's text: 400; another model's name: 404.
 Fields OpenAI has that we do not implement are refused when set to anything but their neutral value
 (n > 1, echo, penalties, logit_bias) rather than silently ignored.
+
+A chat model with the tool tokens runs the calculator in its chat completions (tools.py), as sample.py --chat and
+eval.py do: the message's content is the reply's final text (no calls, outputs or tool tokens; logprobs cover
+its tokens only), and the calls are reported in a field of our own beside it, "nanoforge_calculator": a list of
+{"expression", "output", "token_ids"} (token_ids: the call's tokens and its output's, which the page sends back
+to /explain so that the reply's context is whole). A stream sends each call in a chunk of its own, as the
+delta's "nanoforge_calculator". The name is not OpenAI's "tool_calls": these calls are answered by the server,
+not by the client, and an OpenAI client must not try to answer them.
 """
 
 import itertools
@@ -18,6 +26,7 @@ from nanoforge.chat_format import ChatError, fit_to_context, render_for_reply
 from nanoforge.errors import UserError
 from nanoforge.inspect_model import token_bytes
 from nanoforge.tokenizer import CHAT_TOKENS
+from nanoforge.tools import has_tools
 
 MAX_TOKENS = 4096  # the most tokens one request may ask for, unless the server says otherwise (serve.py --max-tokens)
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
@@ -47,7 +56,8 @@ class APIError(Exception):
 class Request:
     """A checked request. kind: "chat" or "text" (completions). prompt_ids: what the model reads;
     dropped: messages (chat) or prompt tokens (text) left out to fit the context. top_logprobs: None
-    for no log-probabilities."""
+    for no log-probabilities. tools: whether the model runs the calculator (a chat completion of a model with the
+    tool tokens)."""
 
     kind: str
     prompt_ids: list
@@ -60,13 +70,14 @@ class Request:
     stream: bool
     include_usage: bool
     top_logprobs: int
+    tools: bool = False
 
     def settings(self):
         """The batching.Job settings of this request. top_p 0 keeps OpenAI's meaning: the nucleus holds the most
         likely token alone, which is greedy decoding (the engine's top_p is in (0, 1])."""
         temperature, top_p = (0.0, 1.0) if self.top_p == 0 else (self.temperature, self.top_p)
         return dict(max_new_tokens=self.max_tokens, temperature=temperature, top_p=top_p, seed=self.seed,
-                    stop=self.stop, top_logprobs=self.top_logprobs)
+                    stop=self.stop, top_logprobs=self.top_logprobs, tools=self.tools)
 
 
 def bad(message, param):
@@ -158,7 +169,8 @@ def checked_request(body, kind, tokenizer, block_size, model_name, limit):
     return Request(kind, prompt_ids, dropped, max_tokens, temperature=number(body, "temperature", 1.0, 0, 2),
                    top_p=number(body, "top_p", 1.0, 0, 1), stop=stop_strings(body),
                    seed=number(body, "seed", None, 0, 2**63 - 1, integer=True), stream=stream,
-                   include_usage=bool(options and options.get("include_usage")), top_logprobs=top_logprobs)
+                   include_usage=bool(options and options.get("include_usage")), top_logprobs=top_logprobs,
+                   tools=kind == "chat" and has_tools(tokenizer))
 
 
 def message_text(content, i):
@@ -260,22 +272,33 @@ def usage(request, sample):
             "total_tokens": len(request.prompt_ids) + n}
 
 
-def response(request, rid, model_name, sample, tokens, tokenizer):
-    """The whole answer of a request that did not stream."""
+def calculator_calls(calls):
+    """[(expression, output, token ids)] -> the "nanoforge_calculator" list (see the module docstring)."""
+    return [{"expression": e, "output": out, "token_ids": ids} for e, out, ids in calls]
+
+
+def response(request, rid, model_name, sample, tokens, tokenizer, text=None, calls=()):
+    """The whole answer of a request that did not stream. text: what the client reads (the final text of a reply
+    with tools; sample.text when None); calls: its calculator calls [(expression, output, token ids)]."""
+    text = sample.text if text is None else text
     if request.kind == "chat":
         logprobs = chat_logprobs(tokenizer, tokens) if request.top_logprobs is not None else None
-        choice = {"index": 0, "message": {"role": "assistant", "content": sample.text}, "logprobs": logprobs,
-                  "finish_reason": finish_reason(sample)}
+        message = {"role": "assistant", "content": text}
+        if request.tools:
+            message["nanoforge_calculator"] = calculator_calls(calls)
+        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason(sample)}
     else:
         logprobs = text_logprobs(tokenizer, tokens) if request.top_logprobs is not None else None
-        choice = {"index": 0, "text": sample.text, "logprobs": logprobs, "finish_reason": finish_reason(sample)}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(sample)}
     return {"id": rid, "object": "chat.completion" if request.kind == "chat" else "text_completion",
             "created": int(time.time()), "model": model_name, "choices": [choice], "usage": usage(request, sample)}
 
 
-def chunk(request, rid, model_name, text=None, tokens=(), tokenizer=None, sample=None, offset=0, first=False):
+def chunk(request, rid, model_name, text=None, tokens=(), tokenizer=None, sample=None, offset=0, first=False,
+          calls=()):
     """One server-sent event's JSON of a streamed answer: a piece of text (and the log-probabilities of the
-    tokens it came from), or the end (sample given: its finish reason)."""
+    tokens it came from), a calculator call (calls: [(expression, output, token ids)]), or the end (sample
+    given: its finish reason)."""
     logprobs = None
     if request.top_logprobs is not None and tokens:
         logprobs = (chat_logprobs if request.kind == "chat" else text_logprobs)(tokenizer, tokens, *(
@@ -283,6 +306,8 @@ def chunk(request, rid, model_name, text=None, tokens=(), tokenizer=None, sample
     reason = finish_reason(sample) if sample is not None else None
     if request.kind == "chat":
         delta = {"role": "assistant", "content": ""} if first else {} if text is None else {"content": text}
+        if calls:
+            delta["nanoforge_calculator"] = calculator_calls(calls)
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
     else:
         choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": reason}

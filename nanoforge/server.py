@@ -39,6 +39,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException
 
 from nanoforge.batching import Job, QueueFull, Scheduler
+from nanoforge.engine import reply_end_ids
 from nanoforge.errors import UserError
 from nanoforge.inspect_model import explain_step
 from nanoforge.openai_api import (MAX_TOKENS, APIError, chat_prompt, chunk, new_id, number, parse_request, response,
@@ -62,8 +63,9 @@ class Service:
         self.tokenizer, self.block_size = generator.tokenizer, generator.config.block_size
         self.max_tokens, self.timeout = max_tokens, timeout
         self.chat = hasattr(self.tokenizer, "chat_ids")
-        # A chat model's reply ends at <|assistant_end|>, or at any other chat token (none can be in a reply).
-        stop_ids = self.tokenizer.chat_ids.values() if self.chat else ()
+        # A chat model's reply ends at <|assistant_end|>, or at any other chat token but the tool tokens (a reply
+        # may hold calls: its chat completions run the calculator, see openai_api).
+        stop_ids = reply_end_ids(self.tokenizer) if self.chat else ()
         self.scheduler = Scheduler(generator, max_batch, max_queue, stop_ids, policy=batching)
 
     def authorize(self, request):
@@ -134,16 +136,21 @@ def submit(service, prompt_ids, settings, run=None):
 
 
 async def answer(service, request, job, events):
-    """Wait for the whole reply; returns (sample, [(token id, logprobs)]), or None when the client went away."""
-    tokens = []
+    """Wait for the whole reply; returns (sample, [(token id, logprobs)], the text the client reads, the calculator
+    calls [(expression, output, token ids)]), or None when the client went away."""
+    tokens, pieces, calls = [], [], []
     try:
         async for event in events_until_gone(events, request):
             if event[0] == "token":
                 tokens.append(event[1:])
+            elif event[0] == "text":
+                pieces.append(event[1])
+            elif event[0] == "call":
+                calls.append(event[1:])
             elif event[0] == "error":
                 raise failure(event[1])
             elif event[0] == "done":
-                return event[1], tokens
+                return event[1], tokens, "".join(pieces), calls
         return None
     finally:
         service.scheduler.cancel(job)  # no-op once done; frees the place or row of a client that went away
@@ -154,8 +161,8 @@ def sse(data):
 
 
 async def stream(service, req, job, events):
-    """Server-sent events: a chunk per piece of text (with the log-probabilities of its tokens), a last chunk
-    with the finish reason, the usage when asked, then data: [DONE]."""
+    """Server-sent events: a chunk per piece of text (with the log-probabilities of its tokens) and per calculator
+    call, a last chunk with the finish reason, the usage when asked, then data: [DONE]."""
     pending, offset = [], 0  # tokens whose text is not out yet; characters sent so far
     args = (req, new_id(req.kind), service.name)
     try:
@@ -168,6 +175,9 @@ async def stream(service, req, job, events):
             elif event[0] == "text":
                 yield sse(chunk(*args, text=event[1], tokens=pending, tokenizer=service.tokenizer, offset=offset))
                 offset, pending = offset + len(event[1]), []
+            elif event[0] == "call":
+                yield sse(chunk(*args, tokens=pending, tokenizer=service.tokenizer, calls=[event[1:]]))
+                pending = []
             elif event[0] == "error":
                 yield sse(failure(event[1]).body())
                 break
@@ -197,8 +207,9 @@ async def complete(service, request, kind):
     answered = await answer(service, request, job, events)
     if answered is None:
         return Response(status_code=499)  # nobody is there to read it (nginx's "client closed request")
-    sample, tokens = answered
-    reply = await asyncio.to_thread(response, req, new_id(kind), service.name, sample, tokens, service.tokenizer)
+    sample, tokens, text, calls = answered
+    reply = await asyncio.to_thread(response, req, new_id(kind), service.name, sample, tokens, service.tokenizer,
+                                    text, calls)
     return JSONResponse(reply, headers=headers)
 
 

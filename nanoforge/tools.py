@@ -21,6 +21,7 @@ import math
 import operator
 
 from nanoforge.errors import UserError
+from nanoforge.sampling import TextStream
 
 MAX_EXPRESSION_CHARS = 200
 MAX_CALL_TOKENS = 64  # a call longer than this is closed as unclosed: a model looping inside a call stops paying
@@ -146,13 +147,20 @@ def safe_char(tokenizer, c):
         return []
 
 
+def part_changes(tokenizer):
+    """{tool token id: the kind of reply part that follows it}: the call ("python") after <|python_start|>, its
+    output ("python_output") after <|output_start|>, text again after <|python_end|> and <|output_end|>."""
+    chat = tokenizer.chat_ids
+    return {chat[name]: kind for name, kind in (("<|python_start|>", "python"), ("<|output_start|>", "python_output"),
+                                                ("<|python_end|>", "text"), ("<|output_end|>", "text"))
+            if name in chat}
+
+
 def reply_parts(tokenizer, ids):
     """A reply's token ids (as the engine made them, tool tokens included) -> the assistant content as parts:
     [{"type": "text" | "python" | "python_output", "text": ...}], the shape chat_format renders. The text parts
     joined are the reply's final text (final_text)."""
-    chat = tokenizer.chat_ids
-    kinds = {chat.get("<|python_start|>"): "python", chat.get("<|output_start|>"): "python_output"}
-    closers = {chat.get("<|python_end|>"), chat.get("<|output_end|>")}
+    changes, chat = part_changes(tokenizer), set(tokenizer.chat_ids.values())
     parts, kind, run = [], "text", []
 
     def flush():
@@ -160,13 +168,10 @@ def reply_parts(tokenizer, ids):
             parts.append({"type": kind, "text": tokenizer.decode(run)})
 
     for token in ids:
-        if token in kinds and token is not None:
+        if token in changes:
             flush()
-            kind, run = kinds[token], []
-        elif token in closers and token is not None:
-            flush()
-            kind, run = "text", []
-        elif token not in chat.values():
+            kind, run = changes[token], []
+        elif token not in chat:
             run.append(token)
     flush()
     return [p for p in parts if p["type"] != "text" or p["text"]]
@@ -175,3 +180,64 @@ def reply_parts(tokenizer, ids):
 def final_text(parts):
     """The text a user reads as the answer: the reply without its calls and their outputs."""
     return "".join(p["text"] for p in parts if p["type"] == "text")
+
+
+class ReplyText:
+    """A reply's final text as it streams, for a server: the engine's text (a TextStream, whose stop strings see the
+    whole reply, calls and chat tokens' names included, as Generator.generate's do) less the calls, their outputs
+    and the chat tokens' names. Without a stop string the whole of it is final_text(reply_parts(ids)).
+    push(token) returns the final text that became final; shows(token), asked before push, whether token is part
+    of it. text and stopped are the TextStream's.
+
+    Why a piece of the stream's text can be told apart: a chat token decodes to its name (ChatTokenizer.decode), so
+    the stream's pending tokens are decoded (released) at every chat token, and the reply changes part only at one."""
+
+    def __init__(self, tokenizer, stop=()):
+        self.tokenizer, self.stream = tokenizer, TextStream(tokenizer, stop)
+        self.changes, self.chat = part_changes(tokenizer), set(tokenizer.chat_ids.values())
+        self.kind = "text"  # the part the reply is in
+        self.hidden = []  # [start, end) ranges of stream.text that are not the final text, in order
+        self.shown = 0  # characters of stream.text looked at by release() so far
+
+    @property
+    def text(self):
+        return self.stream.text
+
+    @property
+    def stopped(self):
+        return self.stream.stopped
+
+    def shows(self, token):
+        return self.kind == "text" and token not in self.chat
+
+    def push(self, token):
+        stream, start = self.stream, len(self.stream.text)
+        # a chat token's name comes after the pending tokens' text, which is still of the part before it
+        name_at = start + len(self.tokenizer.decode(stream.pending)) if token in self.chat else None
+        stream.push(token)
+        if name_at is None:
+            self.hide(start, len(stream.text), self.kind != "text")
+        else:
+            self.hide(start, name_at, self.kind != "text")
+            self.hide(name_at, len(stream.text), True)
+            self.kind = self.changes.get(token, self.kind)
+        return self.release()
+
+    def finish(self):
+        self.stream.finish()
+        return self.release()
+
+    def hide(self, start, end, hidden):
+        if hidden and end > start:
+            self.hidden.append((start, end))
+
+    def release(self):
+        """The final text in stream.text[shown:released] (what the stream has released since the last call)."""
+        end, pieces, at = min(self.stream.released, len(self.stream.text)), [], self.shown
+        for a, b in self.hidden:
+            if b > at and a < end:
+                pieces.append(self.stream.text[at:a])
+                at = b
+        pieces.append(self.stream.text[at:end])
+        self.shown = max(self.shown, end)
+        return "".join(pieces)

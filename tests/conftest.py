@@ -144,6 +144,77 @@ def chat_ckpt(tmp_path_factory):
     return path
 
 
+# A tiny chat model that calls the calculator: its logits are rigged to a table of which token follows which
+# (a bigram model), so that greedy decoding answers with the call 6*7 and then " ok", and sampling writes calls of
+# random lengths, sometimes none, sometimes two. A weak random attention block and position embedding make the
+# rest of the context matter a little (a reply changes with the prompt), so that replies test the KV cache too.
+CALCULATOR_CHARS = "0123456789+*/ abcdefghijklmnopqrstuvwxyz:"
+
+
+def calculator_model(block_size=32):
+    """(model, tokenizer) of the rigged calculator-calling chat model (see above)."""
+    import torch
+
+    from model import GPT, GPTConfig
+    from nanoforge.tokenizer import CharTokenizer, with_chat_tokens
+
+    tokenizer = with_chat_tokens(CharTokenizer(CALCULATOR_CHARS))
+    chat, digits = tokenizer.chat_ids, tokenizer.encode("0123456789")
+    one = {c: tokenizer.encode(c)[0] for c in "+*/ oak"}
+    follows = torch.zeros(tokenizer.vocab_size, tokenizer.vocab_size)  # logits: [token, next token]
+    follows[:, chat["<|assistant_end|>"]] = 11.0  # what no rule below names ends the reply
+
+    def rule(token, choices):
+        follows[token] = 0.0
+        for next_token, logit in choices:
+            follows[token, next_token] = 8.0 + logit
+
+    rule(chat["<|assistant_start|>"], [(chat["<|python_start|>"], 3.0), (one["o"], 2.0), (one["a"], 1.5)])
+    rule(chat["<|python_start|>"], [(d, 2.5 if k == 6 else 2.0) for k, d in enumerate(digits)])
+    for k, d in enumerate(digits):
+        rule(d, [(chat["<|python_end|>"], 3.0 if k == 7 else 2.0), (one["+"], 1.5), (one["*"], 3.0 if k == 6 else 1.5),
+                 (one["/"], 1.0)] + [(x, 1.0) for x in digits])
+    for op in "+*/":
+        rule(one[op], [(d, 2.5 if k == 7 else 2.0) for k, d in enumerate(digits)])
+    rule(chat["<|python_end|>"], [(chat["<|output_start|>"], 4.0)])  # without the tool: it writes an output itself
+    rule(chat["<|output_start|>"], [(d, 2.0) for d in digits])
+    rule(chat["<|output_end|>"], [(one[" "], 3.0), (one["o"], 2.0)])
+    rule(one[" "], [(one["o"], 2.5), (one["a"], 2.0), (chat["<|python_start|>"], 1.5),
+                    (chat["<|assistant_end|>"], 1.0)])
+    rule(one["o"], [(tokenizer.encode("k")[0], 3.0), (one["a"], 1.0), (one[" "], 1.0)])
+    rule(tokenizer.encode("k")[0], [(chat["<|assistant_end|>"], 3.0), (one[" "], 1.5)])
+    rule(one["a"], [(one[" "], 2.0), (chat["<|assistant_end|>"], 2.2), (tokenizer.encode("k")[0], 1.0)])
+    torch.manual_seed(0)
+    n_embd = 64  # more than the 50 tokens: each token's embedding is a direction of its own
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=n_embd,
+                          dropout=0.0, bias=True, tie_embeddings=False)).eval()
+    with torch.no_grad():
+        wte = model.transformer.wte.weight
+        wte.zero_()
+        wte[:, : tokenizer.vocab_size] = 4 * torch.eye(tokenizer.vocab_size)
+        model.transformer.wpe.weight.normal_(0, 0.02)
+        for name, p in model.transformer.h.named_parameters():
+            if name.endswith("c_proj.weight"):
+                p.normal_(0, 0.1 / n_embd**0.5)
+        alone = model.transformer.ln_f(wte)  # (V, n_embd): what the lm_head sees of a token with no context
+        model.lm_head.weight.copy_(torch.linalg.lstsq(alone, follows).solution.T)  # alone @ lm_head.T = follows
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def calculator_ckpt(tmp_path_factory):
+    """calculator_model() saved as a checkpoint (for serve.py)."""
+    import dataclasses
+
+    from nanoforge import checkpoint
+
+    model, tokenizer = calculator_model()
+    path = tmp_path_factory.mktemp("calculator") / "model.safetensors"
+    checkpoint.save(str(path), model.state_dict(), {"model": dataclasses.asdict(model.config),
+                                                    "tokenizer": tokenizer.to_dict()})
+    return path
+
+
 @pytest.fixture
 def http_server():
     """A local HTTP server for download tests: http_server(respond) starts one whose GET answers are

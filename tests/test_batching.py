@@ -8,8 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import calculator_model, conversation
+from nanoforge import tools
 from nanoforge.batching import Job, QueueFull, Scheduler
-from nanoforge.engine import Generator
+from nanoforge.chat_format import render_for_reply
+from nanoforge.engine import Generator, reply_end_ids
 from nanoforge.inspect_model import explain, explain_step
 from test_generate import CHARS, small_model
 
@@ -180,11 +183,12 @@ def test_one_bad_row_fails_alone(gen):
     scheduler = Scheduler(gen, max_batch=8, max_queue=8)
     try:
         good = job(gen, "First", 1)
-        bad = [job(gen, "Re", 2, top_p=0.0), job(gen, "All", 3, top_logprobs=gen.config.vocab_size + 1)]
+        bad = [job(gen, "Re", 2, top_p=0.0), job(gen, "All", 3, top_logprobs=gen.config.vocab_size + 1),
+               job(gen, "F", 4, tools=True)]  # a model without the tool tokens
         run_jobs(scheduler, [good, *bad])
         assert good.emit.events[-1] == ("done", gen.generate(["First"], max_new_tokens=20, seed=1)[0])
-        assert [j.emit.events[-1][0] for j in bad] == ["error", "error"]
-        assert "top_p" in str(bad[0].emit.events[-1][1]) and "top_logprobs" in str(bad[1].emit.events[-1][1])
+        assert [j.emit.events[-1][0] for j in bad] == ["error", "error", "error"]
+        assert [str(j.emit.events[-1][1]).split()[0] for j in bad] == ["top_p", "top_logprobs", "tools"]
     finally:
         scheduler.close()
 
@@ -266,3 +270,75 @@ def test_a_full_queue_refuses_and_a_failed_job_leaves_the_worker_running(gen):
         assert good.emit.finished.wait(30) and good.emit.events[-1][0] == "done"
     finally:
         scheduler.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tools: a row of a chat model with the tool tokens runs the calculator as generate(tools=True) does
+
+
+# (question, seed, max_new_tokens, temperature, stop, tools)
+TOOL_ROWS = [("what is six times seven", 0, 40, 1.0, [], True), ("hello", 1, 30, 1.0, [], True),
+             ("what is six times seven", 5, 40, 1.0, [], True),  # two calls
+             ("what is six times seven", 5, 7, 0.0, [], True),  # max_new_tokens ends it inside the output "42"
+             ("what is six times seven", 9, 40, 0.0, ["2"], True),  # a stop string in the output (the engine's too)
+             ("add 2 3", 2, 25, 0.8, [], True), ("what is six times seven", 3, 30, 1.0, [], False)]
+
+
+def tool_job(gen, question, seed, max_new_tokens, temperature, stop, use_tools, **extra):
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, seed=seed, stop=stop,
+                    top_logprobs=None, tools=use_tools, **extra)
+    return Job(render_for_reply(gen.tokenizer, conversation((question, None))), settings, Recorder())
+
+
+def fed_after_a_slide(sample, block_size):
+    """Indexes into sample.ids of the tokens that generate() fed right after sliding its window (alone, with the
+    default slide: the cache is full when a token is to be fed, and it keeps block_size - slide + 1 tokens)."""
+    pos, found = len(sample.prompt_ids), []
+    for k in range(len(sample.ids) - 1):  # the last token is never fed
+        if pos == block_size:
+            found.append(k)
+            pos = block_size - block_size // 4
+        pos += 1
+    return found
+
+
+def test_tool_calls_give_generates_replies_alone_and_in_any_mix():
+    """Rows that call the calculator (forced outputs fed in the middle of a reply, a reply ended by max_new_tokens
+    or a stop string inside an output, windows sliding past block_size 32) beside a row without tools, in two mixes:
+    each Sample (ids, which were forced, the calls, the engine's text) is Generator.replies(tools=True)'s for that
+    conversation and seed alone. The streamed text is the final text only, and each call is reported with its
+    tokens."""
+    gen = Generator(*calculator_model())
+    chat = gen.tokenizer.chat_ids
+    alone = [gen.replies([conversation((q, None))], max_new_tokens=n, temperature=t, seed=seed, stop=stop,
+                         tools=use_tools)[0] for q, seed, n, t, stop, use_tools in TOOL_ROWS]
+    # what the rows cover
+    assert [len(s.calls) for s in alone] == [1, 1, 2, 1, 1, 1, 0]
+    assert alone[3].forced[-1] and alone[3].finish_reason == "length"
+    assert alone[4].forced[-1] and alone[4].finish_reason == "stop"
+    assert any(f and not later for s in alone for f, later in zip(s.forced, s.forced[1:]))  # sampled after an output
+    # a window slides in the middle of an output: the slots prefill the rest of the output after the kept context
+    assert any(s.forced[k] and s.forced[k + 1] for s in alone for k in fed_after_a_slide(s, gen.config.block_size))
+    for slots, order, chunk in [(2, range(len(TOOL_ROWS)), 3), (4, reversed(range(len(TOOL_ROWS))), 64)]:
+        scheduler = Scheduler(gen, max_batch=slots, max_queue=8, stop_ids=reply_end_ids(gen.tokenizer))
+        scheduler.decoder.prefill_chunk = chunk
+        try:
+            jobs = {i: tool_job(gen, *TOOL_ROWS[i]) for i in order}
+            run_jobs(scheduler, jobs.values())
+            for i, j in jobs.items():
+                assert j.emit.events[-1] == ("done", alone[i]), (slots, i)
+                text = "".join(e[1] for e in j.emit.events if e[0] == "text")
+                calls = [e[1:] for e in j.emit.events if e[0] == "call"]
+                if TOOL_ROWS[i][-1]:
+                    final = tools.final_text(tools.reply_parts(gen.tokenizer, alone[i].ids))
+                    assert text == (final if not TOOL_ROWS[i][4] else "")  # row 4 stops inside its first output
+                    assert [c[:2] for c in calls] == alone[i].calls
+                else:
+                    assert text == alone[i].text and calls == []
+        finally:
+            scheduler.close()
+    # a call's tokens, as the page needs them for the "why" view: the call and its output
+    greedy = jobs[3].emit.events
+    e = gen.tokenizer.encode
+    assert [c for c in greedy if c[0] == "call"] == [("call", "6*7", "42", [
+        chat["<|python_start|>"], *e("6*7"), chat["<|python_end|>"], chat["<|output_start|>"], *e("4")])]

@@ -375,3 +375,47 @@ def test_another_host_than_loopback_is_warned_about(chat_ckpt):
     assert warning == ("serve.py: warning: listening on 192.0.2.1: other machines can reach this server and use "
                        "it without a key (--api-key)")
     assert r.returncode == 1 and error.startswith("serve.py: error: cannot listen on 192.0.2.1:0")
+
+
+@pytest.fixture(scope="module")
+def calculator_server(calculator_ckpt):
+    server = Server(calculator_ckpt, "--max-batch", 4)
+    yield server
+    server.stop()
+
+
+def test_chat_runs_the_calculator_and_reports_each_call(calculator_server, calculator_ckpt):
+    """A chat model with the tool tokens: the content is the final text of generate(tools=True)'s reply for the
+    same seed (alone or beside others), the calls come in nanoforge_calculator, and a stream's content deltas
+    carry no call, output or tool token."""
+    from nanoforge import tools
+
+    model, tokenizer = load_model(calculator_ckpt, "cpu")
+    generator, client = Generator(model, tokenizer), calculator_server.client()
+    messages = conversation(("what is six times seven", None))
+    expected = [generator.chat(messages, temperature=1.0, seed=seed, max_new_tokens=40, tools=True)
+                for seed in range(4)]
+
+    def ask(seed):
+        return client.chat.completions.create(model=calculator_server.model, messages=messages, temperature=1.0,
+                                              seed=seed, max_tokens=40, logprobs=True)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(ask, range(4)))
+    assert sum(bool(s.calls) for s in expected) >= 3
+    for reply, sample in zip(replies, expected):
+        message = reply.choices[0].message
+        assert message.content == tools.final_text(tools.reply_parts(tokenizer, sample.ids))
+        calls = message.model_extra["nanoforge_calculator"]
+        assert [(c["expression"], c["output"]) for c in calls] == sample.calls
+        assert "".join(t.token for t in reply.choices[0].logprobs.content) == message.content
+        assert reply.usage.completion_tokens == len(sample.ids)  # forced tokens count, as against max_tokens
+    chat = tokenizer.chat_ids
+    chunks = list(client.chat.completions.create(model=calculator_server.model, messages=messages, temperature=0,
+                                                 max_tokens=40, stream=True))
+    deltas = [c.choices[0].delta for c in chunks]
+    assert "".join(d.content or "" for d in deltas) == " ok"  # the engine's text: <|python_start|>6*7...42... ok
+    assert [d.model_extra["nanoforge_calculator"] for d in deltas if d.model_extra.get("nanoforge_calculator")] == [
+        [{"expression": "6*7", "output": "42", "token_ids": [chat["<|python_start|>"], *tokenizer.encode("6*7"),
+                                                             chat["<|python_end|>"], chat["<|output_start|>"],
+                                                             *tokenizer.encode("42"), chat["<|output_end|>"]]}]]

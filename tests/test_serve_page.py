@@ -96,3 +96,39 @@ def test_a_base_model_gets_a_completion_box(tmp_path):
     finally:
         server.stop()
     assert errors == []
+
+
+def test_a_reply_shows_each_calculator_call_and_the_why_view_sees_it(calculator_ckpt):
+    """A chat model with the tool tokens: the reply shows the call and its result beside the final text (no tool
+    token in the text), and a token after the call is explained in the context that holds the call."""
+    from playwright.sync_api import sync_playwright
+
+    model, tokenizer = load_model(calculator_ckpt, "cpu")
+    expected = Generator(model, tokenizer).chat(conversation(("what is six times seven", None)), temperature=0,
+                                                tools=True)
+    server = Server(calculator_ckpt)
+    errors = []
+    try:
+        with sync_playwright() as p:
+            browser, page = open_page(p, server, errors)
+            try:
+                page.fill("#temperature", "0")
+                page.fill("#input", "what is six times seven")
+                page.press("#input", "Enter")
+                page.wait_for_selector(".assistant .call")
+                page.wait_for_function("!document.getElementById('go').disabled")
+                assert page.locator(".assistant .call").all_inner_texts() == ["calculator 6*7 \u2192 42"]
+                assert expected.calls == [("6*7", "42")]
+                assert "".join(page.locator(".assistant .tok").all_inner_texts()) == " ok"
+                assert page.locator(".assistant .call").is_visible()
+                page.locator(".assistant .tok").last.click()  # "k", after the call
+                page.wait_for_selector("#whybody", state="visible")
+                n = len(expected.ids) - 1  # every token of the reply but its end
+                assert page.locator("#stepinfo").inner_text().startswith(f'token {n} of {n}: "k"')
+                context = page.locator("#context span").all_inner_texts()
+                assert context[-5:] == ["4", "2", "<|output_end|>", " ", "o"]  # the step saw the call's output
+            finally:
+                browser.close()
+    finally:
+        server.stop()
+    assert errors == []

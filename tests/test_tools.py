@@ -154,3 +154,34 @@ def test_tools_need_the_tool_tokens():
     gen = Generator(GPT(GPTConfig(block_size=16, vocab_size=old.vocab_size, n_layer=1, n_head=1, n_embd=8)), old)
     with pytest.raises(Exception, match="no tool tokens"):
         gen.generate([[1, 2]], max_new_tokens=2, tools=True)
+
+
+def test_reply_text_streams_the_final_text_and_stop_strings_see_the_whole_reply():
+    """tools.ReplyText (the server's stream of a reply with calls): piece by piece, it releases exactly
+    final_text(reply_parts(ids)) of random replies (text, multi-byte characters, calls, outputs, stray chat tokens);
+    a stop string is looked for in the whole reply, as the engine's TextStream does, and cuts the final text too."""
+    import random
+
+    chat, e = TOKENIZER.chat_ids, TOKENIZER.encode
+    pieces = [e("a"), e(" "), e("€"), e("7"), *([i] for i in chat.values() if i != chat["<|bos|>"])]
+    rng = random.Random(0)
+    for _ in range(300):
+        ids = [i for _ in range(rng.randint(0, 25)) for i in rng.choice(pieces)]
+        reply = tools.ReplyText(TOKENIZER)
+        shown = [reply.push(i) for i in ids]
+        assert "".join(shown) + reply.finish() == tools.final_text(tools.reply_parts(TOKENIZER, ids)), ids
+    ids = [*e("ab"), chat["<|python_start|>"], *e("1+1"), chat["<|python_end|>"], chat["<|output_start|>"], *e("2"),
+           chat["<|output_end|>"], *e("c2d")]
+    for stop, final in [("2", "ab"), ("c", "ab"), ("2d", "abc"), ("b<|py", "a"), ("z", "abc2d")]:
+        reply = tools.ReplyText(TOKENIZER, [stop])
+        shown = ""
+        for i in ids:
+            shown += reply.push(i)
+            if reply.stopped:
+                break
+        assert shown + reply.finish() == final, stop
+    reply, shows = tools.ReplyText(TOKENIZER), []
+    for i in [*e("x"), chat["<|python_start|>"], *e("1"), chat["<|python_end|>"], *e("y")]:
+        shows.append(reply.shows(i))  # asked before the token is pushed: is it part of the final text?
+        reply.push(i)
+    assert shows == [True, False, False, False, True]
