@@ -253,6 +253,8 @@ def test_json_of_each_view(char_run):
     assert patched["residual"][-1][-1] == pytest.approx(1.0) and patched["tokens"][7] != patched["corrupted_tokens"][7]
     importance = json_main(*run, "--importance", char_run.parent / "data", "--batches", "2")
     assert importance["batches"] == 2 and len(importance["increase"]) == 2 and len(importance["increase"][0]) == 2
+    alone = json_main("--ckpt", char_run, "--importance", char_run.parent / "data", "--batches", "2")
+    assert alone == importance  # --importance uses no prompt, and needs none
     plain = json_main(*run)
     assert plain["tokens"][0] == "B" and len(plain["predictions"]) == 12
 
@@ -275,6 +277,8 @@ def test_bad_causal_arguments_are_one_line_errors(char_run):
     missing = ("--ckpt", char_run.parent / "no-such-run", "--prompt", "First")
     for args, message in [
         ((*missing, "--ablate", "1,2"), "--ablate: '1' is not a part"),
+        (missing[:2], "--prompt is required \\(only --importance DATA_DIR runs without one\\)"),
+        ((*missing[:2], "--importance", "d", "--attribute"), "--prompt is required"),
         ((*missing, "--ablation", "zero"), "--ablation goes with --ablate or --importance"),
         ((*missing, "--ablate", "1.0", "--ablation", "mean"), "--ablation mean replaces a part's output by its mean"),
         ((*missing, "--ablate", "1.0", "--data", "d"), "--data goes with --ablation mean"),
