@@ -199,7 +199,7 @@ def unknown_key_error(name, where):
                            "vocab_multiple pads it")
     close = difflib.get_close_matches(name, KEYS, n=1, cutoff=0.5)
     hint = f"did you mean '{close[0]}'?" if close else "run `python train.py --help` for the list of keys"
-    return ConfigError(f"unknown config key '{name}' {where}: {hint}")
+    return ConfigError(f"unknown config key {name!r} {where}: {hint}")  # !r: a name may hold a newline
 
 
 def coerce(name, value):
@@ -227,7 +227,7 @@ def parse_override(name, text):
             return want(text)
         except ValueError:
             pass
-    raise ConfigError(f"config key '{name}' expects {TYPES[want]}, got '{text}'")
+    raise ConfigError(f"config key '{name}' expects {TYPES[want]}, got {text!r}")
 
 
 def load_toml(path):

@@ -107,5 +107,5 @@ def run_tasks(model, tokenizer, tasks, limit=None, include_path=None, batch_size
         if any(key.startswith("acc_norm") for key in task):
             task["acc_norm_convention"] = HARNESS_ACC_NORM_CONVENTION
     if "acc_norm" in table:
-        table += f"\nacc_norm above: {HARNESS_ACC_NORM_CONVENTION}; eval.py --task's is {ACC_NORM_CONVENTION}\n"
+        table = table.rstrip("\n") + f"\nacc_norm above: {HARNESS_ACC_NORM_CONVENTION}; eval.py --task's is {ACC_NORM_CONVENTION}"
     return results, table
