@@ -8,8 +8,8 @@ than HANG_SECONDS or a reader that leaves a half-written file behind.
     python -m bench.fuzz --examples 10000                  # the long campaign, every reader
     python -m bench.fuzz --examples 200 --reader checkpoint
 
-tests/test_fuzz.py runs the same readers with a few dozen inputs each on every test run; the server's request
-bodies and headers are fuzzed through its HTTP app in tests/test_fuzz_server.py. docs/robustness.md gives the
+tests/test_fuzz.py runs the same readers with a few dozen inputs each on every test run (the server's in
+tests/test_fuzz_server.py, apart, as serving changes often). docs/robustness.md gives the
 long campaign's counts. The readers (what a user hands the project):
     config       a TOML config file plus --key=value overrides (nanoforge.config.build_config)
     data_dir     a prepared data directory: meta.json, the .bin files and their sizes (data.Dataset, batches,
@@ -20,6 +20,8 @@ long campaign's counts. The readers (what a user hands the project):
     corpus       a JSONL or Parquet corpus, plain or chat records (preparation.prepare into a fresh directory:
                  on refusal nothing complete-looking may be left there)
     hellaswag    a HellaSwag-format task file (hellaswag.load)
+    server       serve.py's HTTP API: request bodies (chat, completions, explain, junk) and headers, through a real
+                 server on 127.0.0.1 (every answer below 500 but a full queue's 503, and it keeps serving)
 """
 
 import argparse
@@ -29,7 +31,9 @@ import json
 import os
 import shutil
 import signal
+import socket
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -434,14 +438,110 @@ class HellaswagReader(Reader):
         hellaswag.load(path, limit)
 
 
+class ServerReader(Reader):
+    """serve.py itself, in a subprocess on a free port of 127.0.0.1 (as a user runs it), with a tiny random chat
+    model: every request body and header set gets an answer below 500, and the server keeps serving."""
+
+    name = "server"
+    PATHS = ["/v1/chat/completions", "/v1/completions", "/explain", "/v1/models", "/health"]
+
+    def setup(self, workdir):
+        super().setup(workdir)
+        import httpx
+
+        from model import GPT, GPTConfig
+        from nanoforge import checkpoint
+        from nanoforge.tokenizer import ByteTokenizer, with_chat_tokens
+
+        tokenizer = with_chat_tokens(ByteTokenizer())
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=32, vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=32))
+        path = os.path.join(workdir, "chat.safetensors")
+        checkpoint.save(path, model.state_dict(), {"model": dict(vars(model.config)), "tokenizer": tokenizer.to_dict()})
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.log = open(os.path.join(workdir, "serve.log"), "w")
+        self.process = subprocess.Popen([sys.executable, os.path.join(repo, "serve.py"), "--ckpt", path, "--port",
+                                         str(port), "--device", "cpu"], stdout=self.log, stderr=subprocess.STDOUT)
+        self.http = httpx.Client(timeout=HANG_SECONDS)
+        deadline = time.time() + 120
+        while time.time() < deadline and self.process.poll() is None:
+            try:
+                if self.http.get(self.url + "/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise RuntimeError("serve.py did not start")
+
+    def close(self):
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self.http.close()
+        self.log.close()
+
+    def strategy(self):
+        message = st.fixed_dictionaries({"role": st.one_of(st.sampled_from(["user", "assistant", "system"]),
+                                                           FIELD_VALUES),
+                                         "content": st.one_of(st.text(max_size=20), FIELD_VALUES)})
+        chat = st.fixed_dictionaries({"messages": st.one_of(st.lists(message, max_size=3), JSON)},
+                                     optional={"max_tokens": st.one_of(st.integers(-2, 4), FIELD_VALUES),
+                                               "temperature": FIELD_VALUES, "top_p": FIELD_VALUES,
+                                               "stream": st.one_of(st.booleans(), FIELD_VALUES), "seed": FIELD_VALUES,
+                                               "stop": st.one_of(st.text(max_size=3), JSON), "n": FIELD_VALUES,
+                                               "logprobs": FIELD_VALUES, "top_logprobs": FIELD_VALUES,
+                                               "model": st.one_of(st.text(max_size=8), FIELD_VALUES),
+                                               "reply_ids": JSON, "step": FIELD_VALUES})
+        completion = st.fixed_dictionaries({"prompt": st.one_of(st.text(max_size=20), JSON,
+                                                                st.lists(st.integers(-5, 300), max_size=5))},
+                                           optional={"max_tokens": st.one_of(st.integers(-2, 4), FIELD_VALUES),
+                                                     "logprobs": FIELD_VALUES, "echo": FIELD_VALUES,
+                                                     "stream": st.one_of(st.booleans(), FIELD_VALUES)})
+        body = st.one_of(chat.map(lambda b: json.dumps(b).encode()), completion.map(lambda b: json.dumps(b).encode()),
+                         JSON.map(lambda b: json.dumps(b).encode()), st.binary(max_size=40))
+        # values an HTTP client sends (httpx itself refuses others: edge whitespace, other transfer codings)
+        header_text = st.one_of(st.sampled_from(["application/json", "text/plain", "gzip", "100-continue",
+                                                 "Bearer x", "*/*", "application/json; charset=latin-1"]),
+                                st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=30))
+        headers = st.dictionaries(st.sampled_from(["Content-Type", "Accept", "Authorization", "Content-Encoding",
+                                                   "Expect", "X-Request-Id", "Accept-Encoding"]),
+                                  header_text, max_size=3)
+        return st.tuples(st.sampled_from(["POST", "POST", "GET", "PUT"]), st.sampled_from(self.PATHS), body, headers)
+
+    def check(self, value):
+        import httpx
+
+        method, path, body, headers = value
+        try:
+            r = self.http.request(method, self.url + path, content=body, headers=headers)
+        except httpx.TransportError as e:
+            raise Failure(f"{method} {path} got no answer ({type(e).__name__}: {e})") from None
+        if r.status_code >= 500 and r.status_code != 503:  # 503: a full queue, which a client may retry
+            raise Failure(f"{method} {path} answered {r.status_code}: {r.text[:200]}")
+        if r.status_code >= 400 and "error" not in r.json():
+            raise Failure(f"{method} {path} answered {r.status_code} without an error object: {r.text[:200]}")
+        if self.http.get(self.url + "/health").status_code != 200:
+            raise Failure("the server stopped serving")
+
+
 READERS = {reader.name: reader for reader in (ConfigReader(), DataDirReader(), CheckpointReader(),
-                                              TokenizerReader(), CorpusReader(), HellaswagReader())}
+                                              TokenizerReader(), CorpusReader(), HellaswagReader(), ServerReader())}
 
 
 def campaign(reader, examples, workdir, counts, seed=None):
     """Feed `examples` inputs to one reader, counting them in counts {inputs, worked, refused}. A failure
     raises (hypothesis shrinks the input first: the exception names the smallest input it found)."""
     reader.setup(workdir)
+    try:
+        run(reader, examples, counts, seed)
+    finally:
+        if hasattr(reader, "close"):
+            reader.close()
+
+
+def run(reader, examples, counts, seed):
     run_settings = settings(max_examples=examples, deadline=None, database=None, derandomize=seed is not None,
                             suppress_health_check=list(HealthCheck), print_blob=True)
 
