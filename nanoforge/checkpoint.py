@@ -143,7 +143,7 @@ def load(path, device="cpu"):
         raise CheckpointError(f"'{path}' is not a {FORMAT} file (format {meta.get('format')!r})")
     if meta.get("version") != str(VERSION):
         raise CheckpointError(
-            f"'{path}' is checkpoint format version {meta.get('version')}, this code reads version {VERSION}: "
+            f"'{path}' is checkpoint format version {meta.get('version')!r}, this code reads version {VERSION}: "
             "use the version of this project that wrote it"
         )
     if tensor_checksum(tensors) != meta.get("sha256"):

@@ -111,3 +111,16 @@ def test_a_corpus_record_with_a_newline_in_a_field_name_is_one_line(tmp_path):
         prepare(str(corpus), "char", str(tmp_path / "out"), 0.2, workers=1)
     assert "(fields: '\\n')" in str(caught.value) and "\n" not in str(caught.value)
     assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_a_checkpoint_version_holding_a_newline_is_named_on_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    from nanoforge import checkpoint
+
+    path = tmp_path / "v.safetensors"
+    save_file({"model.w": __import__("torch").zeros(1)}, str(path), metadata={"format": checkpoint.FORMAT,
+                                                                              "version": "\n", "info": "{}"})
+    with pytest.raises(CheckpointError) as caught:
+        checkpoint.load(str(path))
+    assert "format version '\\n'" in str(caught.value) and "\n" not in str(caught.value)
