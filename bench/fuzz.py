@@ -571,7 +571,9 @@ def main(argv=None):
             except Exception as e:  # noqa: BLE001: report it and go on to the next reader
                 found = e.exceptions if isinstance(e, BaseExceptionGroup) else [e]
                 verdict, failed = f"FAILED: {len(found)} distinct failure(s):\n  " + "\n  ".join(
-                    f"{type(x).__name__}: {str(x)[:300]}" for x in found), True
+                    f"{type(x).__name__}: {str(x)[:300]}" + "".join(f"\n    {note[:600]}" for note in
+                                                                     getattr(x, "__notes__", []))
+                    for x in found), True
         print(f"{name:<11} {counts['inputs']:>7} inputs: {counts['worked']:>6} worked, {counts['refused']:>6} "
               f"refused with one line; {verdict} ({time.time() - start:.0f} s)", flush=True)
     return 1 if failed else 0

@@ -229,7 +229,7 @@ def test_chat_records_in_a_directory_say_to_pass_the_file(tmp_path):
 
 def test_source_format_errors_name_the_fix(tmp_path, monkeypatch):
     write_jsonl(tmp_path / "c.jsonl", ["a", "b"], field="content")
-    with pytest.raises(PrepareError, match="line 1 has no string field 'text' \\(fields: id, content\\)"):
+    with pytest.raises(PrepareError, match="line 1 has no string field 'text' \\(fields: 'id', 'content'\\)"):
         prepare.prepare(str(tmp_path / "c.jsonl"), "byte", str(tmp_path / "d"))
     (tmp_path / "c.parquet").write_bytes(b"PAR1")
     monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)
