@@ -150,6 +150,9 @@ class TrainConfig(GPTConfig):
             value = getattr(self, name)
             if not (math.isfinite(value) and low(value) and high(value)):
                 raise ConfigError(f"config key '{name}' must be {text}, got {value}")
+        if self.depth > MAX_DEPTH:  # the dial counts the model's parameters by building it (on the meta device)
+            raise ConfigError(f"config key 'depth' must be at most {MAX_DEPTH} (GPT-3 175B has 96 layers), got "
+                              f"{self.depth}")
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
                               f"try n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}")
@@ -169,6 +172,7 @@ class TrainConfig(GPTConfig):
                               "(it arrived in 2.9): upgrade torch, or use optimizer='adamw'")
 
 
+MAX_DEPTH = 256
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2", "swiglu"),
            "optimizer": ("adamw", "muon"), "lr_schedule": ("constant", "cosine", "wsd"), "dtype": DTYPES, "parallel": ("ddp", "fsdp")}

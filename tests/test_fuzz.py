@@ -124,3 +124,10 @@ def test_a_checkpoint_version_holding_a_newline_is_named_on_one_line(tmp_path):
     with pytest.raises(CheckpointError) as caught:
         checkpoint.load(str(path))
     assert "format version '\\n'" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_huge_depth_is_refused_before_the_dial_builds_the_model():
+    """Found by the campaign: --depth=2**40 hung build_config (the dial counts parameters by building the
+    model on the meta device, layer by layer)."""
+    with pytest.raises(ConfigError, match="'depth' must be at most 256"):
+        build_config(None, [f"--depth={2**40}"])
