@@ -98,7 +98,9 @@ def run_task(args):
     for name in ("acc", "acc_norm"):
         low, high = results[f"{name}_ci95"]
         right = results["correct" if name == "acc" else "correct_norm"]
-        print(f"{args.task} {name:8s} {results[name]:.2%} (95 % CI {low:.2%} to {high:.2%}; {right}/{results['n']})")
+        convention = f", {results['acc_norm_convention']}" if name == "acc_norm" else ""
+        print(f"{args.task} {name:8s} {results[name]:.2%} (95 % CI {low:.2%} to {high:.2%}; {right}/{results['n']}"
+              f"{convention})")
     print(f"reference: {hellaswag.REFERENCE}")
 
 

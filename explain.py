@@ -154,7 +154,11 @@ def check_args(args):
         raise ConfigError("--layer and --head go together: give both, e.g. --layer 0 --head 0")
     if args.ablate_feature is not None and not args.sae:
         raise ConfigError("--ablate-feature needs --sae FILE: the SAE the feature belongs to")
-    if not args.prompt:
+    if args.prompt is None and (args.importance is None or any(
+            getattr(args, v) is not None for v in ("ablate", "attribute", "patch", "layer", "html", "sae")) or args.trace):
+        raise ConfigError("--prompt is required (only --importance DATA_DIR runs without one): give the text to "
+                          "look at, e.g. --prompt 'def main():'")
+    if args.prompt == "":
         raise ConfigError("--prompt is empty: give the text to look at, e.g. --prompt 'def main():'")
     causal_views.check_args(args)
 
@@ -169,7 +173,7 @@ def check_layer_and_head(args, n_layer, n_head):
 def main(argv=None):
     parser = cli.parser(__doc__)
     cli.add_model_arguments(parser)
-    parser.add_argument("--prompt", required=True, help="the text to look at")
+    parser.add_argument("--prompt", help="the text to look at (--importance alone needs none)")
     parser.add_argument("--top", type=int, default=5, metavar="N", help="predictions shown per position")
     parser.add_argument("--layer", type=int, help="with --head: print this layer's pattern as a text heatmap")
     parser.add_argument("--head", type=int, help="with --layer: the head whose pattern to print")
@@ -190,6 +194,11 @@ def main(argv=None):
     model, tokenizer = loading.load_model_from_args(args, device)
     cfg = model.config
     check_layer_and_head(args, cfg.n_layer, cfg.n_head)
+    if args.prompt is None:  # --importance alone: scored over the data, no prompt to look at
+        view = causal_views.run_importance(args, model, tokenizer, causal_views.reference_means(args, model, tokenizer))
+        if args.json:
+            print(json.dumps(view))
+        return
     ids, dropped = fit_prompt(tokenizer.encode(args.prompt), args.max_tokens, cfg.block_size)
     if dropped:
         print(f"the prompt is {len(ids) + dropped} tokens: kept its last {len(ids)} (--max-tokens "

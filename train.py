@@ -96,8 +96,8 @@ def run_training(cfg, resume, ddp, device, dtype, micro_steps, data):
     # W&B, TensorBoard (only the master logs): made here, from the config build_model completed, so
     # that an error before the loop leaves no tracker run open.
     trackers = Trackers(cfg, enabled=ddp.is_master)
-    say(probe().summary(), file=sys.stderr)
-    machine = {"machine": probe().as_dict()}  # in the run's first record (and a resumed run's): who made the figures
+    say(probe(cuda=device.type == "cuda").summary(), file=sys.stderr)
+    machine = {"machine": probe(cuda=device.type == "cuda").as_dict()}  # in the run's first record (and a resumed run's): who made the figures
 
     with StopSignals() as stop, log, bar, trackers:
         while state.step < cfg.max_iters:

@@ -18,7 +18,10 @@ BATCHES = 8  # --importance's default batch count (of interventions.importance_b
 
 def add_arguments(parser):
     parser.add_argument("--ablate", metavar="SPEC", help="remove parts: heads L.H, attnL, mlpL, comma-separated")
-    parser.add_argument("--ablation", choices=("zero", "mean"), help="set the parts' output to zero (default) or its mean")
+    parser.add_argument("--ablation", choices=("zero", "mean"),
+                        help="set the parts' output to zero (default) or to its mean at each position over a reference set")
+    parser.add_argument("--data", metavar="DIR", help="with --ablation mean: the reference set, a prepared data "
+                        "directory's validation split (default: the --importance directory)")
     parser.add_argument("--importance", metavar="DATA_DIR", help="each head's loss increase over validation batches")
     parser.add_argument("--batches", type=int, metavar="N", help="with --importance: batches of 8 sequences (default 8)")
     parser.add_argument("--attribute", metavar="TOKEN", nargs="?", const="",
@@ -40,6 +43,11 @@ def check_args(args):
         raise InterventionError("--json prints only JSON: leave out --html and --png (or run explain.py twice)")
     if args.json and len(views) > 1:
         raise InterventionError("--json prints one view at a time: give only one of --ablate, --importance, --attribute, --patch")
+    if args.ablation == "mean" and args.data is None and args.importance is None:
+        raise InterventionError("--ablation mean replaces a part's output by its mean over a reference set: give "
+                                "--data DIR, a prepared data directory (the model's training data, say)")
+    if args.data is not None and args.ablation != "mean":
+        raise InterventionError("--data goes with --ablation mean (it names the reference set of the means)")
     for flag, needs in (("ablation", ("ablate", "importance")), ("batches", ("importance",)),
                         ("position", ("attribute",)), ("answer", ("patch",))):
         if getattr(args, flag) is not None and not any(getattr(args, v) is not None for v in needs):
@@ -55,10 +63,11 @@ def run(args, model, tokenizer, ids, e):
     device = next(model.parameters()).device
     idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
     views = {}
+    means = reference_means(args, model, tokenizer)
     if args.ablate is not None:
-        views["ablate"] = run_ablation(args, model, idx, e)
+        views["ablate"] = run_ablation(args, model, idx, e, means)
     if args.importance is not None:
-        views["importance"] = run_importance(args, model, tokenizer)
+        views["importance"] = run_importance(args, model, tokenizer, means)
     if args.attribute is not None:
         views["attribute"] = run_attribution(args, model, tokenizer, idx, e)
     if args.patch is not None:
@@ -66,22 +75,34 @@ def run(args, model, tokenizer, ids, e):
     return views
 
 
-def run_ablation(args, model, idx, e):
+def reference_means(args, model, tokenizer):
+    """For --ablation mean: the mean activation of every part --ablate or --importance may remove, at each
+    position, over the reference set (--data, else the --importance directory); None otherwise."""
+    if args.ablation != "mean":
+        return None
+    cfg = model.config
+    parts = interventions.all_heads(cfg) + [interventions.Part(kind, layer) for kind in ("attn", "mlp")
+                                            for layer in range(cfg.n_layer)]
+    windows = interventions.reference_windows(args.data or args.importance, tokenizer, cfg.block_size)
+    return interventions.mean_activations(model, windows, parts)
+
+
+def run_ablation(args, model, idx, e, means):
     if idx.size(1) < 2:
         raise InterventionError("--ablate needs a prompt of at least 2 tokens (it scores each next token)")
     parts = interventions.parse_parts(args.ablate)
     interventions.check_parts(parts, model.config)
-    result = interventions.ablate(model, idx, parts, args.ablation or "zero")
+    result = interventions.ablate(model, idx, parts, args.ablation or "zero", means)
     if not args.json:
         print_ablation(result, e.labels)
     return result.to_json(e.labels)
 
 
-def run_importance(args, model, tokenizer):
+def run_importance(args, model, tokenizer, means):
     device, mode = next(model.parameters()).device, args.ablation or "zero"
     batches = [(x.to(device), y.to(device)) for x, y in interventions.importance_batches(
         args.importance, tokenizer, model.config.block_size, args.batches or BATCHES)]
-    base, increase = interventions.head_importance(model, batches, mode)
+    base, increase = interventions.head_importance(model, batches, mode, means)
     if not args.json:
         print_importance(base, increase, len(batches), mode)
     if args.png:

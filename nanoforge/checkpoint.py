@@ -10,6 +10,7 @@ renamed over the old one: a crash at any instant leaves either the old or the ne
 never half of one. A sha256 over all tensor bytes is stored and verified on load.
 """
 
+import dataclasses
 import errno
 import glob
 import hashlib
@@ -24,6 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from model import GPTConfig
 from nanoforge.errors import UserError
 from nanoforge.tokenizer import tokenizer_from_dict
 
@@ -141,7 +143,7 @@ def load(path, device="cpu"):
         raise CheckpointError(f"'{path}' is not a {FORMAT} file (format {meta.get('format')!r})")
     if meta.get("version") != str(VERSION):
         raise CheckpointError(
-            f"'{path}' is checkpoint format version {meta.get('version')}, this code reads version {VERSION}: "
+            f"'{path}' is checkpoint format version {meta.get('version')!r}, this code reads version {VERSION}: "
             "use the version of this project that wrote it"
         )
     if tensor_checksum(tensors) != meta.get("sha256"):
@@ -151,8 +153,48 @@ def load(path, device="cpu"):
     optimizer_state = None
     if "optimizer_param_groups" in meta:
         optim = {k: v for k, v in tensors.items() if k.startswith("optim.")}
-        optimizer_state = unflatten_optimizer(optim, json.loads(meta["optimizer_param_groups"]))
-    return Checkpoint(path, model_state, json.loads(meta["info"]), optimizer_state, extra)
+        optimizer_state = unflatten_optimizer(optim, header_json(path, meta, "optimizer_param_groups"))
+    return Checkpoint(path, model_state, parse_info(path, meta), optimizer_state, extra)
+
+
+def header_json(path, meta, key):
+    """A JSON field of the header. The checksum covers the tensors only: the header is checked here."""
+    try:
+        return json.loads(meta[key])
+    except (KeyError, json.JSONDecodeError):
+        raise CheckpointError(f"'{path}' has no readable '{key}' in its header: the file is damaged") from None
+
+
+def parse_info(path, meta):
+    info = header_json(path, meta, "info")
+    if not (isinstance(info, dict) and isinstance(info.get("model"), dict) and isinstance(info.get("tokenizer"), dict)):
+        raise CheckpointError(f"'{path}' has an info header without its model and tokenizer: the file is damaged")
+    return info
+
+
+MAX_BLOCK_SIZE = 1 << 20  # a context no model here has: rope's tables for more would not fit in memory
+
+
+def check_model_info(path, model, state):
+    """The info's model description against the weights, before a model is built from it: a damaged or
+    edited description could otherwise ask for a model that does not fit in memory."""
+    def whole(key):
+        value = model.get(key)
+        if type(value) is not int or value < 1:
+            raise CheckpointError(f"'{path}' describes its model with {key} = {value!r}: the file is damaged")
+        return value
+
+    for field in dataclasses.fields(GPTConfig):  # each value of its field's type (a float may be written as int)
+        value, want = model.get(field.name, field.default), type(field.default)
+        if not (type(value) is want or (want is float and type(value) is int)):
+            raise CheckpointError(f"'{path}' describes its model with {field.name} = {value!r}, not a "
+                                  f"{want.__name__}: the file is damaged")
+    blocks = {k.split(".")[2] for k in state if k.startswith("transformer.h.")}
+    wte = state.get("transformer.wte.weight")
+    if whole("n_layer") != len(blocks) or wte is None or wte.dim() != 2 or whole("n_embd") != wte.shape[1] \
+            or whole("n_head") > whole("n_embd") or whole("block_size") > MAX_BLOCK_SIZE:
+        raise CheckpointError(f"'{path}' describes a model (n_layer {model['n_layer']}, n_embd {model['n_embd']}, "
+                              f"block_size {model['block_size']}) that its weights do not match: the file is damaged")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +230,7 @@ def read_info(path):
         raise CheckpointError(f"'{path}' is not a readable safetensors checkpoint ({e})") from None
     if meta.get("format") != FORMAT or "info" not in meta:
         raise CheckpointError(f"'{path}' is not a {FORMAT} file (format {meta.get('format')!r})")
-    return json.loads(meta["info"])
+    return parse_info(path, meta)
 
 
 def load_tokenizer(ckpt):

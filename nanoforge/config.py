@@ -157,6 +157,9 @@ class TrainConfig(GPTConfig):
             value = getattr(self, name)
             if not (math.isfinite(value) and low(value) and high(value)):
                 raise ConfigError(f"config key '{name}' must be {text}, got {value}")
+        if self.depth > MAX_DEPTH:  # the dial counts the model's parameters by building it (on the meta device)
+            raise ConfigError(f"config key 'depth' must be at most {MAX_DEPTH} (GPT-3 175B has 96 layers), got "
+                              f"{self.depth}")
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
                               f"try n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}")
@@ -193,6 +196,7 @@ class TrainConfig(GPTConfig):
 
 # The linear layers of a block LoRA can adapt, as their names end (model.py's, and GPT-2's on the Hub).
 LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+MAX_DEPTH = 256
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2", "swiglu"),
            "optimizer": ("adamw", "muon"), "lr_schedule": ("constant", "cosine", "wsd"), "dtype": DTYPES, "parallel": ("ddp", "fsdp")}
@@ -224,7 +228,7 @@ def unknown_key_error(name, where):
                            "vocab_multiple pads it")
     close = difflib.get_close_matches(name, KEYS, n=1, cutoff=0.5)
     hint = f"did you mean '{close[0]}'?" if close else "run `python train.py --help` for the list of keys"
-    return ConfigError(f"unknown config key '{name}' {where}: {hint}")
+    return ConfigError(f"unknown config key {name!r} {where}: {hint}")  # !r: a name may hold a newline
 
 
 def coerce(name, value):
@@ -252,7 +256,7 @@ def parse_override(name, text):
             return want(text)
         except ValueError:
             pass
-    raise ConfigError(f"config key '{name}' expects {TYPES[want]}, got '{text}'")
+    raise ConfigError(f"config key '{name}' expects {TYPES[want]}, got {text!r}")
 
 
 def load_toml(path):

@@ -43,9 +43,33 @@ def read_meta(data_dir):
             meta = json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"'{path}' is not valid JSON ({e}): {fix}")
+    if not isinstance(meta, dict):
+        raise DataError(f"'{path}' holds {type(meta).__name__}, not a JSON object: {fix}")
     if meta.get("version") != META_VERSION:
         raise DataError(f"'{path}' has format version {meta.get('version')!r}, expected {META_VERSION}: {fix}")
+    check_meta_fields(meta, path, fix)
     return meta
+
+
+def check_meta_fields(meta, path, fix):
+    """The fields every reader uses, of the types and ranges preparation writes (a hand-edited or damaged
+    meta.json fails here, in one line, rather than deep inside numpy or the model)."""
+    counts = ["vocab_size", "train_tokens", "val_tokens"]
+    if meta.get("chat") is not None and not isinstance(meta["chat"], bool):
+        raise DataError(f"'{path}' has chat = {meta['chat']!r}, expected true or false: {fix}")
+    if meta.get("chat"):
+        counts += ["train_conversations", "val_conversations"]
+    for key in counts:
+        value = meta.get(key)
+        if type(value) is not int or value < 0 or (key == "vocab_size" and value == 0):
+            least = "a positive" if key == "vocab_size" else "a non-negative"
+            raise DataError(f"'{path}' has {key} = {value!r}, expected {least} whole number: {fix}")
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        raise DataError(f"'{path}' has dtype = {meta.get('dtype')!r}, expected 'uint16' or 'uint32': {fix}")
+    if meta["vocab_size"] > np.iinfo(meta["dtype"]).max + 1:
+        raise DataError(f"'{path}' has vocab_size = {meta['vocab_size']}, more ids than {meta['dtype']} holds: {fix}")
+    if not isinstance(meta.get("tokenizer"), dict):
+        raise DataError(f"'{path}' has tokenizer = {meta.get('tokenizer')!r}, expected its JSON description: {fix}")
 
 
 def open_array(data_dir, name, dtype, count):
@@ -65,7 +89,29 @@ def open_array(data_dir, name, dtype, count):
 
 def open_split(data_dir, split, meta):
     """Memory-map train.bin or val.bin and check it against meta.json."""
-    return open_array(data_dir, f"{split}.bin", meta["dtype"], meta[f"{split}_tokens"])
+    tokens = open_array(data_dir, f"{split}.bin", meta["dtype"], meta[f"{split}_tokens"])
+    # A cheap look at the head of each file catches .bin files written with another dtype or tokenizer.
+    largest = int(tokens[: 1 << 20].max()) if len(tokens) else 0
+    if largest >= meta["vocab_size"]:
+        raise DataError(
+            f"{split}.bin in '{data_dir}' holds token id {largest} but meta.json's vocabulary has "
+            f"{meta['vocab_size']} tokens: the .bin files do not match meta.json; prepare the data again"
+        )
+    return tokens
+
+
+def open_chat_split(data_dir, split, meta, n_tokens):
+    """(loss mask, conversation starts) of a chat split, checked: one mask byte per token, and starts that
+    begin at 0 and rise strictly within the tokens (each conversation holds at least one token)."""
+    mask = open_array(data_dir, f"{split}_mask.bin", np.uint8, n_tokens)
+    starts = open_array(data_dir, f"{split}_starts.bin", np.int64, meta[f"{split}_conversations"])
+    if len(starts) and (starts[0] != 0 or (np.diff(starts) <= 0).any() or starts[-1] >= n_tokens):
+        raise DataError(f"{split}_starts.bin in '{data_dir}' does not hold rising conversation starts from 0 "
+                        f"within {split}.bin's {n_tokens} tokens: the files are damaged; prepare the data again")
+    if n_tokens and not len(starts):
+        raise DataError(f"{split}.bin in '{data_dir}' holds {n_tokens} tokens but no conversation starts: "
+                        "the files are damaged; prepare the data again")
+    return mask, starts
 
 
 class ChatSplit:
@@ -74,8 +120,7 @@ class ChatSplit:
 
     def __init__(self, data_dir, split, meta, tokens, block_size):
         self.tokens = tokens
-        self.mask = open_array(data_dir, f"{split}_mask.bin", np.uint8, len(tokens))
-        self.starts = open_array(data_dir, f"{split}_starts.bin", np.int64, meta[f"{split}_conversations"])
+        self.mask, self.starts = open_chat_split(data_dir, split, meta, len(tokens))
         lengths = np.diff(np.append(self.starts, len(tokens)))
         position = np.arange(len(tokens)) - np.repeat(self.starts, lengths)  # of each token in its conversation
         # A token can be a target when it is masked in and within the first block_size + 1 of its conversation.
@@ -101,6 +146,9 @@ class Dataset:
         self.tokenizer = tokenizer_from_dict(self.meta["tokenizer"])
         self.vocab_size = self.meta["vocab_size"]
         self.splits = {split: open_split(data_dir, split, self.meta) for split in ("train", "val")}
+        if self.tokenizer.vocab_size != self.vocab_size:
+            raise DataError(f"meta.json in '{data_dir}' says vocab_size {self.vocab_size} but its tokenizer has "
+                            f"{self.tokenizer.vocab_size} tokens: prepare the data again")
         self.chat = {}  # split -> ChatSplit, for chat data
         self.notes = []  # what the reader should know about how the data is used
         if self.meta.get("chat"):
@@ -112,13 +160,6 @@ class Dataset:
                 raise DataError(
                     f"{split}.bin in '{data_dir}' has {len(tokens)} tokens, fewer than block_size + 1 = "
                     f"{block_size + 1}: use a smaller block_size or more text"
-                )
-            # A cheap look at the head of each file catches .bin files written with another dtype or tokenizer.
-            largest = int(tokens[: 1 << 20].max())
-            if largest >= self.vocab_size:
-                raise DataError(
-                    f"{split}.bin in '{data_dir}' holds token id {largest} but meta.json's vocabulary has "
-                    f"{self.vocab_size} tokens: the .bin files do not match meta.json; prepare the data again"
                 )
         self.block_size = block_size
 

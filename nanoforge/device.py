@@ -48,7 +48,7 @@ def resolve_dtype(name, device_type):
     bfloat16 is fast for decoding only, and only with avx512_bf16/AMX, docs/machines.md) or a dtype name."""
     if name == "auto":
         if device_type == "cuda":  # torch.cuda.is_bf16_supported() alone also counts pre-Ampere emulation
-            return torch.bfloat16 if probe().cuda_bf16 else torch.float16
+            return torch.bfloat16 if probe(cuda=True).cuda_bf16 else torch.float16
         return torch.float32
     return DTYPES[name]
 

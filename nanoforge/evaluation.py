@@ -12,7 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from nanoforge import chat_format, chat_tasks, records
-from nanoforge.data import open_array, open_split, read_meta
+from nanoforge.data import open_chat_split, open_split, read_meta
 from nanoforge.errors import UserError
 from nanoforge.tokenizer import token_byte_counts, tokenizer_from_dict
 
@@ -49,8 +49,7 @@ def val_windows(data_dir, tokenizer, block_size):
                         "(--tokenizer-from CKPT)")
     tokens = open_split(data_dir, "val", meta)
     if meta.get("chat"):
-        mask = open_array(data_dir, "val_mask.bin", np.uint8, meta["val_tokens"])
-        starts = open_array(data_dir, "val_starts.bin", np.int64, meta["val_conversations"])
+        mask, starts = open_chat_split(data_dir, "val", meta, len(tokens))
         segments = zip(starts.tolist(), [*starts[1:].tolist(), len(tokens)])
     else:
         mask, segments = None, [(0, len(tokens))]

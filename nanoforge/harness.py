@@ -16,7 +16,8 @@ own, for instance over a local JSON file, as the tests do offline.
 
 from nanoforge.engine import Generator
 from nanoforge.errors import UserError
-from nanoforge.multiple_choice import continuation_logprobs, encode_pair, start_ids
+from nanoforge.multiple_choice import (ACC_NORM_CONVENTION, HARNESS_ACC_NORM_CONVENTION, continuation_logprobs, encode_pair,
+                                       start_ids)
 
 try:
     from lm_eval.api.model import LM
@@ -101,4 +102,10 @@ def run_tasks(model, tokenizer, tasks, limit=None, include_path=None, batch_size
                            "a directory of task YAML files with --harness-include DIR")
     results = simple_evaluate(model=NanoforgeLM(model, tokenizer, batch_size), tasks=tasks, limit=limit,
                               task_manager=manager, log_samples=False)
-    return results, make_table(results)
+    table = make_table(results)
+    for task in results["results"].values():  # the JSON, like the table, says which acc_norm this is
+        if any(key.startswith("acc_norm") for key in task):
+            task["acc_norm_convention"] = HARNESS_ACC_NORM_CONVENTION
+    if "acc_norm" in table:
+        table = table.rstrip("\n") + f"\nacc_norm above: {HARNESS_ACC_NORM_CONVENTION}; eval.py --task's is {ACC_NORM_CONVENTION}"
+    return results, table

@@ -79,10 +79,15 @@ def parse_line(text, where):
 def read_examples(path, limit=None):
     """The first `limit` examples (all when None) of a HellaSwag JSONL file."""
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
             if limit is not None and len(examples) == limit:
                 break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TaskError(f"{path} line {n} is not UTF-8 ({e.reason} at byte {e.start}): HellaSwag files are "
+                                "UTF-8 JSON lines") from None
             if line.strip():
                 examples.append(parse_line(line, f"{path} line {n}"))
     if not examples:

@@ -2,8 +2,9 @@
 What each head, attention layer and MLP contributes, found by changing the forward pass and watching
 what changes (the causal tools TransformerLens popularised, for our own GPT and every architecture option):
 
-- ablation: the model with chosen parts removed (their output set to zero, or to its mean), and how
-  the loss and each next-token probability move;
+- ablation: the model with chosen parts removed (their output set to zero, or to its mean at each position
+  over a reference set of text, as in Wang et al. 2022's IOI work), and how the loss and each next-token
+  probability move;
 - head importance: for every head, how much the loss over a prepared data set rises when it alone is ablated;
 - direct logit attribution: one logit split into what the embeddings, each head and each MLP write into
   the residual stream, read through the final norm with its scale frozen (Elhage et al. 2021, "A
@@ -129,14 +130,30 @@ def record(model, idx, parts):
     return logits, seen
 
 
-def ablations(model, idx, parts, mode):
-    """{part: edit} that removes each part: its output set to zero, or (mode "mean") to its mean over
-    idx's batch and positions (the part's typical output, without what this position's input made it)."""
+def ablations(parts, mode, means=None):
+    """{part: edit} that removes each part: its output set to zero, or (mode "mean") to its mean at the same
+    position over a reference set (means, from mean_activations). The reference is other text than the one
+    ablated: a mean over the ablated prompt itself would keep 1/T of what it removes."""
     if mode == "zero":
         return {part: torch.zeros_like for part in parts}
-    _, seen = record(model, idx, parts)
-    means = {part: seen[part].mean(dim=(0, 1), keepdim=True) for part in parts}  # (1, 1, width)
-    return {part: (lambda activation, mean=means[part]: mean.expand_as(activation)) for part in parts}
+    if means is None:
+        raise InterventionError("mean ablation needs a reference set: give --data DIR (a prepared data directory; "
+                                "its validation split's mean activations replace the parts')")
+    return {part: (lambda activation, mean=means[part]: mean[:, : activation.size(1)].expand_as(activation))
+            for part in parts}
+
+
+@torch.no_grad()
+def mean_activations(model, windows, parts, batch_size=8):
+    """{part: (1, T, width)} each part's output averaged over the reference windows (N, T) at each position:
+    activations differ by position (position 0's most of all), so position t is replaced by the mean at t."""
+    device = next(model.parameters()).device
+    sums = {}
+    for batch in windows.split(batch_size):
+        _, seen = record(model, batch.to(device), parts)
+        for part in parts:
+            sums[part] = sums.get(part, 0) + seen[part].float().sum(dim=0, keepdim=True)
+    return {part: (total / len(windows)).to(seen[part].dtype) for part, total in sums.items()}
 
 
 def next_token_loss(logits, idx):
@@ -163,10 +180,10 @@ class Ablation:
 
 
 @torch.no_grad()
-def ablate(model, idx, parts, mode="zero"):
-    """The prompt idx (1, T), T >= 2, run as it is and with parts ablated."""
+def ablate(model, idx, parts, mode="zero", means=None):
+    """The prompt idx (1, T), T >= 2, run as it is and with parts ablated (means: for mode "mean")."""
     logits, _ = model(idx)
-    with intervene(model, ablations(model, idx, parts, mode)):
+    with intervene(model, ablations(parts, mode, means)):
         ablated, _ = model(idx)
     targets = idx[0, 1:, None]  # (T - 1, 1)
 
@@ -178,14 +195,14 @@ def ablate(model, idx, parts, mode="zero"):
 
 
 @torch.no_grad()
-def head_importance(model, batches, mode="zero"):
-    """For every head, the rise in mean loss over batches [(x, y)] when it alone is ablated.
-    Returns (the model's own loss, a (n_layer, n_head) tensor of increases)."""
+def head_importance(model, batches, mode="zero", means=None):
+    """For every head, the rise in mean loss over batches [(x, y)] when it alone is ablated (means: for mode
+    "mean"). Returns (the model's own loss, a (n_layer, n_head) tensor of increases)."""
     heads = all_heads(model.config)
     base, ablated = 0.0, torch.zeros(len(heads))
+    edits = ablations(heads, mode, means)
     for x, y in batches:
         base += model(x, y)[1].item()
-        edits = ablations(model, x, heads, mode)
         for i, head in enumerate(heads):
             with intervene(model, {head: edits[head]}):
                 ablated[i] += model(x, y)[1].item()
@@ -335,9 +352,8 @@ def position_in(position, T):
     return position % T
 
 
-def importance_batches(data_dir, tokenizer, block_size, n_batches, batch_size=8):
-    """n_batches fixed (seeded) batches [(x, y)] of the validation split of a prepared data directory,
-    block_size tokens long; its tokenizer must be the model's."""
+def validation_data(data_dir, tokenizer, block_size):
+    """A prepared data directory whose tokenizer is the model's."""
     from nanoforge.data import Dataset
 
     data = Dataset(data_dir, block_size)
@@ -345,5 +361,25 @@ def importance_batches(data_dir, tokenizer, block_size, n_batches, batch_size=8)
         raise InterventionError(f"'{data_dir}' was prepared with another tokenizer ({data.tokenizer.kind}, "
                                 f"{data.tokenizer.vocab_size} tokens) than the model's ({tokenizer.kind}, "
                                 f"{tokenizer.vocab_size}): use the data the model was trained on")
+    return data
+
+
+def importance_batches(data_dir, tokenizer, block_size, n_batches, batch_size=8):
+    """n_batches fixed (seeded) batches [(x, y)] of the validation split of a prepared data directory,
+    block_size tokens long; its tokenizer must be the model's."""
+    data = validation_data(data_dir, tokenizer, block_size)
     generator = torch.Generator().manual_seed(0)
     return [data.get_batch("val", batch_size, generator) for _ in range(n_batches)]
+
+
+def reference_windows(data_dir, tokenizer, block_size, n_windows=64):
+    """Mean ablation's reference set: n_windows windows (n_windows, block_size) of the validation split's
+    token stream, at seeded random places other than importance_batches' (seed 1, not 0). Each window starts
+    where the model's context starts, so its position t is what position t of a prompt sees."""
+    data = validation_data(data_dir, tokenizer, block_size)
+    tokens = data.splits["val"]
+    if len(tokens) < block_size:
+        raise InterventionError(f"the validation split of '{data_dir}' has {len(tokens)} tokens, fewer than the "
+                                f"{block_size} positions mean ablation averages over: use a larger data directory")
+    starts = torch.randint(len(tokens) - block_size + 1, (n_windows,), generator=torch.Generator().manual_seed(1))
+    return torch.stack([torch.from_numpy(tokens[s : s + block_size].astype("int64")) for s in starts.tolist()])

@@ -9,7 +9,7 @@ import torch
 
 from model import GPT, GPTConfig, padded_vocab_size
 from nanoforge import checkpoint, gpt2, lora
-from nanoforge.checkpoint import CheckpointError, checkpoint_path, load
+from nanoforge.checkpoint import CheckpointError, check_model_info, checkpoint_path, load
 from nanoforge.config import TrainConfig, keys_from_weights
 from nanoforge.tokenizer import tokenizer_from_dict
 
@@ -29,15 +29,20 @@ def load_model(ckpt, device):
 
     Training may pad the vocabulary (vocab_multiple) with ids no text maps to; the model is
     rebuilt with the tokenizer's true vocabulary so those ids can never be sampled."""
-    loaded = load(checkpoint_path(ckpt), device="cpu")
+    path = checkpoint_path(ckpt)
+    loaded = load(path, device="cpu")
     tokenizer = tokenizer_from_dict(loaded.info["tokenizer"])
-    model_cfg = GPTConfig(**{**loaded.info["model"], "vocab_size": tokenizer.vocab_size, "dropout": 0.0})
     state = full_weights(loaded)
+    check_model_info(path, loaded.info["model"], state)
     state["transformer.wte.weight"] = state["transformer.wte.weight"][: tokenizer.vocab_size]
     if "lm_head.weight" in state:  # an untied un-embedding: its padding rows go too
         state["lm_head.weight"] = state["lm_head.weight"][: tokenizer.vocab_size]
-    model = GPT(model_cfg)
-    load_model_state(model, state)
+    try:
+        model = GPT(GPTConfig(**{**loaded.info["model"], "vocab_size": tokenizer.vocab_size, "dropout": 0.0}))
+        load_model_state(model, state)
+    except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as e:  # description vs weights
+        raise CheckpointError(f"'{path}' holds weights that do not fit the model it describes "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}): the file is damaged") from None
     return model.to(device).eval(), tokenizer
 
 

@@ -40,9 +40,10 @@ class Machine:
     packed_linear: bool  # oneDNN's packed-weight linear op runs, in float32
     packed_linear_bf16: bool  # ... and in bfloat16 (oneDNN needs avx512bw/vl/dq or avx_ne_convert for it)
     int8_kernel: bool  # torch's CPU int8 weight-only matrix kernel (_weight_int8pack_mm) is there
-    cuda: str | None  # the GPU's name, None without CUDA
+    cuda: str | None  # the GPU's name, None without CUDA (or when not probed)
     cuda_bf16: bool  # the GPU multiplies bfloat16 natively (Ampere and later), not by emulation
     mps: bool
+    cuda_probed: bool = True  # False: the run uses no GPU, and the probe left CUDA alone
 
     def summary(self):
         """One line: what a figure made on this machine depends on."""
@@ -52,15 +53,23 @@ class Machine:
         cpu = f"{self.cpu} ({self.isa}; {', '.join(flags) or 'no CPU fast paths'}"
         cpu += f"; {SWITCH}=off)" if not self.fast_paths else ")"
         gpu = f"CUDA {self.cuda}{' bf16' if self.cuda_bf16 else ''}" if self.cuda else "no CUDA"
+        if not self.cuda_probed:
+            gpu = "CUDA not probed (unused)"
         return f"machine: {cpu}, {gpu}, {'MPS' if self.mps else 'no MPS'}"
 
     def as_dict(self):
         return asdict(self)
 
 
+def probe(cuda=None):
+    """This machine's Machine, computed once (probe.cache_clear() after changing NANOFORGE_FAST_PATHS).
+    CUDA is probed when cuda is true, or (None) when this process has initialised CUDA already: asking a GPU
+    its name initialises CUDA, which a run on the CPU must not do (it takes a GPU's memory and time)."""
+    return probe_once(torch.cuda.is_initialized() if cuda is None else bool(cuda))
+
+
 @functools.cache
-def probe():
-    """This machine's Machine, computed once (probe.cache_clear() after changing NANOFORGE_FAST_PATHS)."""
+def probe_once(with_cuda):
     switch = os.environ.get(SWITCH, "on")
     if switch not in ("on", "off"):
         raise MachineError(f"{SWITCH} must be 'on' or 'off', got '{switch}': unset it or use one of those")
@@ -71,7 +80,7 @@ def probe():
     onednn_bf16 = onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     bf16_instructions = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() \
         or "avx_ne_convert" in cpu_flags()
-    cuda = torch.cuda.is_available()
+    cuda = with_cuda and torch.cuda.is_available()
     return Machine(
         cpu=cpu_model(),
         isa=torch.backends.cpu.get_cpu_capability(),
@@ -83,7 +92,11 @@ def probe():
         cuda=torch.cuda.get_device_name() if cuda else None,
         cuda_bf16=cuda and torch.cuda.is_bf16_supported(including_emulation=False),
         mps=torch.backends.mps.is_available(),
+        cuda_probed=with_cuda,
     )
+
+
+probe.cache_clear = probe_once.cache_clear
 
 
 def cpuinfo_lines():

@@ -27,6 +27,10 @@ from nanoforge.errors import UserError
 from nanoforge.tokenizer import TokenizerError
 
 Z95 = 1.959964  # the standard normal's 97.5th percentile: a two-sided 95 % interval
+# Said beside every acc_norm this module reports, so that nobody sets it beside lm-eval's (per character, and
+# for hellaswag with the activity label before the context: GPT-2 124M 31.14 % there, 29.55 % here).
+ACC_NORM_CONVENTION = "per-token (build-nanogpt, llm.c)"
+HARNESS_ACC_NORM_CONVENTION = "per-character (lm-evaluation-harness; its hellaswag prefixes the activity label)"
 
 
 class TaskError(UserError):
@@ -147,7 +151,7 @@ def wilson_interval(correct, n):
 
 def results(correct, correct_norm, n):
     """The report: acc and acc_norm with their 95 % intervals, and the counts."""
-    out = {"n": n, "correct": correct, "correct_norm": correct_norm}
+    out = {"n": n, "correct": correct, "correct_norm": correct_norm, "acc_norm_convention": ACC_NORM_CONVENTION}
     for name, k in (("acc", correct), ("acc_norm", correct_norm)):
         out[name] = k / n if n else 0.0
         out[f"{name}_ci95"] = list(wilson_interval(k, n))

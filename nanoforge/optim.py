@@ -126,7 +126,7 @@ class Muon(torch.optim.Muon):
 
 def newton_schulz_dtype(device_type):
     """bfloat16 where this machine multiplies it natively, else float32 (see the module docstring)."""
-    machine = probe()
+    machine = probe(cuda=device_type == "cuda")
     native = machine.cuda_bf16 if device_type == "cuda" else machine.native_bf16 if device_type == "cpu" else False
     return torch.bfloat16 if native else torch.float32
 

@@ -18,7 +18,11 @@ Memory per device, in bytes:
   the autocast dtype's size (the parameter dtype of FSDP's mixed-precision policy on CUDA): the root's (the
   embeddings, the final norm and an untied lm_head, which FSDP2 keeps gathered from the forward to the backward)
   and two blocks' (the one computing and the next, prefetched), plus one block's unsharded float32 gradients
-  before they are reduce-scattered.
+  before they are reduce-scattered. With more than one micro-batch per process (gradient_accumulation_steps
+  / world > 1) train.py runs all but the last under set_requires_gradient_sync(False): FSDP2 then keeps every
+  parameter's unsharded float32 gradient from one micro-batch to the next (its reduce dtype; the model's whole
+  float32 size, tests/test_planning.py counts them under a fake process group), which replaces the one block's.
+- One process never shards (sharding.sharded needs two or more): its column is what runs, whatever `parallel`.
 - Activations: what autograd keeps for the backward of one micro-batch (batch_size x block_size tokens), after
   Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", section 4.1) adapted
   to our blocks: attention is the fused SDPA, which keeps its output and a log-sum-exp but never the T x T scores
@@ -67,10 +71,11 @@ class Memory:
     buckets: int  # DDP's gradient buckets
     activations: int
     activations_checkpointed: int
+    accumulated: int = 0  # FSDP with accumulation: the unsharded float32 gradients kept between micro-batches
 
     def total(self, checkpointed):
         kept = self.activations_checkpointed if checkpointed else self.activations
-        return self.weights + self.gradients + self.optimizer + self.copies + self.buckets + kept
+        return self.weights + self.gradients + self.optimizer + self.copies + self.buckets + self.accumulated + kept
 
 
 def meta_model(cfg):
@@ -160,20 +165,24 @@ def activation_bytes(config, tokens, d):
     return tokens * plain, tokens * checkpointed
 
 
-def gathered_bytes(model, d):
-    """FSDP's extra: the root's and two blocks' unsharded parameters at d bytes each, one block's float32 grads."""
+def gathered_bytes(model, d, accumulating=False):
+    """FSDP's extra: the root's and two blocks' unsharded parameters at d bytes each, and one block's float32
+    gradients (unless accumulating: then every unsharded gradient is held already, Memory.accumulated)."""
     block_numel = max(sum(p.numel() for p in block.parameters()) for block in model.transformer.h)
     in_blocks = {id(p) for block in model.transformer.h for p in block.parameters()}
     root_numel = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks)
-    return (root_numel + 2 * block_numel) * d + block_numel * 4
+    return (root_numel + 2 * block_numel) * d + (0 if accumulating else block_numel * 4)
 
 
 def memory(model, cfg, d, parallel, world):
-    """Memory per device when `world` processes run cfg under `parallel` ('ddp' or 'fsdp')."""
+    """Memory per device when `world` processes run cfg under `parallel` ('ddp' or 'fsdp'). One process
+    runs plain whatever `parallel` says (nothing to shard across, no gradients to average)."""
     activations = activation_bytes(model.config, cfg.batch_size * cfg.block_size, d)
-    if parallel == "fsdp":
+    if parallel == "fsdp" and world > 1:
+        accumulating = cfg.gradient_accumulation_steps // world > 1
         return Memory(weight_bytes(model, world), gradient_bytes(model, world),
-                      optimizer_state_bytes(model, cfg, world), gathered_bytes(model, d), 0, *activations)
+                      optimizer_state_bytes(model, cfg, world), gathered_bytes(model, d, accumulating), 0,
+                      *activations, accumulated=gradient_bytes(model) if accumulating else 0)
     autocast_cache = linear_weight_bytes(model) * d // 4 if d < 4 else 0
     buckets = gradient_bytes(model) if world > 1 else 0
     return Memory(weight_bytes(model), gradient_bytes(model), optimizer_state_bytes(model, cfg), autocast_cache,
@@ -210,20 +219,23 @@ def duration(seconds):
     return f"{seconds:.0f} s"
 
 
-# The memory table's columns: (heading, parallel mode, world size). DDP holds the same on 2, 4 or 8 processes.
-COLUMNS = (("1 process", "ddp", 1), ("ddp 2-8", "ddp", 2), *((f"fsdp {w}", "fsdp", w) for w in WORLD_SIZES))
+# The memory table's columns: (heading, parallel mode, world size). DDP holds the same on 2, 4 or 8 processes;
+# one process runs plain under either mode (it does not shard).
+COLUMNS = (("1 process", None, 1), ("ddp 2-8", "ddp", 2),
+           *((f"fsdp {w}", "fsdp", w) for w in WORLD_SIZES if w > 1))
 
 
 def memory_table(model, cfg, d):
     """The memory per device, one column per (mode, world size); * marks what the config picks."""
-    columns = [(heading + ("*" if mode == cfg.parallel else ""), memory(model, cfg, d, mode, world))
-               for heading, mode, world in COLUMNS]
+    columns = [(heading + ("*" if mode in (cfg.parallel, None) else ""),
+                memory(model, cfg, d, mode or cfg.parallel, world)) for heading, mode, world in COLUMNS]
     ckpt = cfg.activation_checkpointing
     rows = [("weights and buffers (float32)", lambda m: m.weights),
             ("gradients (float32)", lambda m: m.gradients),
             (f"optimizer state ({cfg.optimizer}, float32)", lambda m: m.optimizer),
             ("autocast copies | fsdp gathered", lambda m: m.copies),
             ("ddp gradient buckets", lambda m: m.buckets),
+            ("fsdp unsharded grads (accumulating)", lambda m: m.accumulated),
             ("activations", lambda m: m.activations),
             ("activations, checkpointed", lambda m: m.activations_checkpointed),
             ("total" + ("" if ckpt else "*"), lambda m: m.total(False)),
@@ -248,22 +260,24 @@ def fit_verdict(model, cfg, d, free_bytes, n_gpus):
     and if not, what would: each alternative with its total."""
     ckpt = cfg.activation_checkpointing
     need = memory(model, cfg, d, cfg.parallel, n_gpus).total(ckpt)
-    where = f"{cfg.parallel} over {n_gpus} GPU{'s' if n_gpus > 1 else ''} needs {size(need)} per GPU"
+    mode = cfg.parallel if n_gpus > 1 else "one process (no sharding)"
+    where = f"{mode} over {n_gpus} GPU{'s' if n_gpus > 1 else ''} needs {size(need)} per GPU"
     if need <= free_bytes:
         return f"fits: {where}; {size(free_bytes)} is free"
-    options = []
+    options = []  # (what to change, its total): only changes that lower the need are offered
     if not ckpt:
-        checkpointed = memory(model, cfg, d, cfg.parallel, n_gpus).total(True)
-        options.append(f"activation_checkpointing = true ({size(checkpointed)})")
+        options.append(("activation_checkpointing = true", memory(model, cfg, d, cfg.parallel, n_gpus).total(True)))
     if cfg.parallel == "ddp" and n_gpus > 1:
-        options.append(f'parallel = "fsdp" ({size(memory(model, cfg, d, "fsdp", n_gpus).total(ckpt))})')
+        options.append(('parallel = "fsdp"', memory(model, cfg, d, "fsdp", n_gpus).total(ckpt)))
     if cfg.batch_size > 1:
+        # under fsdp, accumulation keeps every unsharded gradient between micro-batches: halving can cost more
         half = dataclasses.replace(cfg, batch_size=cfg.batch_size // 2,
                                    gradient_accumulation_steps=cfg.gradient_accumulation_steps * 2)
         halved = memory(model, half, d, cfg.parallel, n_gpus).total(ckpt)
-        options.append(f"batch_size = {half.batch_size} with gradient_accumulation_steps = "
-                       f"{half.gradient_accumulation_steps} ({size(halved)})")
-    advice = "; or ".join(options) or "more GPUs under fsdp"
+        options.append((f"batch_size = {half.batch_size} with gradient_accumulation_steps = "
+                        f"{half.gradient_accumulation_steps}", halved))
+    advice = "; or ".join(f"{change} ({size(total)})" for change, total in options if total < need)
+    advice = advice or "more GPUs under fsdp"
     return f"does NOT fit: {where} and {size(free_bytes)} is free: try {advice}"
 
 

@@ -9,8 +9,11 @@ The rules, and where they come from:
   models by depth the same way (model_dim = 64 x depth), with 128-wide heads.
 - Learning rates: the AdamW rates (learning_rate, embedding_lr, unembedding_lr) are their values at GPT-2
   small's width (RATES_AT_768) scaled by sqrt(768 / n_embd): wider models take smaller Adam steps, the
-  1/sqrt(width) rule nanochat applies to its AdamW groups. At depth 12 learning_rate is nanoGPT's GPT-2 6e-4,
-  and at depth 24 it is 4.2e-4, near the 2.5e-4 to 3e-4 GPT-3 (Brown et al. 2020, table 2.1) used at that size.
+  1/sqrt(width) rule nanochat applies to its AdamW groups. At depth 12 learning_rate is nanoGPT's GPT-2 6e-4.
+  Wider, it stays above GPT-3's rates (Brown et al. 2020, table 2.1), which fall closer to 1/width: depth 24
+  (GPT-3 Large's shape, 24 x 1536) gets 4.24e-4 where GPT-3 Large used 2.5e-4 (1.7x), and depth 28 3.93e-4
+  where GPT-3 XL (24 x 2048) used 2e-4 (2.0x). The rule is kept as nanochat's, untried here at those sizes:
+  for GPT-3's rates set learning_rate (and min_lr) explicitly, which wins over the rule.
   matrix_lr (Muon) does not scale: Muon's update already has the same size in every direction of a matrix,
   whatever its width. min_lr is a tenth of learning_rate, as in nanoGPT's GPT-2 config.
 - Token budget: tokens_per_param x the parameter count, embeddings included (Chinchilla, Hoffmann et al.

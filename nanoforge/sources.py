@@ -106,7 +106,7 @@ def as_text(piece):
         if chat_format.is_chat_record(record):  # chat records reach here only from a directory or glob of files
             raise PrepareError(f"'{path}' line {n} is a chat record: chat data is read from one file at a time: "
                                "pass the file itself (or join the files into one)")
-        fields = ", ".join(record) if isinstance(record, dict) else "none: not an object"
+        fields = ", ".join(map(repr, record)) if isinstance(record, dict) else "none: not an object"
         raise PrepareError(f"'{path}' line {n} has no string field '{field}' (fields: {fields}): pass --text-field NAME")
     return text
 

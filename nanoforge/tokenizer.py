@@ -16,6 +16,7 @@ lone surrogate becomes U+FFFD. So decode(encode(s)) == s for every s without sur
 """
 
 import base64
+import binascii
 import os
 import tempfile
 
@@ -166,8 +167,19 @@ class BPETokenizer:
         ranks = {}
         for line in d["ranks"].splitlines():
             token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-        return cls(d["name"], d["pattern"], ranks, d["special_tokens"])
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        special = d["special_tokens"]
+        # ids 0..n-1 for the n merges' tokens, then the special tokens: the vocabulary tiktoken builds from them
+        if sorted(ranks.values()) != list(range(len(ranks))) or not all(len(token) for token in ranks):
+            raise ValueError("the ranks must give distinct non-empty tokens the ids 0 to n - 1")
+        if not all(bytes([b]) in ranks for b in range(256)):  # tiktoken panics on a byte it has no token for
+            raise ValueError("the ranks must hold every single byte (a byte-level BPE)")
+        if not (isinstance(special, dict) and all(isinstance(k, str) and type(v) is int for k, v in special.items())
+                and sorted(special.values()) == list(range(len(ranks), len(ranks) + len(special)))):
+            raise ValueError("'special_tokens' must map names to the ids right after the ranks'")
+        if not isinstance(d["name"], str) or not isinstance(d["pattern"], str):
+            raise ValueError("'name' and 'pattern' must be strings")
+        return cls(d["name"], d["pattern"], ranks, special)
 
     def encode(self, text):
         return self.enc.encode_ordinary(text)  # "<|endoftext|>" in user text is plain text, not the special token
@@ -273,7 +285,19 @@ def build_tokenizer(kind, texts=None, vocab_size=None):
 
 
 def tokenizer_from_dict(d):
-    """Rebuild a tokenizer from its JSON description (meta.json or a checkpoint)."""
+    """Rebuild a tokenizer from its JSON description (meta.json or a checkpoint). The description comes from a
+    file: one that is damaged or hand-edited gets a TokenizerError, whatever is wrong in it."""
+    if not isinstance(d, dict):
+        raise TokenizerError(f"a saved tokenizer description must be a JSON object, got {type(d).__name__}: "
+                             "prepare the data again, or use an intact checkpoint")
+    try:
+        return build_from_dict(d)
+    except (KeyError, TypeError, ValueError, AttributeError, binascii.Error) as e:
+        raise TokenizerError(f"the saved {d.get('type')!r} tokenizer description is damaged ({type(e).__name__}: "
+                             f"{e}): prepare the data again, or use an intact checkpoint") from None
+
+
+def build_from_dict(d):
     if "chat_tokens" in d:
         if d["chat_tokens"] not in (list(CHAT_TOKENS), list(CHAT_TOKENS_V1)):
             raise TokenizerError(f"saved chat tokens {d['chat_tokens']} are not this version's {list(CHAT_TOKENS)}: "
@@ -281,6 +305,8 @@ def tokenizer_from_dict(d):
         return ChatTokenizer(tokenizer_from_dict({k: v for k, v in d.items() if k != "chat_tokens"}), d["chat_tokens"])
     kind = d.get("type")
     if kind == "char":
+        if not isinstance(d["chars"], str) or len(set(d["chars"])) != len(d["chars"]):
+            raise ValueError("'chars' must be a string of distinct characters")
         return CharTokenizer(d["chars"])
     if kind == "byte":
         return ByteTokenizer()

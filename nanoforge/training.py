@@ -39,20 +39,24 @@ def get_lr(step, cfg):
 
 @torch.no_grad()
 def estimate_loss(model, data, cfg, autocast, device, ddp):
-    """Mean loss over eval_iters batches of each split (in each process, averaged over processes).
-    The batches come from their own fixed-seed generator: every evaluation sees the same batches,
-    and training's random stream is untouched."""
+    """Mean loss over eval_iters batches of each split: the same figure whatever the number of processes.
+    The batches come from one fixed-seed stream (every evaluation sees the same batches, and training's random
+    stream is untouched), dealt out in turn: process r evaluates batches r, r + W, ... of the eval_iters one
+    process would, and the sums are added up. Each process runs the same number of forward passes (a batch
+    past eval_iters counts for nothing): FSDP gathers weights in every process at once."""
     model.eval()
     losses = torch.zeros(2, device=device)
+    rounds = -(-cfg.eval_iters // ddp.world_size)  # ceil
     for i, split in enumerate(("train", "val")):
-        generator = torch.Generator().manual_seed(cfg.seed + 1 + ddp.rank)
-        for _ in range(cfg.eval_iters):
-            x, y = data.get_batch(split, cfg.batch_size, generator)
+        generator = torch.Generator().manual_seed(cfg.seed + 1)
+        for r in range(rounds):
+            x, y = data.get_batch(split, cfg.batch_size, generator, share=(ddp.rank, ddp.world_size))
             with autocast:
                 _, loss = model(x.to(device), y.to(device))
-            losses[i] += loss.float()
+            if r * ddp.world_size + ddp.rank < cfg.eval_iters:
+                losses[i] += loss.float()
     model.train()
-    train_loss, val_loss = (ddp.mean(losses) / cfg.eval_iters).tolist()
+    train_loss, val_loss = (ddp.mean(losses) * ddp.world_size / cfg.eval_iters).tolist()
     return {"train": train_loss, "val": val_loss}
 
 

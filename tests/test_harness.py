@@ -149,8 +149,10 @@ def test_eval_harness_prints_the_table_and_refuses_unknown_tasks(twin, tasks_dir
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert "Tasks" in lines[0] and "Metric" in lines[0] and "Stderr" in lines[0]
-    cells = [[c.strip() for c in line.split("|")] for line in lines[2:] if line]
+    cells = [[c.strip() for c in line.split("|")] for line in lines[2:] if line.startswith("|")]
     assert [row[1] for row in cells] == ["tiny_choice", ""] and [row[5] for row in cells] == ["acc", "acc_norm"]
+    assert lines[-1] == ("acc_norm above: per-character (lm-evaluation-harness; its hellaswag prefixes the activity "
+                         "label); eval.py --task's is per-token (build-nanogpt, llm.c)")
     result = run_cli("eval.py", "--ckpt", ckpt, "--harness", "no_such_task", "--harness-include", tasks_dir, env=env)
     assert result.returncode == 1 and result.stderr.count("\n") == 1
     assert "lm-evaluation-harness has no task 'no_such_task'" in result.stderr

@@ -73,21 +73,49 @@ def test_ablating_a_head_equals_editing_its_slice_by_hand(name):
     model, idx = small_model(ALL_OPTIONS[name]), prompt()
     for layer, head in [(0, 1), (1, 3)]:
         zeroed, _ = by_hand(model, layer, head)(idx)
-        with iv.intervene(model, iv.ablations(model, idx, [Part("head", layer, head)], "zero")):
+        with iv.intervene(model, iv.ablations([Part("head", layer, head)], "zero")):
             ablated, _ = model(idx)
         torch.testing.assert_close(ablated, zeroed, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(ablated, model(idx)[0], atol=1e-3)  # the head mattered
-        # mean ablation: the head's output replaced by its mean over the prompt's positions
+        # mean ablation: the head's output replaced at each position t by its mean at t over reference windows
+        reference = torch.randint(0, VOCAB, (20, 16), generator=torch.Generator().manual_seed(7))
         heads_in = []
         hook = model.transformer.h[layer].attn.c_proj.register_forward_pre_hook(lambda m, a: heads_in.append(a[0]))
-        model(idx)
+        for window in reference:  # one at a time, summed in float64: a different path from the library's
+            model(window[None])
         hook.remove()
         d = 64 // 4
-        mean = heads_in[0][0, :, head * d : (head + 1) * d].mean(0)  # (head_dim,)
-        expected, _ = by_hand(model, layer, head, mean)(idx)
-        result = iv.ablate(model, idx, [Part("head", layer, head)], "mean")
+        mean = torch.stack([h[0, :, head * d : (head + 1) * d] for h in heads_in]).double().mean(0).float()  # (16, d)
+        edited = by_hand(model, layer, head)  # the head's columns zeroed, then its mean's image added per position
+        proj = edited.transformer.h[layer].attn.c_proj
+        shift = (model.transformer.h[layer].attn.c_proj.weight[:, head * d : (head + 1) * d].detach()
+                 @ mean[: idx.size(1)].T).T  # (T, n_embd)
+        proj.register_forward_hook(lambda m, a, out: out + shift)
+        expected, _ = edited(idx)
+        means = iv.mean_activations(model, reference, [Part("head", layer, head)])
+        assert means[Part("head", layer, head)].shape == (1, 16, d)
+        result = iv.ablate(model, idx, [Part("head", layer, head)], "mean", means)
         torch.testing.assert_close(torch.tensor(result.ablated_loss),
                                    torch.nn.functional.cross_entropy(expected[0, :-1], idx[0, 1:]), rtol=1e-5, atol=1e-5)
+
+
+def test_mean_ablation_keeps_nothing_of_the_ablated_prompt():
+    """The replacement comes from the reference set alone: two prompts that differ only before position t get
+    the same ablated head output from t on (a mean over the prompt itself, as before, kept 1/T of it)."""
+    model = small_model({})
+    reference = torch.randint(0, VOCAB, (16, 16), generator=torch.Generator().manual_seed(3))
+    part = Part("head", 1, 2)
+    means = iv.mean_activations(model, reference, [part])
+    outputs = []
+    for idx in (prompt(1), prompt(2)):
+        with iv.intervene(model, iv.ablations([part], "mean", means)):
+            _, seen = iv.record(model, idx, [Part("head", 1, 2)])
+        outputs.append(seen)
+    with pytest.raises(iv.InterventionError, match="mean ablation needs a reference set"):
+        iv.ablations([part], "mean")
+    # the hook order: record's hook sees the activation after the ablation's edit
+    torch.testing.assert_close(outputs[0][part], outputs[1][part])
+    torch.testing.assert_close(outputs[0][part], means[part][:, :12])
 
 
 def test_ablating_a_whole_attention_layer_or_mlp_removes_its_output():
@@ -100,7 +128,7 @@ def test_ablating_a_whole_attention_layer_or_mlp_removes_its_output():
                 expected_model.transformer.h[0].mlp.c_proj.bias.zero_()
         else:
             expected_model = edit(model)
-        with iv.intervene(model, iv.ablations(model, idx, [part], "zero")):
+        with iv.intervene(model, iv.ablations([part], "zero")):
             ablated, _ = model(idx)
         torch.testing.assert_close(ablated, expected_model(idx)[0], rtol=1e-5, atol=1e-5)
 
@@ -185,8 +213,10 @@ def alternating(batch, seed):
 def test_head_importance_ranks_the_head_the_task_needs_first():
     model = previous_token_model()
     batches = [(x[:, :-1], x[:, 1:]) for x in (alternating(32, 10_000 + i) for i in range(2))]
+    reference = alternating(64, 20_000)[:, :-1]  # other sequences of the task: the mean ablation's reference
+    means = iv.mean_activations(model, reference, iv.all_heads(model.config))
     for mode in ("zero", "mean"):
-        base, increase = iv.head_importance(model, batches, mode)
+        base, increase = iv.head_importance(model, batches, mode, means)
         assert base < 1.0  # it learned the task: the first two tokens are guesses (ln 12 = 2.5 each), the rest known
         assert increase.shape == (2, 2)
         assert increase[1, 1] > 1.0
@@ -211,7 +241,8 @@ def test_json_of_each_view(char_run):
     assert ablated["ablate"] == "1.0,mlp0" and ablated["ablation"] == "zero"
     assert ablated["ablated_loss"] != ablated["loss"] and len(ablated["positions"]) == 11
     assert ablated["positions"][0]["token"] == "B" and ablated["positions"][0]["next"] == "e"
-    assert json_main(*run, "--ablate", "1.0", "--ablation", "mean")["ablation"] == "mean"
+    mean = json_main(*run, "--ablate", "1.0", "--ablation", "mean", "--data", char_run.parent / "data")
+    assert mean["ablation"] == "mean" and mean["ablated_loss"] != ablated["loss"]
     attribution = json_main(*run, "--attribute", "o", "--position", "3")
     assert attribution["token"] == "o" and attribution["position"] == 3
     assert sum(p["value"] for p in attribution["parts"]) == pytest.approx(attribution["logit"], abs=1e-4)
@@ -222,6 +253,8 @@ def test_json_of_each_view(char_run):
     assert patched["residual"][-1][-1] == pytest.approx(1.0) and patched["tokens"][7] != patched["corrupted_tokens"][7]
     importance = json_main(*run, "--importance", char_run.parent / "data", "--batches", "2")
     assert importance["batches"] == 2 and len(importance["increase"]) == 2 and len(importance["increase"][0]) == 2
+    alone = json_main("--ckpt", char_run, "--importance", char_run.parent / "data", "--batches", "2")
+    assert alone == importance  # --importance uses no prompt, and needs none
     plain = json_main(*run)
     assert plain["tokens"][0] == "B" and len(plain["predictions"]) == 12
 
@@ -244,7 +277,11 @@ def test_bad_causal_arguments_are_one_line_errors(char_run):
     missing = ("--ckpt", char_run.parent / "no-such-run", "--prompt", "First")
     for args, message in [
         ((*missing, "--ablate", "1,2"), "--ablate: '1' is not a part"),
-        ((*missing, "--ablation", "mean"), "--ablation goes with --ablate or --importance"),
+        (missing[:2], "--prompt is required \\(only --importance DATA_DIR runs without one\\)"),
+        ((*missing[:2], "--importance", "d", "--attribute"), "--prompt is required"),
+        ((*missing, "--ablation", "zero"), "--ablation goes with --ablate or --importance"),
+        ((*missing, "--ablate", "1.0", "--ablation", "mean"), "--ablation mean replaces a part's output by its mean"),
+        ((*missing, "--ablate", "1.0", "--data", "d"), "--data goes with --ablation mean"),
         ((*missing, "--position", "1"), "--position goes with --attribute"),
         ((*missing, "--attribute", "--ablate", "0.0", "--json"), "--json prints one view at a time"),
         ((*run, "--ablate", "2.0"), "--ablate: this model has layers 0..1 and heads 0..1; there is no '2.0'"),

@@ -157,7 +157,7 @@ def test_auto_dtype_on_cuda_takes_bfloat16_only_where_the_gpu_has_it(monkeypatch
     real = probe()
     for native, expected in [(True, torch.bfloat16), (False, torch.float16)]:
         fake = machine_module.Machine(**{**real.as_dict(), "cuda": "GPU", "cuda_bf16": native})
-        monkeypatch.setattr(device_module, "probe", lambda: fake)
+        monkeypatch.setattr(device_module, "probe", lambda cuda=None: fake)
         assert resolve_dtype("auto", "cuda") == expected
     assert resolve_dtype("auto", "cpu") == torch.float32  # training on a CPU: float32, bfloat16 or not
 
@@ -176,3 +176,32 @@ def test_train_says_and_records_its_machine_and_sample_says_it(data_dir, tmp_pat
                       env={SWITCH: "off"})
     assert sampled.returncode == 0, sampled.stderr
     assert "no CPU fast paths; NANOFORGE_FAST_PATHS=off" in sampled.stderr.splitlines()[0]
+
+
+def test_a_cpu_run_leaves_cuda_alone(tmp_path, data_dir, monkeypatch):
+    """On a machine with a GPU, train.py --device cpu never asks CUDA anything (its name, its bfloat16: each
+    initialises CUDA); a run on CUDA, or a dtype chosen for it, does. The GPU's answers are stood in for."""
+    from conftest import tiny_config
+    from nanoforge.device import resolve_dtype
+    from train import train
+
+    import sys
+
+    asked = []
+
+    def from_the_probe():  # torch's own code (GradScaler, autocast) may ask too: only the probe is watched
+        return sys._getframe(2).f_globals["__name__"] == "nanoforge.machine"
+
+    # no GPU here: is_available answers True to the probe alone, so the run itself stays on its CPU path
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: from_the_probe() and not asked.append("is_available"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: asked.append("name") or "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **k: asked.append("bf16") or True)
+    probe.cache_clear()
+    try:
+        train(tiny_config(data_dir, tmp_path / "run", max_iters=2, eval_interval=2, device="cpu", dtype="auto"))
+        assert asked == []
+        assert "CUDA not probed (unused)" in probe(cuda=False).summary()
+        assert resolve_dtype("auto", "cuda") == torch.bfloat16 and "name" in asked
+        assert probe(cuda=True).cuda == "Fake GPU"
+    finally:
+        probe.cache_clear()

@@ -235,6 +235,9 @@ def test_eval_task_hellaswag_on_a_checkpoint_and_a_gpt2_directory(twin, tmp_path
     lines = result.stdout.splitlines()
     assert lines[0].startswith("hellaswag acc ") and "(95 % CI " in lines[0] and "/12)" in lines[0]
     assert lines[1].startswith("hellaswag acc_norm ") and "GPT-2 124M: acc_norm 29.55 %" in lines[2]
+    # which acc_norm: per token, as build-nanogpt and llm.c (lm-eval's is per character), in the table and JSON
+    assert lines[1].endswith("/12, per-token (build-nanogpt, llm.c))")
+    assert outputs[0]["acc_norm_convention"] == "per-token (build-nanogpt, llm.c)"
 
 
 def test_eval_task_bad_input_is_one_line(tmp_path):

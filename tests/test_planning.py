@@ -2,6 +2,7 @@
 activation estimate against what autograd saves, FSDP's per-device share, the fit verdict, and the command end to
 end (it prints, and writes nothing)."""
 
+import dataclasses
 from contextlib import nullcontext
 
 import pytest
@@ -99,7 +100,7 @@ def test_fsdp_holds_a_world_size_share_plus_the_gathered_blocks(tmp_path, data_d
     step_bytes = planning.ADAMW_STEP_BYTES * adamw_params
     block = sum(p.numel() for p in model.transformer.h[0].parameters())
     root = sum(p.numel() for p in model.parameters()) - cfg.n_layer * block
-    for world in planning.WORLD_SIZES:
+    for world in (2, 4, 8):
         fsdp = planning.memory(model, cfg, 2, "fsdp", world)
         assert fsdp.weights == (ddp.weights - buffers) / world + buffers
         assert fsdp.gradients == ddp.gradients / world
@@ -108,6 +109,8 @@ def test_fsdp_holds_a_world_size_share_plus_the_gathered_blocks(tmp_path, data_d
         assert fsdp.copies == (root + 2 * block) * 2 + block * 4
         assert fsdp.activations == ddp.activations and fsdp.buckets == 0
     assert ddp.buckets == ddp.gradients  # DDP's flat copy of the gradients
+    # one process does not shard (sharding.sharded): under either mode it runs plain
+    assert planning.memory(model, cfg, 2, "fsdp", 1) == planning.memory(model, cfg, 2, "ddp", 1)
     assert ddp.copies == planning.linear_weight_bytes(model) // 2  # autocast's bfloat16 weight cache
 
 
@@ -133,6 +136,48 @@ def test_fsdp_shards_are_what_fully_shard_gives_a_process(world):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp_with_accumulation_holds_what_fully_shard_keeps_between_micro_batches(tmp_path, data_dir, world):
+    """FSDP2 itself, on the CPU under torch's fake process group (rank 0 of `world`), bfloat16 compute as on
+    CUDA: after a micro-batch's backward under set_requires_gradient_sync(False), as train.py runs all but a
+    step's last, the unsharded gradients it keeps are what planning counts (every parameter, float32); with
+    one micro-batch per process there are none."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp._fully_shard._fsdp_state import _get_module_fsdp_state
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    cfg = tiny_config(data_dir, tmp_path / "run", parallel="fsdp", gradient_accumulation_steps=2 * world,
+                      n_embd=36, vocab_multiple=1, pos_emb="rope")
+    plan, _ = planning.meta_model(cfg)
+    accumulating = planning.memory(plan, cfg, 2, "fsdp", world)
+    single = planning.memory(plan, tiny_config(data_dir, tmp_path / "run", parallel="fsdp",
+                                               gradient_accumulation_steps=world, n_embd=36, vocab_multiple=1,
+                                               pos_emb="rope"), 2, "fsdp", world)
+    assert single.accumulated == 0 and accumulating.accumulated > 0
+    block = sum(p.numel() for p in plan.transformer.h[0].parameters())
+    assert accumulating.copies == single.copies - 4 * block  # the one block's gradients are among those held
+
+    torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = GPT(plan.config)
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for b in model.transformer.h:
+            fully_shard(b, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        model.set_requires_gradient_sync(False)
+        x = torch.randint(0, plan.config.vocab_size, (2, cfg.block_size))
+        model(x, x)[1].backward()
+        held = [fp.unsharded_accumulated_grad if fp.unsharded_accumulated_grad is not None
+                else fp._unsharded_param.grad
+                for m in model.modules() if (state := _get_module_fsdp_state(m)) and state._fsdp_param_group
+                for fp in state._fsdp_param_group.fsdp_params]
+        assert all(g is not None and g.dtype == torch.float32 for g in held)
+        assert sum(g.nbytes for g in held) == accumulating.accumulated
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_checkpointing_keeps_the_blocks_inputs_and_one_block(tmp_path, data_dir):
     cfg = tiny_config(data_dir, tmp_path / "run", n_layer=4)
     model, _ = planning.meta_model(cfg)
@@ -148,12 +193,30 @@ def test_the_fit_verdict_says_what_would_fit(tmp_path, data_dir):
     cfg = tiny_config(data_dir, tmp_path / "run", batch_size=8)
     model, _ = planning.meta_model(cfg)
     need = planning.memory(model, cfg, 2, "ddp", 1).total(False)
-    assert planning.fit_verdict(model, cfg, 2, need, 1).startswith("fits: ddp over 1 GPU needs")
+    assert planning.fit_verdict(model, cfg, 2, need, 1).startswith("fits: one process (no sharding) over 1 GPU needs")
     verdict = planning.fit_verdict(model, cfg, 2, need - 1, 2)
     assert verdict.startswith("does NOT fit: ddp over 2 GPUs needs")
     checkpointed = planning.memory(model, cfg, 2, "ddp", 2).total(True)
     assert f"activation_checkpointing = true ({planning.size(checkpointed)})" in verdict
     assert 'parallel = "fsdp"' in verdict and "batch_size = 4 with gradient_accumulation_steps = 2" in verdict
+    # one GPU runs one process, which never shards: the verdict says so and counts the plain run
+    one = planning.fit_verdict(model, dataclasses.replace(cfg, parallel="fsdp"), 2, need, 1)
+    assert one.startswith(f"fits: one process (no sharding) over 1 GPU needs {planning.size(need)}")
+
+
+def test_the_verdict_never_offers_accumulation_that_costs_fsdp_more(tmp_path, data_dir):
+    """Under FSDP over 2 with one micro-batch per process, halving the batch and doubling accumulation turns on
+    FSDP's held unsharded gradients: where that costs more than the activations it saves, it is not offered."""
+    cfg = tiny_config(data_dir, tmp_path / "run", batch_size=2, block_size=8, parallel="fsdp",
+                      gradient_accumulation_steps=2, activation_checkpointing=True)
+    model, _ = planning.meta_model(cfg)
+    need = planning.memory(model, cfg, 2, "fsdp", 2).total(True)
+    half = dataclasses.replace(cfg, batch_size=1, gradient_accumulation_steps=4)
+    halved = planning.memory(model, half, 2, "fsdp", 2)
+    assert halved.accumulated == planning.gradient_bytes(model)  # every float32 gradient, unsharded
+    assert halved.total(True) > need  # the advice would have raised the memory it meant to lower
+    verdict = planning.fit_verdict(model, cfg, 2, need - 1, 2)
+    assert verdict.startswith("does NOT fit") and "batch_size = 1" not in verdict
 
 
 def test_on_a_cuda_machine_the_plan_ends_with_the_verdict(tmp_path, data_dir, monkeypatch):

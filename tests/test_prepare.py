@@ -229,7 +229,7 @@ def test_chat_records_in_a_directory_say_to_pass_the_file(tmp_path):
 
 def test_source_format_errors_name_the_fix(tmp_path, monkeypatch):
     write_jsonl(tmp_path / "c.jsonl", ["a", "b"], field="content")
-    with pytest.raises(PrepareError, match="line 1 has no string field 'text' \\(fields: id, content\\)"):
+    with pytest.raises(PrepareError, match="line 1 has no string field 'text' \\(fields: 'id', 'content'\\)"):
         prepare.prepare(str(tmp_path / "c.jsonl"), "byte", str(tmp_path / "d"))
     (tmp_path / "c.parquet").write_bytes(b"PAR1")
     monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)
@@ -238,7 +238,7 @@ def test_source_format_errors_name_the_fix(tmp_path, monkeypatch):
     write_jsonl(tmp_path / "big.jsonl", make_documents(300))
     with open(tmp_path / "big.jsonl", "a") as f:
         f.write('{"text": 42}\n')  # found by a worker process, reported by the parent
-    with pytest.raises(PrepareError, match="big.jsonl' line 301 has no string field 'text' \\(fields: text\\)"):
+    with pytest.raises(PrepareError, match="big.jsonl' line 301 has no string field 'text' \\(fields: 'text'\\)"):
         prepare.prepare(str(tmp_path / "big.jsonl"), "byte", str(tmp_path / "d"), workers=2, chunk_size=2000)
     assert not (tmp_path / "d").exists() or os.listdir(tmp_path / "d") == []
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1") * 10)

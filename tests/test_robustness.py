@@ -330,10 +330,10 @@ def test_checkpoint_from_an_incompatible_version_is_refused(tmp_path):
 
     path = tmp_path / "old.safetensors"
     save_file({"model.w": torch.zeros(2)}, path, metadata={"format": checkpoint.FORMAT, "version": "999", "info": "{}"})
-    with pytest.raises(checkpoint.CheckpointError, match="format version 999, this code reads version 1"):
+    with pytest.raises(checkpoint.CheckpointError, match="format version '999', this code reads version 1"):
         checkpoint.load(path)
     result = run_cli("sample.py", "--ckpt", path)
-    assert result.returncode != 0 and "format version 999" in result.stderr
+    assert result.returncode != 0 and "format version '999'" in result.stderr
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, data_dir):
@@ -374,7 +374,20 @@ def test_bad_data_gets_one_line_errors_and_nothing_is_written(tmp_path, data_dir
     for name in ("train.bin", "val.bin", "meta.json"):
         (short / name).write_bytes((data_dir / name).read_bytes())
 
+    damaged = {}  # meta.json fields a hand edit or a damaged file can hold (each one a traceback before)
+    for name, edit in [("list", {"train_tokens": [1]}), ("null", {"vocab_size": None}), ("zero", {"dtype": 0}),
+                       ("json_null", None)]:
+        damaged[name] = tmp_path / f"meta_{name}"
+        damaged[name].mkdir()
+        for f in ("train.bin", "val.bin"):
+            (damaged[name] / f).write_bytes((data_dir / f).read_bytes())
+        meta = json.loads((data_dir / "meta.json").read_text())
+        (damaged[name] / "meta.json").write_text(json.dumps(None if edit is None else {**meta, **edit}))
     cases = [
+        (damaged["list"], [], "has train_tokens = [1], expected a non-negative whole number"),
+        (damaged["null"], [], "has vocab_size = None, expected a positive whole number"),
+        (damaged["zero"], [], "has dtype = 0, expected 'uint16' or 'uint32'"),
+        (damaged["json_null"], [], "holds NoneType, not a JSON object"),
         (tmp_path / "missing", [], "does not exist: run `python prepare.py"),
         (empty, [], "has no meta.json"),
         (wrong_ids, [], "holds token id"),

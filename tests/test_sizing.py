@@ -63,3 +63,19 @@ def test_a_depth_run_trains_records_what_the_dial_set_and_resumes(tmp_path, data
     more = run_cli("train.py", "--resume", f"--out_dir={out}", f"--max_iters={saved['max_iters'] + 5}")
     assert more.returncode == 0, more.stderr[-2000:]
     assert json.loads(open(out / "log.jsonl").readlines()[-1])["step"] == saved["max_iters"] + 5
+
+
+def test_the_learning_rate_note_quotes_the_rule_and_gpt3_truly():
+    """The note sets the rule's rates beside GPT-3's (Brown et al. 2020, table 2.1: Large, 24 x 1536, 2.5e-4;
+    XL, 24 x 2048, 2e-4) with their ratios, as the rule computes them (it once said 4.2e-4 was 'near' 2.5e-4)."""
+    from nanoforge import sizing
+    from nanoforge.sizing import learning_rates
+
+    depth24, depth28 = learning_rates(24 * 64)["learning_rate"], learning_rates(28 * 64)["learning_rate"]
+    assert (depth24, depth28) == (4.24e-4, 3.93e-4)
+    note = " ".join(sizing.__doc__.split()).replace("e-04", "e-4")
+    depth24_text, depth28_text = f"{depth24:.2e}".replace("e-04", "e-4"), f"{depth28:.2e}".replace("e-04", "e-4")
+    assert f"depth 24 (GPT-3 Large's shape, 24 x 1536) gets {depth24_text} where GPT-3 Large used 2.5e-4 " \
+           f"({depth24 / 2.5e-4:.1f}x)" in note
+    assert f"depth 28 {depth28_text} where GPT-3 XL (24 x 2048) used 2e-4 ({depth28 / 2e-4:.1f}x)" in note
+    assert "near" not in note.split("Learning rates")[1].split("Token budget")[0]
