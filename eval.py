@@ -59,12 +59,12 @@ import os
 
 from nanoforge import cli, harness, hellaswag, loading, multiple_choice, tasks
 from nanoforge.reinforce import score_problems
-from nanoforge.tools import has_tools
 from nanoforge.config import ConfigError
 from nanoforge.device import resolve_device
 from nanoforge import chat_format
 from nanoforge.engine import Generator
 from nanoforge.evaluation import EvalError, evaluate_accuracy, evaluate_loss, read_examples
+from nanoforge.tokenizer import has_tools
 
 EXAMPLES = 3  # right and wrong answers shown
 

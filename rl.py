@@ -36,8 +36,8 @@ from nanoforge.optim import set_lr
 from nanoforge.reinforce import (build_rl_config, draw_problems, rl_help_text, row_seeds, sample_rollouts,
                                  saved_rl_config, score_problems, update_policy)
 from nanoforge.runs import build_model, check_writable, save_checkpoint, start_model, start_run_directory
-from nanoforge.tools import has_tools
 from nanoforge.tracking import Trackers, check_installed
+from nanoforge.tokenizer import has_tools
 from nanoforge.training import StopSignals, TrainingStopped, check_bad_streak, write_record
 
 

@@ -39,8 +39,8 @@ from nanoforge.device import resolve_device, resolve_dtype
 from nanoforge.engine import Generator
 from nanoforge.machine import probe
 from nanoforge.sampling import SettingError, check_lookup
-from nanoforge.tokenizer import TokenizerError
-from nanoforge.tools import final_text, has_tools, reply_parts
+from nanoforge.tokenizer import TokenizerError, has_tools
+from nanoforge.tools import final_text, reply_parts
 
 
 def unescape(text):

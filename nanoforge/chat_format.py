@@ -20,7 +20,7 @@ The call is the model's to write (mask 1); the output is the engine's (mask 0, i
 
 from nanoforge import records
 from nanoforge.errors import UserError
-from nanoforge.tools import has_tools
+from nanoforge.tokenizer import has_tools
 
 ROLES = ("system", "user", "assistant")
 
@@ -161,7 +161,7 @@ def fit_to_context(tokenizer, messages, block_size, max_new_tokens):
     turns = messages[len(head):]
     head_length = len(tokenizer.encode(head[0]["content"] + "\n\n")) if head else 0
     # <|user_start|> text <|user_end|>, <|assistant_start|> text <|assistant_end|>: two chat tokens a turn
-    lengths = [len(tokenizer.encode(m["content"])) + 2 for m in turns]
+    lengths = [content_length(tokenizer, m["content"]) + 2 for m in turns]
     suffix = [0] * (len(turns) + 1)  # suffix[d]: tokens of turns d, d + 1, ...
     for d in range(len(turns) - 1, -1, -1):
         suffix[d] = suffix[d + 1] + lengths[d]
@@ -178,6 +178,14 @@ def fit_to_context(tokenizer, messages, block_size, max_new_tokens):
         raise ChatError(f"the message is too long: {n} tokens with the chat format, more than the model's "
                         f"block_size {block_size}; shorten it")
     return kept, dropped
+
+
+def content_length(tokenizer, content):
+    """Tokens of a turn's content as render_turns writes it: its text, or an assistant's parts with their tool
+    tokens (sample.py --chat keeps a reply's calls and outputs in the conversation)."""
+    if isinstance(content, str):
+        return len(tokenizer.encode(content))
+    return sum(len(ids) for ids, _ in render_parts(tokenizer, content))
 
 
 def conversation_from_record(record):

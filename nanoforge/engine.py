@@ -47,8 +47,8 @@ from nanoforge.chat_format import ChatError, render_for_reply, require_chat_toke
 from nanoforge.cpu_decoding import decoder_for, fast_attention, fast_linear
 from nanoforge.device import resolve_device
 from nanoforge.loading import load_model
-from nanoforge.tokenizer import TOOL_TOKENS
-from nanoforge.tools import ToolCalls, has_tools
+from nanoforge.tokenizer import TOOL_TOKENS, has_tools
+from nanoforge.tools import ToolCalls
 from nanoforge.sampling import (
     SettingError,
     TextStream,

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from nanoforge.chat_format import ChatError, fit_to_context, render_for_reply
 from nanoforge.errors import UserError
 from nanoforge.inspect_model import token_bytes
-from nanoforge.tokenizer import CHAT_TOKENS
-from nanoforge.tools import has_tools
+from nanoforge.tokenizer import CHAT_TOKENS, has_tools
 
 MAX_TOKENS = 4096  # the most tokens one request may ask for, unless the server says otherwise (serve.py --max-tokens)
 MAX_STOP = 4  # stop strings per request, as OpenAI allows

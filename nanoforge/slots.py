@@ -32,7 +32,8 @@ import torch
 
 from nanoforge.engine import Sample
 from nanoforge.sampling import SettingError, TextStream, candidates, check_settings, sample_from
-from nanoforge.tools import ReplyText, ToolCalls, has_tools
+from nanoforge.tokenizer import has_tools
+from nanoforge.tools import ReplyText, ToolCalls
 
 PREFILL_CHUNK = 64  # prompt tokens fed per step, over all rows: bounds how long one step holds the others
 

@@ -20,7 +20,6 @@ seed) draws n distinct ones. The arithmetic tasks' SFT data (`prepare.py arithme
 
 import hashlib
 import json
-import os
 import random
 import re
 from dataclasses import dataclass

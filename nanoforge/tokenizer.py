@@ -235,6 +235,11 @@ class ChatTokenizer:
         return {**self.base.to_dict(), "chat_tokens": list(self.names)}
 
 
+def has_tools(tokenizer):
+    """Whether a tokenizer has the tool tokens (a chat tokenizer of an earlier version has only five chat tokens)."""
+    return TOOL_TOKENS[0] in getattr(tokenizer, "chat_ids", {})
+
+
 def with_chat_tokens(tokenizer):
     """tokenizer extended by the chat tokens (itself when it has them already)."""
     return tokenizer if isinstance(tokenizer, ChatTokenizer) else ChatTokenizer(tokenizer)

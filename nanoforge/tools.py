@@ -95,11 +95,6 @@ def format_number(value):
     return str(value) if isinstance(value, int) else format(value, ".10g")
 
 
-def has_tools(tokenizer):
-    """Whether a tokenizer has the tool tokens (a chat tokenizer of an earlier version has only five chat tokens)."""
-    return "<|python_start|>" in getattr(tokenizer, "chat_ids", {})
-
-
 class ToolCalls:
     """One row's tool state in the engine: after() sees each token the row takes and returns the tokens the engine
     must feed next (the output of a call that just closed), [] otherwise. calls holds (expression, output) pairs."""

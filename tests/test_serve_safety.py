@@ -145,6 +145,19 @@ def test_fitting_a_conversation_to_the_context_is_linear_and_agrees_with_renderi
     assert counting.encoded < 4 * sum(len(m["content"]) for m in long)  # each message read a few times, not n
 
 
+def test_fitting_counts_an_assistant_turns_calculator_calls(chat_model):
+    """sample.py --chat keeps a reply's calls and outputs in the conversation: their tool tokens count too."""
+    _, tokenizer = chat_model
+    reply = [{"type": "python", "text": "12*3"}, {"type": "python_output", "text": "36"}, {"type": "text", "text": "36"}]
+    messages = []
+    for i in range(6):
+        messages += [{"role": "user", "content": f"mul {i} 3"}, {"role": "assistant", "content": reply}]
+    messages.append({"role": "user", "content": "mul 12 3"})
+    for block_size, max_new in [(32, 8), (48, 8), (64, 8), (128, 40)]:
+        assert chat_format.fit_to_context(tokenizer, messages, block_size, max_new) == \
+            fit_by_rendering(tokenizer, messages, block_size, max_new), block_size
+
+
 def test_text_offsets_are_where_each_token_starts(chat_model):
     _, tokenizer = chat_model
     tokens = [(i, (-1.0, [])) for i in tokenizer.encode("héllo, wörld")]

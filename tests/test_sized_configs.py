@@ -14,7 +14,9 @@ from nanoforge.config import build_config
 from nanoforge.data import Dataset
 from nanoforge.optim import build_optimizer
 
-CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.toml")))
+# train.py's configs: rl.py's (rl_*.toml) start from a chat checkpoint and are not planned
+CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.toml"))
+                 if not os.path.basename(p).startswith("rl_"))
 # name: (depth, parameters with GPT-2's padded vocabulary, in millions)
 SIZED = {"depth12_124m": (12, 124), "depth18_350m": (18, 346), "depth24_760m": (24, 759),
          "depth28_1b_fsdp": (28, 1172)}

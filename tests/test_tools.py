@@ -9,7 +9,7 @@ from nanoforge import chat_format, loading, tools
 from nanoforge.checkpoint import CheckpointError
 from nanoforge.engine import Generator
 from nanoforge.tokenizer import (CHAT_TOKENS, CHAT_TOKENS_V1, ByteTokenizer, CharTokenizer, ChatTokenizer,
-                                 tokenizer_from_dict, with_chat_tokens)
+                                 has_tools, tokenizer_from_dict, with_chat_tokens)
 
 
 @pytest.mark.parametrize("expression, output", [
@@ -36,9 +36,9 @@ def test_old_five_token_chat_tokenizers_still_load_with_their_ids():
     base = CharTokenizer("0123456789+ ")
     old = {**base.to_dict(), "chat_tokens": list(CHAT_TOKENS_V1)}  # as checkpoints and data of earlier versions say
     loaded = tokenizer_from_dict(old)
-    assert loaded.vocab_size == base.vocab_size + 5 and not tools.has_tools(loaded)
+    assert loaded.vocab_size == base.vocab_size + 5 and not has_tools(loaded)
     new = with_chat_tokens(base)
-    assert tools.has_tools(new) and new.vocab_size == base.vocab_size + len(CHAT_TOKENS)
+    assert has_tools(new) and new.vocab_size == base.vocab_size + len(CHAT_TOKENS)
     assert all(loaded.chat_ids[name] == new.chat_ids[name] for name in CHAT_TOKENS_V1)  # appended: ids unchanged
     assert loaded.to_dict() == old and tokenizer_from_dict(new.to_dict()).to_dict() == new.to_dict()
     loading.check_extends(loaded, new, "old_chat_run")  # an old chat model may be fine-tuned on data with tool calls
