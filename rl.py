@@ -27,14 +27,14 @@ from tqdm import tqdm
 
 from nanoforge import checkpoint, cli, reinforce, tasks, training
 from nanoforge.chat_format import render_for_reply, require_chat_tokens
-from nanoforge.config import ConfigError
+from nanoforge.config import ConfigError, load_saved, split_arguments
 from nanoforge.device import resolve_device, resolve_dtype
 from nanoforge.distributed import Distributed, end_process
 from nanoforge.engine import Generator
 from nanoforge.lock import DirectoryLock
 from nanoforge.optim import set_lr
-from nanoforge.reinforce import (build_rl_config, draw_problems, rl_help_text, row_seeds, sample_rollouts,
-                                 saved_rl_config, score_problems, update_policy)
+from nanoforge.reinforce import (RLConfig, build_rl_config, draw_problems, rl_help_text, row_seeds, sample_rollouts,
+                                 score_problems, update_policy)
 from nanoforge.runs import build_model, check_writable, save_checkpoint, start_model, start_run_directory
 from nanoforge.tracking import Trackers, check_installed
 from nanoforge.tokenizer import has_tools
@@ -173,17 +173,11 @@ def main(argv=None):
         print(__doc__)
         print(rl_help_text())
         return
-    resume = "--resume" in argv
-    args = [a for a in argv if a != "--resume"]
-    path = None
-    if args and not args[0].startswith("--"):
-        path, args = args[0], args[1:]
-    stray = [a for a in args if not a.startswith("--")]
-    if stray:
-        raise ConfigError(f"unexpected argument '{stray[0]}': overrides are written --key=value")
+    path, args, flags = split_arguments(argv, ("--resume",))
+    resume = "--resume" in flags
     ddp = Distributed()
     try:
-        base = saved_rl_config(args) if resume and path is None else None
+        base = load_saved(args, RLConfig.out_dir) if resume and path is None else None
         cfg = build_rl_config(path, args, base)
         rl(cfg, resume=resume, ddp=ddp)
     except TrainingStopped as e:

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from nanoforge import checkpoint, cli, hellaswag, planning, sharding, training
-from nanoforge.config import ConfigError, build_config, help_text, load_saved
+from nanoforge.config import ConfigError, build_config, help_text, load_saved, split_arguments
 from nanoforge.data import Dataset
 from nanoforge.device import peak_flops, resolve_device, resolve_dtype
 from nanoforge.distributed import Distributed, end_process
@@ -149,14 +149,8 @@ def main(argv=None):
         print(__doc__)
         print(help_text())
         return
-    resume, plan = "--resume" in argv, "--plan" in argv
-    args = [a for a in argv if a not in ("--resume", "--plan")]
-    path = None
-    if args and not args[0].startswith("--"):
-        path, args = args[0], args[1:]
-    stray = [a for a in args if not a.startswith("--")]
-    if stray:
-        raise ConfigError(f"unexpected argument '{stray[0]}': overrides are written --key=value")
+    path, args, flags = split_arguments(argv, ("--resume", "--plan"))
+    resume, plan = "--resume" in flags, "--plan" in flags
     ddp = Distributed()
     try:
         # `--resume` without a config file continues with the run directory's saved config.

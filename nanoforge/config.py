@@ -269,15 +269,15 @@ def load_toml(path):
         raise ConfigError(f"config file '{path}' is not valid TOML: {e}")
 
 
-def parse_overrides(items):
+def parse_overrides(items, keys=KEYS, unknown_key=unknown_key_error):
     """`--key=value` strings -> {key: value text}. A key may be spelled with dashes or underscores
     (--out-dir=x is --out_dir=x): both spellings mean the same key everywhere."""
     parsed = {}
     for item in items:
         name, sep, text = item[2:].partition("=")
         name = name.replace("-", "_")
-        if name not in KEYS:
-            raise unknown_key_error(name, "on the command line")
+        if name not in keys:
+            raise unknown_key(name, "on the command line")
         if not sep:
             raise ConfigError(f"override '{item}' has no value: write --{name}=VALUE")
         parsed[name] = text
@@ -306,11 +306,27 @@ def build_config(path=None, overrides=(), base=None):
     return cfg
 
 
-def load_saved(overrides):
-    """The config.json of the run directory named by --out_dir (or the default out_dir), or None
+def split_arguments(argv, flags):
+    """A training command's arguments -> (the config file or None, the --key=value overrides, the flags of
+    `flags` present, as a set)."""
+    present = {a for a in argv if a in flags}
+    args = [a for a in argv if a not in flags]
+    path = None
+    if args and not args[0].startswith("--"):
+        path, args = args[0], args[1:]
+    stray = [a for a in args if not a.startswith("--")]
+    if stray:
+        raise ConfigError(f"unexpected argument '{stray[0]}': overrides are written --key=value")
+    return path, args, present
+
+
+def load_saved(overrides, out_dir=TrainConfig.out_dir):
+    """The config.json of the run directory named by --out_dir (or out_dir, the command's default), or None
     when there is none (a run killed before writing it has no checkpoint either: resuming then
-    says so)."""
-    out_dir = parse_overrides(overrides).get("out_dir", TrainConfig.out_dir)
+    says so). Only --out_dir is read here: the overrides are checked when the config is built."""
+    for item in overrides:
+        if item[2:].replace("-", "_").startswith("out_dir="):
+            out_dir = item.partition("=")[2]
     path = os.path.join(out_dir, "config.json")
     if not os.path.exists(path):
         return None

@@ -20,14 +20,13 @@ import dataclasses
 import difflib
 import json
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
 from nanoforge import tasks, tools
-from nanoforge.config import ConfigError, TrainConfig, _key, load_toml
+from nanoforge.config import ConfigError, TrainConfig, _key, load_toml, parse_overrides
 from nanoforge.training import apply_update
 
 # Keys of TrainConfig that rl.py uses as train.py does; the others (data, batch shape, model shape: the
@@ -138,33 +137,11 @@ def build_rl_config(path=None, overrides=(), base=None):
         if name not in RL_KEYS:
             raise unknown_key(name, f"in {path or 'the saved config'}")
         values[name] = from_file(name, value)
-    for item in overrides:
-        name, sep, text = item[2:].partition("=")
-        name = name.replace("-", "_")
-        if name not in RL_KEYS:
-            raise unknown_key(name, "on the command line")
-        if not sep:
-            raise ConfigError(f"override '{item}' has no value: write --{name}=VALUE")
+    for name, text in parse_overrides(overrides, RL_KEYS, unknown_key).items():
         values[name] = from_text(name, text)
     cfg = RLConfig(**values, dropout=0.0)
     cfg.validate()
     return cfg
-
-
-def saved_rl_config(overrides):
-    """The config.json of the run directory --out_dir names (or the default's), or None."""
-    out_dir = RLConfig.out_dir
-    for item in overrides:
-        if item.replace("-", "_").startswith("--out_dir="):
-            out_dir = item.partition("=")[2]
-    path = os.path.join(out_dir, "config.json")
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot read the saved config '{path}' ({e}): pass the run's config file before --resume")
 
 
 def rl_help_text():
