@@ -125,7 +125,7 @@ class Checkpoint:
         self.extra = extra
 
 
-def load(path, device="cpu"):
+def load(path, device="cpu", objects=("model", "tokenizer")):
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at '{path}'")
     try:
@@ -154,7 +154,7 @@ def load(path, device="cpu"):
     if "optimizer_param_groups" in meta:
         optim = {k: v for k, v in tensors.items() if k.startswith("optim.")}
         optimizer_state = unflatten_optimizer(optim, header_json(path, meta, "optimizer_param_groups"))
-    return Checkpoint(path, model_state, parse_info(path, meta), optimizer_state, extra)
+    return Checkpoint(path, model_state, parse_info(path, meta, objects), optimizer_state, extra)
 
 
 def header_json(path, meta, key):
@@ -165,10 +165,12 @@ def header_json(path, meta, key):
         raise CheckpointError(f"'{path}' has no readable '{key}' in its header: the file is damaged") from None
 
 
-def parse_info(path, meta):
+def parse_info(path, meta, objects=("model", "tokenizer")):
+    """The header's info, an object holding each of `objects` as an object (a model checkpoint's model and
+    tokenizer descriptions; a file of another kind, such as an SAE's, checks its own)."""
     info = header_json(path, meta, "info")
-    if not (isinstance(info, dict) and isinstance(info.get("model"), dict) and isinstance(info.get("tokenizer"), dict)):
-        raise CheckpointError(f"'{path}' has an info header without its model and tokenizer: the file is damaged")
+    if not (isinstance(info, dict) and all(isinstance(info.get(key), dict) for key in objects)):
+        raise CheckpointError(f"'{path}' has an info header without its {' and '.join(objects)}: the file is damaged")
     return info
 
 

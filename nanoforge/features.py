@@ -359,8 +359,8 @@ class SAEFile:
 
 def load(path, model=None, identity=None, device="cpu"):
     """An SAE file; given the model (or its identity), one trained on another model is refused."""
-    loaded = checkpoint.load(path)
-    if "sae" not in loaded.info:
+    loaded = checkpoint.load(path, objects=())  # its info describes an SAE, checked here
+    if not isinstance(loaded.info.get("sae"), dict):
         raise FeatureError(f"'{path}' is a model checkpoint, not an SAE file: train one with "
                            "`python features.py train --ckpt RUN --data DIR`")
     identity = identity or (model_identity(model) if model is not None else None)

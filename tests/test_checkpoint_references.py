@@ -26,7 +26,8 @@ def states(step=0):
     optimizer_state = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(8, 4)},
                                  1: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4)}},
                        "param_groups": [{"lr": 0.1, "params": [0]}, {"lr": 0.2, "params": [1]}]}
-    return model_state, {"step": step, "config": {"n_embd": 4}}, optimizer_state
+    info = {"step": step, "config": {"n_embd": 4}, "model": {"n_embd": 4}, "tokenizer": {"kind": "byte"}}
+    return model_state, info, optimizer_state
 
 
 def test_saved_file_is_plain_safetensors_with_a_sha256_of_its_tensors(tmp_path):
@@ -84,7 +85,7 @@ def test_a_changed_byte_fails_the_checksum_and_other_files_are_refused(tmp_path)
 
 
 @pytest.mark.parametrize("field, value, message", [("format", "other", "is not a nanoforge-checkpoint file"),
-                                                   ("version", "2", "is checkpoint format version 2")])
+                                                   ("version", "2", "is checkpoint format version '2'")])
 def test_foreign_format_or_version_is_refused(tmp_path, field, value, message):
     from safetensors.torch import save_file
     path = str(tmp_path / "c.safetensors")
