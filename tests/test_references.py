@@ -269,7 +269,7 @@ def test_newton_schulz_runs_in_bfloat16_only_on_the_device_that_multiplies_it_na
                                                                                        native_bf16, expected):
     from types import SimpleNamespace
     from nanoforge import optim
-    monkeypatch.setattr(optim, "probe", lambda: SimpleNamespace(cuda_bf16=cuda_bf16, native_bf16=native_bf16))
+    monkeypatch.setattr(optim, "probe", lambda **_: SimpleNamespace(cuda_bf16=cuda_bf16, native_bf16=native_bf16))
     assert {device: optim.newton_schulz_dtype(device) for device in expected} == expected
 
 
