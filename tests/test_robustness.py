@@ -191,7 +191,7 @@ path, version = sys.argv[1], 0
 while True:
     version += 1
     weights = torch.full((1_000_000,), float(version))
-    checkpoint.save(path, {{"w": weights}}, {{"version": version}})
+    checkpoint.save(path, {{"w": weights}}, {{"version": version, "model": {{}}, "tokenizer": {{}}}})
     print(version, flush=True)
 """
 
