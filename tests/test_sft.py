@@ -75,7 +75,7 @@ def test_tokenizer_from_a_checkpoint_prepares_text_and_chat(base_run, task_data,
     assert meta["tokenizer"] == base.to_dict() and not meta.get("chat")
     # a tokenizer that has the chat tokens already keeps them, for plain text too, and is not extended twice
     ckpt = tmp_path / "chatty.safetensors"
-    checkpoint.save(str(ckpt), {"w": torch.zeros(1)}, {"tokenizer": with_chat_tokens(base).to_dict()})
+    checkpoint.save(str(ckpt), {"w": torch.zeros(1)}, {"model": {}, "tokenizer": with_chat_tokens(base).to_dict()})
     for source, out in ((corpus, "t2"), ("chat_tasks", "c2")):
         meta = prepare.prepare(str(source), out_dir=str(tmp_path / out), tokenizer_from=str(ckpt))
         assert meta["tokenizer"] == with_chat_tokens(base).to_dict()
