@@ -77,21 +77,28 @@ def test_a_request_ends_at_its_deadline_with_what_it_has(tmp_path):
 
 def test_explain_waits_in_the_same_bounded_queue(chat_model):
     service, client = serve(chat_model, max_batch=1, max_queue=1)
-    done = threading.Event()
-    busy = [Job([1, 2, 3], dict(max_new_tokens=100000, temperature=1.0, top_p=1.0, seed=1, stop=[],
-                                top_logprobs=None), lambda e: done.set() if e[0] == "done" else None)
-            for _ in range(2)]
+    # The first job holds the worker inside its first event's callback, so the second stays queued however the
+    # tiny model decodes (polling the running count hung when a sampled reply ended before the poll saw it).
+    started, release, done = threading.Event(), threading.Event(), threading.Event()
+
+    def hold_worker(event):
+        if not started.is_set():
+            started.set()
+            release.wait(30)
+
+    settings = dict(temperature=1.0, top_p=1.0, seed=1, stop=[], top_logprobs=None)
+    busy = Job([1, 2, 3], dict(settings, max_new_tokens=100000), hold_worker)
+    waiting = Job([1, 2, 3], dict(settings, max_new_tokens=4), lambda e: done.set() if e[0] == "done" else None)
     with client:
-        service.scheduler.submit(busy[0])
-        while service.scheduler.running == 0:
-            threading.Event().wait(0.01)
-        service.scheduler.submit(busy[1])  # the queue is full now
+        service.scheduler.submit(busy)
+        assert started.wait(30)
+        service.scheduler.submit(waiting)  # the queue is full now
         body = {"messages": conversation(("spell dog", None)), "reply_ids": [100, 32], "step": 1}
         r = client.post("/explain", json=body)
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
-        for job in busy:
-            service.scheduler.cancel(job)
-        assert done.wait(30)
+        service.scheduler.cancel(busy)
+        release.set()
+        assert done.wait(30)  # the queued job ran once the worker was free
         r = client.post("/explain", json=body)
         assert r.status_code == 200 and r.json()["chosen"]["token_id"] == 32
 
