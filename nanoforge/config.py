@@ -231,9 +231,10 @@ def unknown_key_error(name, where):
     return ConfigError(f"unknown config key {name!r} {where}: {hint}")  # !r: a name may hold a newline
 
 
-def coerce(name, value):
-    """Check a TOML value against the field's type (ints are accepted where floats are expected)."""
-    want = KEYS[name].type
+def coerce(name, value, keys=KEYS):
+    """Check a TOML (or saved) value against the field's type in `keys` (ints are accepted where floats are
+    expected)."""
+    want = keys[name].type
     ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
@@ -242,9 +243,9 @@ def coerce(name, value):
     return value
 
 
-def parse_override(name, text):
-    """Turn the text of `--name=text` into the field's type."""
-    want = KEYS[name].type
+def parse_override(name, text, keys=KEYS):
+    """Turn the text of `--name=text` into the field's type in `keys`."""
+    want = keys[name].type
     if want is bool:
         lowered = text.lower()
         if lowered in ("true", "1", "yes"):

@@ -26,7 +26,8 @@ import torch
 from torch.nn import functional as F
 
 from nanoforge import tasks, tools
-from nanoforge.config import ConfigError, TrainConfig, _key, load_toml, parse_overrides
+from nanoforge.config import (TYPES, ConfigError, TrainConfig, _key, coerce, load_toml, parse_override,
+                              parse_overrides)
 from nanoforge.training import apply_update
 
 # Keys of TrainConfig that rl.py uses as train.py does; the others (data, batch shape, model shape: the
@@ -94,30 +95,6 @@ TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 RL_ONLY = tuple(f.name for f in dataclasses.fields(RLConfig) if f.name not in TRAIN_FIELDS)
 RL_KEYS = SHARED_KEYS + RL_ONLY
 FIELDS = {f.name: f for f in dataclasses.fields(RLConfig)}
-TYPE_NAMES = {int: "int", float: "float", bool: "bool", str: "str"}
-
-
-def from_file(name, value):
-    """A TOML or saved value checked against the key's type (an int is accepted where a float is expected)."""
-    want = FIELDS[name].type
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, want) and not (want is int and isinstance(value, bool)):
-        return value
-    raise ConfigError(f"config key '{name}' expects {TYPE_NAMES[want]}, got {value!r}")
-
-
-def from_text(name, text):
-    """The text of --name=text as the key's type."""
-    want = FIELDS[name].type
-    if want is bool and text.lower() in ("true", "1", "yes", "false", "0", "no"):
-        return text.lower() in ("true", "1", "yes")
-    if want is not bool:
-        try:
-            return want(text)
-        except ValueError:
-            pass
-    raise ConfigError(f"config key '{name}' expects {TYPE_NAMES[want]}, got '{text}'")
 
 
 def unknown_key(name, where):
@@ -136,9 +113,9 @@ def build_rl_config(path=None, overrides=(), base=None):
     for name, value in source.items():
         if name not in RL_KEYS:
             raise unknown_key(name, f"in {path or 'the saved config'}")
-        values[name] = from_file(name, value)
+        values[name] = coerce(name, value, FIELDS)
     for name, text in parse_overrides(overrides, RL_KEYS, unknown_key).items():
-        values[name] = from_text(name, text)
+        values[name] = parse_override(name, text, FIELDS)
     cfg = RLConfig(**values, dropout=0.0)
     cfg.validate()
     return cfg
@@ -149,7 +126,7 @@ def rl_help_text():
     for name in RL_KEYS:
         f = FIELDS[name]
         default = json.dumps(f.default)
-        lines.append(f"  --{name:<22} {TYPE_NAMES[f.type]:<5} default {default:<22} {f.metadata['help']}")
+        lines.append(f"  --{name:<22} {TYPES[f.type]:<5} default {default:<22} {f.metadata['help']}")
     return "\n".join(lines)
 
 

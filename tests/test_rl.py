@@ -285,7 +285,7 @@ def test_rl_resumes_after_sigterm_exactly(tmp_path, monkeypatch):
         plot.main(["--ckpt", str(tmp_path / "resumed"), "--png", str(tmp_path / "no.png"), "--x", "tokens"])
 
 
-def test_rl_cli_runs_and_bad_input_is_one_line(tmp_path):
+def test_rl_cli_runs_and_bad_input_is_one_line(tmp_path, capsys):
     ckpt = tiny_chat_checkpoint(tmp_path / "chat.safetensors")
     plain = tiny_chat_checkpoint(tmp_path / "plain.safetensors", with_chat=False)
     common = [f"--init_from={ckpt}", "--max_iters=1", "--prompts_per_step=1", "--samples_per_prompt=2",
@@ -310,6 +310,10 @@ def test_rl_cli_runs_and_bad_input_is_one_line(tmp_path):
         assert str(exit.value.code).startswith("rl.py: error: ") and message in str(exit.value.code)
         assert "\n" not in str(exit.value.code)
     assert not (tmp_path / "bad" / "log.jsonl").exists()
+    capsys.readouterr()
+    main(["--help"])  # every key with its type
+    listed = capsys.readouterr().out
+    assert "--kl_beta" in listed and " float " in listed and "--tools" in listed
 
 
 def test_eval_scores_a_task_with_and_without_the_tool(tmp_path, capsys):
