@@ -6,6 +6,7 @@ the fast recipe (configs/shakespeare_char_fast.toml), trained side by side in on
     python -m bench.train_speed                 # one comparison
     python -m bench.train_speed --runs 3        # three, each with its own ratio
     python -m bench.train_speed --throughput    # the fast recipe's step time: threads, bf16, compile
+    python -m bench.train_speed --breakdown     # where each recipe's step time goes, against the CPU's peak
 
 The target is the val loss the nanoGPT recipe reaches at its last step (2000). Each recipe's
 time to the target is the training time, evaluations included, until its first evaluation at or
@@ -28,6 +29,9 @@ import time
 from contextlib import nullcontext
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanoforge.config import build_config
 from nanoforge.data import Dataset
@@ -165,6 +169,117 @@ def throughput(data_dir, rounds):
               f"(first step {first:.1f} s)")
 
 
+def median_ms(fn, repeats=15, warmup=3):
+    """The median wall-clock milliseconds of fn() after warm-up calls."""
+    timings = []
+    for i in range(warmup + repeats):
+        start = time.perf_counter()
+        fn()
+        timings.append(time.perf_counter() - start)
+    return 1000 * sorted(timings[warmup:])[repeats // 2]
+
+
+def peak_flops(size=1024):
+    """This thread count's float32 matrix-product speed (FLOP/s) on a square product large enough to run
+    at the kernel's best: the ceiling the model's products are set against."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return 2 * size**3 / (median_ms(lambda: a @ b, repeats=9) / 1000)
+
+
+def linear_products(model, tokens):
+    """A closure running every nn.Linear's three products of one training step (forward x W^T; backward
+    dY W and dY^T x) with this step's shapes, nothing else; and their FLOPs."""
+    shapes = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)]
+    tensors = [(torch.randn(tokens, i), torch.randn(o, i), torch.randn(tokens, o)) for i, o in shapes]
+
+    def run():
+        for x, w, dy in tensors:
+            x @ w.T, dy @ w, dy.T @ x
+
+    return run, sum(6 * tokens * i * o for i, o in shapes)
+
+
+def attention_products(cfg):
+    """A closure running one training step's causal attention (forward and backward, every layer) alone; and
+    the FLOPs of its two products (QK^T and AV: forward plus twice that backward, half of it masked)."""
+    head_dim = cfg.n_embd // cfg.n_head
+    q, k, v = (torch.randn(cfg.batch_size, cfg.n_head, cfg.block_size, head_dim, requires_grad=True)
+               for _ in range(3))
+
+    def run():
+        for _ in range(cfg.n_layer):
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+    return run, cfg.n_layer * 3 * 2 * 2 * cfg.batch_size * cfg.n_head * cfg.block_size**2 * head_dim // 2
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the torch operators run beneath it, autograd's backward ones included: each call pays dispatch
+    overhead however small its tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(step):
+    with OpCounter() as counter:
+        step()
+    return counter.calls
+
+
+def breakdown(name, path, data_dir, peak):
+    """Where one recipe's training step goes: the matrix products and attention run alone with the step's
+    shapes (and their FLOP/s against the peak), the optimizer, the rest of the forward and backward passes
+    (norms, activations, embeddings, the loss, autograd's bookkeeping) and evaluation spread over the steps."""
+    cfg = build_config(path, [f"--data_dir={data_dir}", "--device=cpu"])
+    data = Dataset(cfg.data_dir, cfg.block_size)
+    torch.manual_seed(cfg.seed)
+    model, _ = build_model(cfg, data, torch.device("cpu"))
+    optimizer = build_optimizer(model, cfg, "cpu")
+    batches = torch.Generator().manual_seed(0)
+    ddp = Distributed()
+
+    def forward_backward():
+        x, y = data.get_batch("train", cfg.batch_size, batches)
+        model(x, y)[1].backward()
+
+    def step():
+        forward_backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    whole = median_ms(step)
+    passes = median_ms(lambda: (forward_backward(), optimizer.zero_grad(set_to_none=True)))
+    matrices, matrix_flops = linear_products(model, cfg.batch_size * cfg.block_size)
+    attention, attention_flops = attention_products(cfg)
+    matrix_ms, attention_ms = median_ms(matrices), median_ms(attention)
+    evaluation = median_ms(lambda: estimate_loss(model, data, cfg, nullcontext(), torch.device("cpu"), ddp),
+                           repeats=3, warmup=1) / cfg.eval_interval
+    total = whole + evaluation
+    print(f"{name}: {total:.1f} ms per step, evaluation included ({ops_per_step(step)} torch operator calls a step)")
+    rows = [("matrix products (Linear, fwd+bwd)", matrix_ms, matrix_flops),
+            ("attention (fwd+bwd)", attention_ms, attention_flops),
+            ("rest of fwd+bwd (norms, activations, loss, autograd)", passes - matrix_ms - attention_ms, None),
+            ("optimizer step", whole - passes, None),
+            ("evaluation, per step", evaluation, None)]
+    for label, ms, flops in rows:
+        speed = f"{flops / ms / 1e6:6.1f} GFLOP/s, {flops * 1000 / ms / peak:4.0%} of peak" if flops else ""
+        print(f"  {label:<54} {ms:7.1f} ms {100 * ms / total:4.0f}%  {speed}")
+
+
+def breakdowns(data_dir):
+    peak = peak_flops()
+    print(f"peak: {peak / 1e9:.1f} GFLOP/s float32 on {torch.get_num_threads()} thread(s) (a 1024^3 product); "
+          f"load average {os.getloadavg()[0]:.2f}")
+    for name, path in RECIPES.items():
+        breakdown(name, path, data_dir, peak)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/shakespeare_char", help="prepared shakespeare_char directory")
@@ -172,14 +287,17 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both recipes")
     parser.add_argument("--throughput", action="store_true", help="instead: the fast recipe's step time with "
                         "1 or 2 threads, bf16 autocast and torch.compile")
+    parser.add_argument("--breakdown", action="store_true", help="instead: where each recipe's step time goes")
     args = parser.parse_args()
     print(probe().summary())
     if not os.path.exists(os.path.join(args.data, "train.bin")):
         raise SystemExit(f"no prepared data in '{args.data}': run `python prepare.py shakespeare_char "
                          f"--out {args.data}` (add --source PATH for a local copy of tinyshakespeare)")
+    torch.set_num_threads(args.threads)
     if args.throughput:
         return throughput(args.data, args.runs)
-    torch.set_num_threads(args.threads)
+    if args.breakdown:
+        return breakdowns(args.data)
     ratios = []
     for i in range(args.runs):
         load = os.getloadavg()[0]

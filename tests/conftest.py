@@ -61,6 +61,27 @@ def chromium_path():
     return find_chromium()
 
 
+@contextlib.contextmanager
+def offline_page(chromium_path, errors):
+    """A page in headless Chromium for our offline HTML files: every console error, uncaught exception, dialog
+    and request for anything but a local file (a CDN, a tracker) is appended to `errors`."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("dialog", lambda d: errors.append("a dialog opened: " + d.message))
+            page.on("request", lambda r: errors.append("request " + r.url) if not r.url.startswith("file:") else None)
+            yield page
+        finally:
+            browser.close()
+
+
 @pytest.fixture
 def corpus(tmp_path):
     path = tmp_path / "corpus.txt"

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoforge import inspect_html
-from conftest import TINY_TEXT, run_cli, tiny_config
+from conftest import TINY_TEXT, offline_page, run_cli, tiny_config
 from nanoforge.inspect_model import explain, logit_lens, token_label, trace
 from model import GPT, GPTConfig
 from nanoforge.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, with_chat_tokens
@@ -198,34 +198,21 @@ def test_a_256_token_page_stays_small(tmp_path):
 
 
 def test_html_page_works_in_headless_chromium(byte_run, tmp_path, chromium_path):
-    from playwright.sync_api import sync_playwright
-
     page_path = write_page(byte_run, tmp_path)
     labels = [token_label(ByteTokenizer(), i) for i in ByteTokenizer().encode(NASTY)]
     errors = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run"])
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.on("dialog", lambda d: errors.append("a dialog opened: " + d.message))
-            page.on("request", lambda r: errors.append("request " + r.url) if not r.url.startswith("file:") else None)
-            page.goto(page_path.as_uri())
-            assert page.locator("canvas.cell").count() == 2 * 2  # n_layer x n_head of the tiny run
-            assert page.locator("#enlarged").is_hidden()
-            page.locator("canvas.cell[data-layer='1'][data-head='1']").click()
-            assert page.locator("#enlarged").is_visible()
-            assert page.locator("#enlarged").get_attribute("data-layer") == "1"
-            box = page.locator("#big").bounding_box()
-            page.locator("#big").hover(position={"x": box["width"] - 3, "y": box["height"] - 3})  # the last cell
-            assert "weight" in page.locator("#readout").inner_text()
-            assert page.locator("#tokens .tok").all_inner_texts() == labels  # the <script> prompt shows as text
-            shot = page.locator("#grid").screenshot()
-        finally:
-            browser.close()
+    with offline_page(chromium_path, errors) as page:
+        page.goto(page_path.as_uri())
+        assert page.locator("canvas.cell").count() == 2 * 2  # n_layer x n_head of the tiny run
+        assert page.locator("#enlarged").is_hidden()
+        page.locator("canvas.cell[data-layer='1'][data-head='1']").click()
+        assert page.locator("#enlarged").is_visible()
+        assert page.locator("#enlarged").get_attribute("data-layer") == "1"
+        box = page.locator("#big").bounding_box()
+        page.locator("#big").hover(position={"x": box["width"] - 3, "y": box["height"] - 3})  # the last cell
+        assert "weight" in page.locator("#readout").inner_text()
+        assert page.locator("#tokens .tok").all_inner_texts() == labels  # the <script> prompt shows as text
+        shot = page.locator("#grid").screenshot()
     assert errors == []
     from PIL import Image
     import io

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import TINY_TEXT, tiny_config
+from conftest import TINY_TEXT, offline_page, tiny_config
 from nanoforge import embedding_space, feature_survey, features, loading
 from nanoforge.features import SAEConfig, Site, SparseAutoencoder
 
@@ -210,8 +210,6 @@ def test_explain_shows_features_and_ablates_one(run, sae_file, tmp_path):
 
 
 def test_pages_work_in_headless_chromium(run, sae_file, tmp_path, chromium_path):
-    from playwright.sync_api import sync_playwright
-
     ckpt, data = run
     page_path = tmp_path / "features.html"
     run_main("features", "page", "--ckpt", ckpt, "--data", data, "--sae", sae_file, "--tokens", "2000",
@@ -220,43 +218,33 @@ def test_pages_work_in_headless_chromium(run, sae_file, tmp_path, chromium_path)
     run_main("explain", "--ckpt", ckpt, "--prompt", "First Cit", "--sae", sae_file, "--html", explain_path)
     saved = features.load(sae_file)
     errors = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run"])
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.on("request", lambda r: errors.append("request " + r.url) if not r.url.startswith("file:") else None)
-            page.goto(page_path.as_uri())
-            rows = page.locator("#features tr")
-            assert rows.count() > 1
-            second = rows.nth(1)
-            feature = second.get_attribute("data-feature")
-            second.click()
-            assert page.locator("#feature").get_attribute("data-feature") == feature
-            assert page.locator("#feature-title").inner_text() == f"Feature {feature}"
-            assert page.locator("#contexts .ctx").count() >= 1 and page.locator("#contexts .at").count() >= 1
-            assert page.locator("#promoted").inner_text().count("'") == 2 * feature_survey.LOGIT_TOKENS
-            page.locator("#search").fill("zzzz-nowhere")
-            assert page.locator("#features tr:not([hidden])").count() == 0
-            assert page.locator("#matches").inner_text() == "0 features match"
-            page.locator("#search").fill("citizen")
-            visible = page.locator("#features tr:not([hidden])").count()
-            assert 0 < visible <= rows.count()
-            page.locator("#search").fill("")
-            assert page.locator("#features tr:not([hidden])").count() == rows.count()
-            box = page.locator("#map").bounding_box()
-            page.locator("#map").click(position={"x": box["width"] / 2, "y": box["height"] / 2})
-            assert "nearest" in page.locator("#picked").inner_text()
-            assert page.locator("#near").inner_text().count("\n") == 9  # ten neighbours
+    with offline_page(chromium_path, errors) as page:
+        page.goto(page_path.as_uri())
+        rows = page.locator("#features tr")
+        assert rows.count() > 1
+        second = rows.nth(1)
+        feature = second.get_attribute("data-feature")
+        second.click()
+        assert page.locator("#feature").get_attribute("data-feature") == feature
+        assert page.locator("#feature-title").inner_text() == f"Feature {feature}"
+        assert page.locator("#contexts .ctx").count() >= 1 and page.locator("#contexts .at").count() >= 1
+        assert page.locator("#promoted").inner_text().count("'") == 2 * feature_survey.LOGIT_TOKENS
+        page.locator("#search").fill("zzzz-nowhere")
+        assert page.locator("#features tr:not([hidden])").count() == 0
+        assert page.locator("#matches").inner_text() == "0 features match"
+        page.locator("#search").fill("citizen")
+        visible = page.locator("#features tr:not([hidden])").count()
+        assert 0 < visible <= rows.count()
+        page.locator("#search").fill("")
+        assert page.locator("#features tr:not([hidden])").count() == rows.count()
+        box = page.locator("#map").bounding_box()
+        page.locator("#map").click(position={"x": box["width"] / 2, "y": box["height"] / 2})
+        assert "nearest" in page.locator("#picked").inner_text()
+        assert page.locator("#near").inner_text().count("\n") == 9  # ten neighbours
 
-            page.goto(explain_path.as_uri())
-            assert page.locator("#features-view").is_visible()
-            cells = page.locator("#features tr td:nth-child(3)").all_inner_texts()
-            assert len(cells) == len("First Cit") and all(c.startswith("F") for c in cells)
-        finally:
-            browser.close()
+        page.goto(explain_path.as_uri())
+        assert page.locator("#features-view").is_visible()
+        cells = page.locator("#features tr td:nth-child(3)").all_inner_texts()
+        assert len(cells) == len("First Cit") and all(c.startswith("F") for c in cells)
     assert errors == []
     assert saved.sae.cfg.latents == 64
