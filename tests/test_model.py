@@ -39,6 +39,23 @@ def test_sdpa_and_explicit_math_paths_agree(bias):
         assert weights.shape == (3, 4, 32, 32)
 
 
+def test_relu_squared_is_autograds_relu_square_and_the_hand_derivative():
+    from model import ReLUSquared
+
+    x = torch.tensor([-2.0, -0.5, 0.0, 0.25, 1.5, 3.0])
+    grad = torch.tensor([1.0, -2.0, 3.0, 0.5, -1.0, 2.0])
+    ours = x.clone().requires_grad_()
+    ReLUSquared.apply(ours).backward(grad)
+    assert ReLUSquared.apply(x).tolist() == [0.0, 0.0, 0.0, 0.0625, 2.25, 9.0]
+    assert ours.grad.tolist() == [0.0, 0.0, 0.0, 0.25, -3.0, 12.0]  # grad * 2 relu(x), by hand
+    torch.manual_seed(0)
+    x, grad = torch.randn(4, 8, 64), torch.randn(4, 8, 64)
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ReLUSquared.apply(ours).backward(grad)
+    torch.nn.functional.relu(theirs).square().backward(grad)
+    assert torch.equal(ours.grad, theirs.grad)  # the same numbers as autograd's, to the bit
+
+
 def test_attention_weights_are_causal_distributions():
     model = small_model()
     patterns = model.attention_weights(torch.randint(0, 97, (2, 32)))
