@@ -122,6 +122,18 @@ CHAT_LESSONS = [
 ]
 
 
+def train_chat_base(root):
+    """A tiny char model trained a few steps on TINY_TEXT and the characters of the built-in chat tasks: the base
+    the fine-tuning, SFT and LoRA tests start from. Its data goes to root/data; returns its run directory."""
+    from nanoforge import preparation
+    from train import train
+
+    (root / "corpus.txt").write_text(TINY_TEXT + "reverse add count spell in 0123456789 abcdefghijklmnopqrstuvwxyz")
+    preparation.prepare(str(root / "corpus.txt"), "char", str(root / "data"), 0.1)
+    train(tiny_config(root / "data", root / "run", max_iters=4, eval_interval=4, block_size=32))
+    return root / "run"
+
+
 def conversation(*pairs):
     """[(user text, assistant text or None), ...] -> messages (a None reply ends the list at that user turn)."""
     messages = []

@@ -23,7 +23,7 @@ from nanoforge.runs import start_model
 from nanoforge.tokenizer import CHAT_TOKENS
 from nanoforge.distributed import Distributed
 from nanoforge.training import TrainingStopped, apply_update, train_step
-from conftest import REPO, TINY_TEXT, run_cli, tiny_config
+from conftest import REPO, TINY_TEXT, run_cli, tiny_config, train_chat_base
 from test_gpt2 import random_gpt2, tiny_bpe
 from test_robustness import interrupt_at, losses, read_log
 from train import train
@@ -162,9 +162,7 @@ def test_a_bfloat16_frozen_base_computes_what_autocast_does_and_keeps_float32_ad
 def base_run(tmp_path_factory):
     """A tiny char model trained a few steps, and the built-in chat tasks prepared with its tokenizer."""
     root = tmp_path_factory.mktemp("base")
-    (root / "corpus.txt").write_text(TINY_TEXT + "reverse add count spell in 0123456789 abcdefghijklmnopqrstuvwxyz")
-    prepare.prepare(str(root / "corpus.txt"), "char", str(root / "data"), 0.1)
-    train(tiny_config(root / "data", root / "run", max_iters=4, eval_interval=4, block_size=32))
+    train_chat_base(root)
     prepare.prepare("chat_tasks", out_dir=str(root / "tasks"), tokenizer_from=str(root / "run"))
     return root
 

@@ -23,7 +23,7 @@ from model import GPT, GPTConfig
 from nanoforge.distributed import Distributed
 from nanoforge.runs import RunState, build_model
 from nanoforge.training import LogWindow, TrainingStopped, estimate_loss
-from conftest import run_cli, tiny_config
+from conftest import run_cli, tiny_config, train_chat_base
 from nanoforge.data import Dataset
 from nanoforge.sources import PrepareError
 from nanoforge.tokenizer import CHAT_TOKENS, with_chat_tokens
@@ -45,13 +45,7 @@ def write_jsonl(path, records):
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
     """A tiny char model trained a few steps: the checkpoint fine-tuning starts from."""
-    from conftest import TINY_TEXT
-
-    root = tmp_path_factory.mktemp("base")
-    (root / "corpus.txt").write_text(TINY_TEXT + "reverse add count spell in 0123456789 abcdefghijklmnopqrstuvwxyz")
-    prepare.prepare(str(root / "corpus.txt"), "char", str(root / "data"), 0.1)
-    train(tiny_config(root / "data", root / "run", max_iters=4, eval_interval=4, block_size=32))
-    return root / "run"
+    return train_chat_base(tmp_path_factory.mktemp("base"))
 
 
 @pytest.fixture(scope="module")
