@@ -40,7 +40,6 @@ import time
 import traceback
 from collections import Counter
 
-import numpy as np
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

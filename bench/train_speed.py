@@ -177,7 +177,7 @@ def throughput(data_dir, rounds):
 def median_ms(fn, repeats=15, warmup=3):
     """The median wall-clock milliseconds of fn() after warm-up calls."""
     timings = []
-    for i in range(warmup + repeats):
+    for _ in range(warmup + repeats):
         start = time.perf_counter()
         fn()
         timings.append(time.perf_counter() - start)
