@@ -86,16 +86,18 @@ def read_bandwidth(device, gib=1):
 
 
 def bytes_per_token(decoder):
-    """Bytes a batch-1 decode step reads: every tensor of the engine's decoder once (packed and
-    int8 matrices included), except the embedding tables, of which it reads one row each."""
+    """Bytes a batch-1 decode step reads: every tensor of the engine's decoder once, except the embedding
+    tables, of which it reads one row each; each matrix as the step reads it (PackedLinear: its packed copy,
+    or in bfloat16 its plain weight; a tied lm_head: the whole table)."""
     tensors = {id(t): t for t in [*decoder.parameters(), *decoder.buffers()]}
     for module in decoder.modules():
-        if isinstance(module, PackedLinear):
-            tensors[id(module.packed)] = module.packed
         if isinstance(module, torch.nn.Embedding):
             tensors.pop(id(module.weight), None)
-    for module in decoder.modules():  # a tied lm_head is the embedding table, and it reads all of it
-        if isinstance(module, torch.nn.Linear):
+    for module in decoder.modules():
+        if isinstance(module, PackedLinear):
+            read = module.packed if module.weight is None else module.weight
+            tensors[id(read)] = read
+        elif isinstance(module, torch.nn.Linear):
             tensors[id(module.weight)] = module.weight
     return sum(t.numel() * t.element_size() for t in tensors.values())
 

@@ -12,7 +12,7 @@ import torch
 from conftest import run_cli, tiny_config
 from nanoforge import device as device_module
 from nanoforge import machine as machine_module
-from nanoforge.cpu_decoding import Int8Linear, PackedLinear
+from nanoforge.cpu_decoding import Int8Linear, PackedLinear, fast_linear
 from nanoforge.device import resolve_dtype
 from nanoforge.engine import Generator, KVCache
 from nanoforge.machine import SWITCH, MachineError, probe
@@ -60,6 +60,32 @@ def test_the_probe_says_what_the_packed_ops_really_do(monkeypatch):
         with pytest.raises(RuntimeError, match="bf16 path needs the cpu support"):
             PackedLinear(bf16)
     assert machine.native_bf16 <= machine.packed_linear_bf16  # native bfloat16 is a subset of what oneDNN runs
+
+
+def test_packed_bfloat16_takes_torchs_kernel_for_one_row_and_puts_onednn_back(monkeypatch):
+    """One row in bfloat16 runs F.linear with oneDNN off (faster at batch 1, docs/performance.md), more rows the
+    packed op; both agree with the product computed in float32 to bfloat16's round-off, and the process-wide
+    oneDNN switch is as it was afterwards, even when the product raises."""
+    monkeypatch.setenv(SWITCH, "on")
+    probe.cache_clear()
+    machine, chosen = probe(), fast_linear(torch.device("cpu"), torch.bfloat16)
+    probe.cache_clear()  # the run's own switch applies again to the tests after this one
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48).bfloat16()
+    assert chosen is (PackedLinear if machine.packed_linear_bf16 else None)
+    if not machine.packed_linear_bf16:
+        return  # bfloat16 decodes with nn.Linear here, which already runs torch's kernel (no oneDNN bfloat16)
+    layer = PackedLinear(linear)
+    assert layer.weight is linear.weight  # the model's own weight, not a copy
+    for rows in (1, 3):
+        x = torch.randn(rows, 64).bfloat16()
+        expected = x.float() @ linear.weight.float().T + linear.bias.float()
+        torch.testing.assert_close(layer(x).float(), expected, rtol=0.02, atol=0.02)
+    assert torch._C._get_mkldnn_enabled()
+    with pytest.raises(RuntimeError):
+        layer(torch.randn(1, 63).bfloat16())  # a wrong width: the kernel raises
+    assert torch._C._get_mkldnn_enabled()
+    assert PackedLinear(torch.nn.Linear(64, 48)).weight is None  # float32 keeps the packed path for one row
 
 
 def decode_logits(gen, idx, dtype):
