@@ -13,6 +13,8 @@ figure bench.sample_speed's "of bandwidth bound" uses). Each time is the best of
 the bandwidth is the best of 5, each measured again before every thread count.
 
 - F.linear: nn.Linear's own call (x @ W^T through torch's BLAS), the engine's plain path;
+- F.linear, oneDNN off: the same with oneDNN switched off for the call, so torch's own matrix-vector kernel
+  runs (the engine's bfloat16 path for one row);
 - packed: the weight reordered once for oneDNN (PackedLinear, the engine's fast path where the probe allows);
 - torch.mv: the matrix-vector product on the [out, in] weight;
 - x @ W^T stored: a transposed [in, out] copy multiplied from the left.
@@ -24,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from nanoforge.cpu_decoding import one_row_without_onednn
 from nanoforge.machine import probe
 
 D = 768
@@ -57,6 +60,7 @@ def ways(dtype):
         "F.linear": lambda: [F.linear(inputs[w.size(1)], w) for w in weights],
         "torch.mv": lambda: [torch.mv(w, inputs[w.size(1)][0]) for w in weights],
         "x @ W^T stored": lambda: [inputs[t.size(0)] @ t for t in transposed],
+        "F.linear, oneDNN off": lambda: [one_row_without_onednn(inputs[w.size(1)], w, None) for w in weights],
     }
     machine = probe()
     if {torch.float32: machine.packed_linear, torch.bfloat16: machine.packed_linear_bf16}[dtype]:
